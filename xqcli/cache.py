@@ -1,0 +1,165 @@
+"""The cache interface every cache kind implements, and the fp16/bf16 KV baseline (`kv`).
+
+A model forward step talks to one `ModelCache` for all layers:
+
+    positions = cache.begin(n_new)           # per-row positions of the new tokens
+    for each layer i:  k, v = cache.update_and_fetch(i, x_i)   # x_i: post-norm layer input X
+    cache.end()                              # commit the new lengths
+
+The cache receives X (not K/V) because XQuant caches X and rebuilds K/V itself; the KV baseline
+projects X with the layer's own weights. `update_and_fetch` returns post-RoPE keys and values for
+every cached position of each row, new tokens included, as (B, n_kv, S, head_dim).
+
+Rows of a batch have their own lengths (`lengths`, shape (B,)): prompts are right-padded, and
+row b's new tokens occupy positions lengths[b] .. lengths[b] + n_new[b] - 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
+
+import torch
+
+from xqcli.errors import InputError, ResourceError
+
+if TYPE_CHECKING:
+    from xqcli.model import Transformer
+
+
+@dataclass
+class CacheBytes:
+    """Itemized cache memory in bytes, from the real storage tensors."""
+
+    payload: int = 0  # K/V, codes or latents of stored tokens
+    scales: int = 0  # quantization scales and zero points
+    fp_window: int = 0  # newest tokens kept in full precision
+    workspace: int = 0  # transient buffers (the XQuant-CL accumulator)
+
+    @property
+    def total(self) -> int:
+        return self.payload + self.scales + self.fp_window + self.workspace
+
+    def __add__(self, other: "CacheBytes") -> "CacheBytes":
+        return CacheBytes(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)} | {"total": self.total}
+
+
+def tensor_bytes(*ts: torch.Tensor | None) -> int:
+    """Allocated bytes (works on the meta device, which `xq plan` uses to size caches for free)."""
+    return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+class ModelCache:
+    """Base class: row lengths, step bookkeeping and the attention mask. Subclasses store data."""
+
+    kind: str = "?"
+
+    def __init__(self, model: "Transformer | None", batch: int, max_len: int, device: torch.device) -> None:
+        if batch < 1 or max_len < 1:
+            raise InputError(f"cache needs batch >= 1 and max_len >= 1 (got {batch}, {max_len})")
+        self.model = model
+        self.batch = batch
+        self.max_len = max_len
+        self.device = torch.device(device)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self._n_new: torch.Tensor | None = None
+        self._positions: torch.Tensor | None = None
+
+    # --- step protocol -------------------------------------------------------------------------
+    def begin(self, n_new: torch.Tensor, width: int) -> torch.Tensor:
+        """Start a step of `width` new (right-padded) tokens per row; returns positions (B, width)."""
+        n_new = n_new.to(self.device, torch.long)
+        if int((self.lengths + n_new).max()) > self.max_len:
+            raise ResourceError(
+                f"context full: {int((self.lengths + n_new).max())} tokens > cache capacity {self.max_len}",
+                hint="start a new conversation (/reset) or raise --context",
+            )
+        self._n_new = n_new
+        ar = torch.arange(width, device=self.device)
+        self._positions = self.lengths[:, None] + ar[None, :]
+        return self._positions
+
+    def end(self) -> None:
+        assert self._n_new is not None, "end() without begin()"
+        self.lengths = self.lengths + self._n_new
+        self._n_new = self._positions = None
+
+    @property
+    def positions(self) -> torch.Tensor:
+        assert self._positions is not None
+        return self._positions
+
+    @property
+    def n_new(self) -> torch.Tensor:
+        assert self._n_new is not None
+        return self._n_new
+
+    def step_total(self) -> int:
+        """Longest row after this step: the S of the K/V returned by update_and_fetch."""
+        return int((self.lengths + self.n_new).max())
+
+    def attention_mask(self) -> torch.Tensor:
+        """Boolean (B, 1, T, S): query i of row b sees key j iff j <= lengths[b] + i."""
+        s = self.step_total()
+        j = torch.arange(s, device=self.device)
+        limit = self.positions.clamp(max=s - 1)  # padded queries see everything valid: no all-masked rows
+        return (j[None, None, :] <= limit[:, :, None]).unsqueeze(1)
+
+    def rows_scatter(self, buf: torch.Tensor, new: torch.Tensor, token_dim: int) -> None:
+        """Write the valid new tokens of every row into `buf` at that row's current length."""
+        lens, n = self.lengths.tolist(), self.n_new.tolist()
+        if len(set(lens)) == 1 and len(set(n)) == 1:
+            idx = [slice(None)] * buf.dim()
+            idx[token_dim] = slice(lens[0], lens[0] + n[0])
+            src = new.narrow(token_dim, 0, n[0])
+            buf[tuple(idx)] = src.to(buf.dtype)
+            return
+        for b, (start, cnt) in enumerate(zip(lens, n)):
+            buf[b].narrow(token_dim - 1, start, cnt).copy_(new[b].narrow(token_dim - 1, 0, cnt))
+
+    # --- to implement ----------------------------------------------------------------------------
+    def update_and_fetch(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def nbytes(self) -> CacheBytes:
+        """Bytes held now, itemized."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget every token (storage is kept)."""
+        self.lengths.zero_()
+
+
+class KVCache(ModelCache):
+    """The baseline: post-RoPE K and V in the model's float dtype, preallocated for max_len tokens."""
+
+    kind = "kv"
+
+    def __init__(self, model: "Transformer", batch: int, max_len: int, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+        cfg = model.config
+        device = torch.device(device) if device is not None else model.device
+        super().__init__(model, batch, max_len, device)
+        dtype = dtype or model.dtype
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.v = torch.zeros(shape, dtype=dtype, device=self.device)
+
+    def update_and_fetch(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        attn = self.model.layers[layer].self_attn
+        k, v = attn.project_kv(x)  # (B, n_kv, T, hd), pre-RoPE
+        k = self.model.rope.apply(k, self.positions)
+        self.rows_scatter(self.k[layer], k, token_dim=2)
+        self.rows_scatter(self.v[layer], v, token_dim=2)
+        s = self.step_total()
+        return self.k[layer, :, :, :s], self.v[layer, :, :, :s]
+
+    def nbytes(self) -> CacheBytes:
+        per_token = tensor_bytes(self.k, self.v) // self.max_len // self.batch
+        return CacheBytes(payload=per_token * int(self.lengths.sum()))
+
+    def allocated(self) -> CacheBytes:
+        return CacheBytes(payload=tensor_bytes(self.k, self.v))

@@ -1,0 +1,65 @@
+"""Rotary position embeddings in Hugging Face's rotate-half convention, with `llama3` and `linear` scaling.
+
+Kept apart from the model because every cache kind that stores pre-RoPE keys (KIVI*, XQuant)
+applies RoPE again to rebuilt keys at their absolute positions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from xqcli.config import ModelConfig
+
+
+def inv_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """Per-pair inverse frequencies (head_dim/2,), float32, with the config's scaling applied."""
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    rs = cfg.rope_scaling
+    if rs.rope_type == "linear":
+        return inv / rs.factor
+    if rs.rope_type == "llama3":
+        low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+        high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wavelen, inv / rs.factor, inv)
+        smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+            rs.high_freq_factor - rs.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    return inv
+
+
+class Rope:
+    """cos/sin tables grown on demand; `apply` rotates (B, H, T, D) by per-row positions (B, T)."""
+
+    def __init__(self, cfg: ModelConfig, device: torch.device | str = "cpu") -> None:
+        self.inv_freq = inv_frequencies(cfg).to(device)
+        self._cos = self._sin = torch.empty(0, cfg.head_dim, device=device)
+
+    def _ensure(self, n: int) -> None:
+        if n <= self._cos.shape[0]:
+            return
+        n = max(n, 2 * self._cos.shape[0], 256)
+        t = torch.arange(n, device=self.inv_freq.device, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self._cos, self._sin = emb.cos(), emb.sin()
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape (B, 1, T, D) for integer positions (B, T)."""
+        self._ensure(int(positions.max()) + 1 if positions.numel() else 1)
+        return self._cos[positions].unsqueeze(1).to(dtype), self._sin[positions].unsqueeze(1).to(dtype)
+
+    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        cos, sin = self.cos_sin(positions, x.dtype)
+        return x * cos + rotate_half(x) * sin
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
