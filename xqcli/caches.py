@@ -1,0 +1,453 @@
+"""The cache kinds of XQuant (arXiv 2508.10395) behind the `ModelCache` interface.
+
+Names (one vocabulary everywhere): `kv`, `kivi-B`, `xquant-B`, `xquant-cl-B` with B in {2, 3, 4, 8};
+`-fp` instead of a bit width turns quantization off (the stream keeps the model dtype), which is how
+the tests check that every kind is the same algebra as `kv`. Variant suffixes: `+ch0` keeps latent
+channel 0 of X·U_k in fp16 (the paper's appendix B).
+
+- `kivi-B`: the paper's KIVI* baseline: pre-RoPE keys per-channel, values per-token, RoPE on fetch.
+- `xquant-B`: caches post-norm X per-token and rebuilds K = X̂·W_kᵀ (+ b, then RoPE), V = X̂·W_vᵀ.
+  For grouped-query models it caches the SVD latents X·U_k (per-channel) and X·U_v (per-token)
+  instead, and rebuilds K = lat_k·M_k, V = lat_v·M_v (see `xqcli.projections`). Choice (ours): latents
+  are used when they are narrower than X, i.e. when 2·d_kv < d; otherwise X is cached.
+- `xquant-cl-B`: closed-loop cross-layer deltas. Layers < base_layers are plain XQuant at base_bits
+  (4); layer base_layers-1 seeds the accumulator X̂; layer i >= base_layers stores Q(X_i − X̂_{i−1})
+  and X̂_i = X̂_{i−1} + deq(...). For GQA the delta is projected on U_kv (2·d_kv wide) and
+  X̂_i = X̂_{i−1} + deq(Q(ΔX_i·U_kv))·U_kvᵀ, [K|V] = X̂_i·[W_k|W_v].
+  Choices (spec UNSPECIFIED, ours): deltas are quantized per-token; the running accumulator is kept in
+  the model dtype, rebuilt every step from the base layer, and counted as `workspace`; on GQA the base
+  layer stores Q4(X·U_kv) (KV-sized, like the paper's Table 4 sizes) and seeds X̂ = deq(...)·U_kvᵀ; the
+  current token's own K/V come from X̂ like every other token's.
+
+Residual window (all quantized kinds): the newest `window` tokens stay in full precision (default 128
+for generation, 0 for the paper's perplexity protocol). A per-token stream quantizes a token as soon as
+it leaves the window; a per-channel stream seals whole blocks of `group_size` tokens once they have
+left it, so up to group_size−1 older tokens may wait in full precision too (KIVI's residual).
+With `quantize_partial=True` (the paper protocol) tokens waiting in full precision are returned
+fake-quantized (the partial block as one smaller group), as if the whole sequence had been quantized.
+For XQuant-CL the full-precision window holds raw X; a token's delta is formed when it is sealed, against
+the accumulator of that moment, so encoder and decoder always see the same X̂_{i−1} (no drift).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from xqcli.cache import CacheBytes, KVCache, ModelCache, tensor_bytes
+from xqcli.errors import InputError
+from xqcli.kernels.quant import QTensor, QuantSpec, dequantize, fake_quantize, packed_width, quantize
+from xqcli.projections import model_projections
+
+if TYPE_CHECKING:
+    from xqcli.model import Transformer
+
+METHODS = ("kv", "kivi", "xquant", "xquant-cl")
+BITS = (2, 3, 4, 8)
+VARIANTS = ("ch0",)
+_NAME = re.compile(r"^(kv|kivi|xquant|xquant-cl)(?:-(\d+|fp))?((?:\+[a-z0-9]+)*)$")
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """A cache kind and its settings. `name` is the canonical spelling (`xquant-4+ch0`)."""
+
+    method: str
+    bits: int | None = None  # None: unquantized ("-fp"), for checking the algebra
+    group_size: int = 128
+    window: int = 128
+    base_layers: int = 3
+    base_bits: int = 4
+    fp16_channel0: bool = False
+    quantize_partial: bool = False
+    clip: float = 1.0
+
+    @property
+    def name(self) -> str:
+        if self.method == "kv":
+            return "kv"
+        return f"{self.method}-{self.bits if self.bits else 'fp'}" + ("+ch0" if self.fp16_channel0 else "")
+
+    @classmethod
+    def parse(cls, name: str, **settings) -> "CacheSpec":
+        """`xquant-4`, `kivi-2`, `xquant-cl-3+ch0`, `kv`; `--cache xquant --bits 4` is `parse('xquant', bits=4)`."""
+        m = _NAME.match(name.strip().lower())
+        if not m:
+            raise InputError(f"unknown cache kind {name!r}",
+                             hint="use kv, kivi-B, xquant-B or xquant-cl-B with B in 2, 3, 4, 8 (e.g. xquant-4)")
+        method, bits_s, variants = m.group(1), m.group(2), m.group(3)
+        bits = settings.pop("bits", None)
+        if bits_s is not None:
+            bits = None if bits_s == "fp" else int(bits_s)
+        elif method != "kv" and bits is None:
+            bits = 4
+        if method == "kv":
+            if bits_s is not None:
+                raise InputError(f"{name!r}: kv takes no bit width (it stores the model dtype)")
+            bits = None
+        elif bits is not None and bits not in BITS:
+            raise InputError(f"{name!r}: bits must be one of 2, 3, 4, 8 (got {bits})")
+        flags = [v for v in variants.split("+") if v]
+        unknown = [v for v in flags if v not in VARIANTS]
+        if unknown:
+            raise InputError(f"{name!r}: unknown variant +{unknown[0]} (known: {', '.join('+' + v for v in VARIANTS)})")
+        spec = cls(method=method, bits=bits, fp16_channel0="ch0" in flags, **settings)
+        spec.check()
+        return spec
+
+    def check(self) -> None:
+        if self.group_size < 1:
+            raise InputError(f"group size must be >= 1 (got {self.group_size})")
+        if self.window < 0:
+            raise InputError(f"window must be >= 0 (got {self.window})")
+        if self.base_layers < 1 and self.method == "xquant-cl":
+            raise InputError(f"xquant-cl needs base_layers >= 1 (got {self.base_layers})")
+        if self.base_bits not in BITS:
+            raise InputError(f"base bits must be one of 2, 3, 4, 8 (got {self.base_bits})")
+        if not 0 < self.clip <= 1:
+            raise InputError(f"clip ratio must be in (0, 1] (got {self.clip})")
+
+    def quant(self, axis: str, bits: int | None = None) -> QuantSpec | None:
+        bits = self.bits if bits is None else bits
+        return None if bits is None else QuantSpec(bits, self.group_size, axis, self.clip)
+
+
+def uses_latents(cfg) -> bool:
+    """GQA models cache SVD latents when those are narrower than X (2·d_kv < d)."""
+    return 2 * cfg.kv_dim < cfg.hidden_size
+
+
+# --------------------------------------------------------------------------------------------- streams
+
+
+class Stream:
+    """One cached token sequence of width C per row: quantized sealed tokens plus a full-precision tail.
+
+    `seal_fn(row, start, raw)` may transform raw tail values into what is quantized at sealing time
+    (XQuant-CL forms its closed-loop deltas there); it defaults to the identity.
+    """
+
+    def __init__(self, batch: int, max_len: int, width: int, spec: QuantSpec | None, window: int,
+                 dtype: torch.dtype, device: torch.device, *, tail_width: int | None = None,
+                 quantize_partial: bool = False) -> None:
+        self.spec, self.width, self.window, self.dtype = spec, width, window, dtype
+        self.quantize_partial = quantize_partial
+        self.sealed = [0] * batch
+        self.tail_len = [0] * batch
+        tail_width = tail_width or width
+        if spec is None:  # unquantized: everything lives in `full`
+            self.full = torch.zeros(batch, max_len, width, dtype=dtype, device=device)
+            return
+        g = spec.group_size
+        self.codes = torch.zeros(batch, max_len, packed_width(width, spec.bits), dtype=torch.uint8, device=device)
+        if spec.axis == "token":
+            sz = (batch, max_len, math.ceil(width / g))
+            tail_cap = window
+        else:
+            sz = (batch, math.ceil(max_len / g), width)
+            tail_cap = window + g - 1
+        self.scale = torch.zeros(sz, dtype=torch.float16, device=device)
+        self.zero = torch.zeros(sz, dtype=torch.float16, device=device)
+        self.tail = torch.zeros(batch, tail_cap, tail_width, dtype=dtype, device=device)
+
+    def length(self, b: int) -> int:
+        return self.sealed[b] + self.tail_len[b]
+
+    def append(self, b: int, new: torch.Tensor, seal_fn: Callable | None = None) -> None:
+        """Add row b's new tokens (T, tail_width); seal what has left the window."""
+        if self.spec is None:
+            n0 = self.sealed[b]
+            self.full[b, n0:n0 + new.shape[0]] = (seal_fn(b, n0, new) if seal_fn else new).to(self.dtype)
+            self.sealed[b] += new.shape[0]
+            return
+        buf = torch.cat([self.tail[b, :self.tail_len[b]], new.to(self.dtype)])
+        n = buf.shape[0]
+        if self.spec.axis == "token":
+            n_seal = max(0, n - self.window)
+        else:
+            g = self.spec.group_size
+            n_seal = max(0, n - self.window) // g * g
+        if n_seal:
+            start = self.sealed[b]
+            vals = seal_fn(b, start, buf[:n_seal]) if seal_fn else buf[:n_seal]
+            q = quantize(vals, self.spec)
+            self.codes[b, start:start + n_seal] = q.packed
+            if self.spec.axis == "token":
+                self.scale[b, start:start + n_seal] = q.scale
+                self.zero[b, start:start + n_seal] = q.zero
+            else:
+                g0 = start // self.spec.group_size
+                self.scale[b, g0:g0 + q.scale.shape[0]] = q.scale
+                self.zero[b, g0:g0 + q.zero.shape[0]] = q.zero
+            self.sealed[b] += n_seal
+        rest = n - n_seal
+        self.tail[b, :rest] = buf[n_seal:]
+        self.tail_len[b] = rest
+
+    def sealed_values(self, b: int) -> torch.Tensor:
+        """Dequantized sealed tokens of row b, (sealed, width)."""
+        n = self.sealed[b]
+        if self.spec is None:
+            return self.full[b, :n]
+        if n == 0:
+            return self.codes.new_zeros(0, self.width, dtype=self.dtype)
+        if self.spec.axis == "token":
+            scale, zero = self.scale[b, :n], self.zero[b, :n]
+        else:
+            nb = n // self.spec.group_size
+            scale, zero = self.scale[b, :nb], self.zero[b, :nb]
+        q = QTensor(self.codes[b, :n], scale, zero, self.spec, torch.Size((n, self.width)), self.dtype)
+        return dequantize(q, self.dtype)
+
+    def tail_values(self, b: int) -> torch.Tensor:
+        """Row b's full-precision tail, fake-quantized in the paper protocol, (tail_len, tail_width)."""
+        if self.spec is None:
+            return self.full.new_zeros(0, self.width)
+        t = self.tail[b, :self.tail_len[b]]
+        if self.quantize_partial and t.shape[0]:
+            return fake_quantize(t, self.spec)
+        return t
+
+    def nbytes(self) -> CacheBytes:
+        """Bytes held by the stored tokens now (per-channel scales count per started block)."""
+        if self.spec is None:
+            per_tok = self.width * self.full.element_size()
+            return CacheBytes(payload=per_tok * sum(self.sealed))
+        per_tok = self.codes.shape[-1]
+        if self.spec.axis == "token":
+            sz = self.scale.shape[-1] * 4 * sum(self.sealed)
+        else:
+            sz = sum(math.ceil(n / self.spec.group_size) for n in self.sealed) * self.width * 4
+        tail = sum(self.tail_len) * self.tail.shape[-1] * self.tail.element_size()
+        return CacheBytes(payload=per_tok * sum(self.sealed), scales=sz, fp_window=tail)
+
+    def allocated(self) -> CacheBytes:
+        if self.spec is None:
+            return CacheBytes(payload=tensor_bytes(self.full))
+        return CacheBytes(payload=tensor_bytes(self.codes), scales=tensor_bytes(self.scale, self.zero),
+                          fp_window=tensor_bytes(self.tail))
+
+    def reset(self) -> None:
+        self.sealed = [0] * len(self.sealed)
+        self.tail_len = [0] * len(self.tail_len)
+
+
+# ----------------------------------------------------------------------------------------- the caches
+
+
+class StreamCache(ModelCache):
+    """Shared machinery: per-layer streams, appending valid new tokens row by row, padded fetches."""
+
+    def __init__(self, model: "Transformer", spec: CacheSpec, batch: int, max_len: int,
+                 device: torch.device | None = None) -> None:
+        super().__init__(model, batch, max_len, device if device is not None else model.device)
+        self.spec = spec
+        self.cfg = model.config
+        self.dtype = model.dtype
+        self.streams: list[list[Stream]] = []
+
+    def stream(self, width: int, qspec: QuantSpec | None, **kw) -> Stream:
+        return Stream(self.batch, self.max_len, width, qspec, self.spec.window, self.dtype, self.device,
+                      quantize_partial=self.spec.quantize_partial, **kw)
+
+    def append(self, stream: Stream, new: torch.Tensor, seal_fn: Callable | None = None) -> None:
+        for b, cnt in enumerate(self.n_new.tolist()):
+            stream.append(b, new[b, :cnt], seal_fn)
+
+    def fetch(self, stream: Stream) -> torch.Tensor:
+        """(B, S, width) dequantized values, rows shorter than S zero-padded (they are masked)."""
+        s = self.step_total()
+        rows = []
+        for b in range(self.batch):
+            r = torch.cat([stream.sealed_values(b), stream.tail_values(b)])
+            rows.append(torch.nn.functional.pad(r, (0, 0, 0, s - r.shape[0])))
+        return torch.stack(rows)
+
+    def all_positions(self) -> torch.Tensor:
+        s = self.step_total()
+        return torch.arange(s, device=self.device).expand(self.batch, s)
+
+    def heads(self, t: torch.Tensor) -> torch.Tensor:
+        b, s, _ = t.shape
+        return t.view(b, s, self.cfg.num_key_value_heads, self.cfg.head_dim).transpose(1, 2)
+
+    def finish_kv(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, S, d_kv) pre-RoPE K and V -> post-RoPE heads."""
+        return self.model.rope.apply(self.heads(k), self.all_positions()), self.heads(v)
+
+    def nbytes(self) -> CacheBytes:
+        total = CacheBytes()
+        for layer in self.streams:
+            for st in layer:
+                total = total + st.nbytes()
+        return total
+
+    def allocated(self) -> CacheBytes:
+        total = CacheBytes()
+        for layer in self.streams:
+            for st in layer:
+                total = total + st.allocated()
+        return total
+
+    def reset(self) -> None:
+        super().reset()
+        for layer in self.streams:
+            for st in layer:
+                st.reset()
+
+
+class KiviCache(StreamCache):
+    """KIVI*: pre-RoPE keys per-channel, values per-token (both group_size), RoPE after dequantization."""
+
+    def __init__(self, model, spec, batch, max_len, device=None) -> None:
+        super().__init__(model, spec, batch, max_len, device)
+        w = self.cfg.kv_dim
+        self.streams = [[self.stream(w, spec.quant("channel")), self.stream(w, spec.quant("token"))]
+                        for _ in range(self.cfg.num_hidden_layers)]
+
+    def update_and_fetch(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        attn = self.model.layers[layer].self_attn
+        ks, vs = self.streams[layer]
+        self.append(ks, attn.k_proj(x))
+        self.append(vs, attn.v_proj(x))
+        return self.finish_kv(self.fetch(ks), self.fetch(vs))
+
+
+class XQuantCache(StreamCache):
+    """XQuant: X (MHA-like) or the SVD latents X·U_k, X·U_v (GQA), rebuilt into K and V every step."""
+
+    def __init__(self, model, spec, batch, max_len, device=None) -> None:
+        super().__init__(model, spec, batch, max_len, device)
+        self.latent = uses_latents(self.cfg)
+        self.streams = [self.layer_streams(spec.bits) for _ in range(self.cfg.num_hidden_layers)]
+
+    def layer_streams(self, bits: int | None) -> list[Stream]:
+        cfg, spec = self.cfg, self.spec
+        if not self.latent:
+            return [self.stream(cfg.hidden_size, spec.quant("token", bits))]
+        k = self.stream(cfg.kv_dim - int(spec.fp16_channel0), spec.quant("channel", bits))
+        v = self.stream(cfg.kv_dim, spec.quant("token", bits))
+        if spec.fp16_channel0:  # appendix B: channel 0 of X·U_k (the outlier channel) kept in fp16
+            return [k, v, Stream(self.batch, self.max_len, 1, None, 0, torch.float16, self.device)]
+        return [k, v]
+
+    def rebuild(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this step's X of one layer and rebuild pre-RoPE K, V (B, S, d_kv) for all tokens."""
+        attn = self.model.layers[layer].self_attn
+        streams = self.streams[layer]
+        if not self.latent:
+            self.append(streams[0], x)
+            xh = self.fetch(streams[0])
+            return attn.k_proj(xh), attn.v_proj(xh)
+        p = model_projections(self.model)[layer]
+        lat_k, lat_v = x @ p.k.u, x @ p.v.u
+        if self.spec.fp16_channel0:
+            self.append(streams[2], lat_k[..., :1])
+            lat_k = lat_k[..., 1:]
+        self.append(streams[0], lat_k)
+        self.append(streams[1], lat_v)
+        lk = self.fetch(streams[0])
+        if self.spec.fp16_channel0:
+            lk = torch.cat([self.fetch(streams[2]).to(lk.dtype), lk], dim=-1)
+        k = lk @ p.k.m
+        v = self.fetch(streams[1]) @ p.v.m
+        if attn.k_proj.bias is not None:
+            k, v = k + attn.k_proj.bias, v + attn.v_proj.bias
+        return k, v
+
+    def update_and_fetch(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.finish_kv(*self.rebuild(layer, x))
+
+
+class XQuantCLCache(XQuantCache):
+    """XQuant-CL: base layers plain XQuant, then closed-loop deltas against a running accumulator X̂."""
+
+    def __init__(self, model, spec, batch, max_len, device=None) -> None:
+        StreamCache.__init__(self, model, spec, batch, max_len, device)
+        cfg = self.cfg
+        self.latent = uses_latents(cfg)
+        self.base = min(spec.base_layers, cfg.num_hidden_layers)
+        self.acc: torch.Tensor | None = None  # X̂_{i-1} for every token of every row: (B, S, d)
+        self._acc_bytes = 0
+        self.streams = []
+        for i in range(cfg.num_hidden_layers):
+            bits = spec.base_bits if (i < self.base and spec.bits is not None) else spec.bits
+            if i < self.base - 1:
+                self.streams.append(self.layer_streams(bits))
+            elif self.latent:  # seed layer and delta layers: Q(· U_kv), raw X in the window
+                self.streams.append([self.stream(2 * cfg.kv_dim, spec.quant("token", bits),
+                                                 tail_width=cfg.hidden_size)])
+            else:
+                self.streams.append([self.stream(cfg.hidden_size, spec.quant("token", bits))])
+
+    def update_and_fetch(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer < self.base - 1:
+            return super().update_and_fetch(layer, x)
+        attn = self.model.layers[layer].self_attn
+        stream = self.streams[layer][0]
+        seed = layer == self.base - 1
+        u = model_projections(self.model)[layer].kv.u if self.latent else None
+        prev = self.acc
+
+        def seal(b: int, start: int, raw: torch.Tensor) -> torch.Tensor:
+            delta = raw if seed else raw - prev[b, start:start + raw.shape[0]]
+            return delta @ u if u is not None else delta
+
+        self.append(stream, x, seal)
+        s = self.step_total()
+        acc = torch.zeros(self.batch, s, self.cfg.hidden_size, dtype=self.dtype, device=self.device)
+        for b in range(self.batch):
+            n, t = stream.sealed[b], stream.tail_len[b]
+            q = stream.sealed_values(b)
+            if u is not None:
+                q = q @ u.T
+            acc[b, :n] = q if seed else prev[b, :n] + q
+            if stream.spec is not None:
+                tail = stream.tail_values(b)
+                if self.spec.quantize_partial and t:
+                    # paper protocol: the waiting tokens are deltas quantized like the rest
+                    raw = stream.tail[b, :t]
+                    delta = raw if seed else raw - prev[b, n:n + t]
+                    tail = fake_quantize(delta @ u if u is not None else delta, stream.spec)
+                    tail = tail @ u.T if u is not None else tail
+                    tail = tail if seed else prev[b, n:n + t] + tail
+                acc[b, n:n + t] = tail
+        self.acc = acc
+        self._acc_bytes = max(self._acc_bytes, tensor_bytes(acc))
+        w_kv = torch.cat([attn.k_proj.weight, attn.v_proj.weight])
+        kv = torch.nn.functional.linear(acc, w_kv)
+        k, v = kv.split(self.cfg.kv_dim, dim=-1)
+        if attn.k_proj.bias is not None:
+            k, v = k + attn.k_proj.bias, v + attn.v_proj.bias
+        return self.finish_kv(k, v)
+
+    def end(self) -> None:
+        super().end()
+        self.acc = None  # transient: rebuilt from the base layer at every step
+
+    def nbytes(self) -> CacheBytes:
+        return super().nbytes() + CacheBytes(workspace=self._acc_bytes)
+
+    def allocated(self) -> CacheBytes:
+        # The accumulator at full context: one layer's X for every cached token (model dtype).
+        acc = self.batch * self.max_len * self.cfg.hidden_size * torch.empty(0, dtype=self.dtype).element_size()
+        return super().allocated() + CacheBytes(workspace=acc)
+
+
+def make_cache(model: "Transformer", spec: CacheSpec | str, batch: int, max_len: int,
+               device: torch.device | None = None) -> ModelCache:
+    """Build a cache of any kind for `batch` rows of up to `max_len` tokens."""
+    if isinstance(spec, str):
+        spec = CacheSpec.parse(spec)
+    if spec.method == "kv":
+        return KVCache(model, batch, max_len, device=device)
+    cls = {"kivi": KiviCache, "xquant": XQuantCache, "xquant-cl": XQuantCLCache}[spec.method]
+    return cls(model, spec, batch, max_len, device)
+
+
+def with_settings(spec: CacheSpec, **kw) -> CacheSpec:
+    return replace(spec, **kw)

@@ -1,0 +1,99 @@
+"""The `xq` command: a thin Typer shell over the library, with one error boundary.
+
+Importing this module must stay cheap: torch, triton and huggingface_hub are imported inside
+command bodies only (a test checks `sys.modules`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from xqcli import __version__
+
+HELP = f"""xq {__version__}: XQuant (arXiv 2508.10395) for Llama-family LLMs.
+
+Instead of a KV cache, each layer caches its low-bit quantized post-norm input X (for grouped-query
+models the SVD latents X·U_k, X·U_v) and rebuilds K and V on the fly; XQuant-CL caches closed-loop
+cross-layer deltas of X. Cache kinds everywhere: kv, kivi-B, xquant-B, xquant-cl-B (B = 2, 3, 4, 8).
+
+Commands: convert (HF id / folder / .gguf -> bundle), chat, generate, eval (perplexity through the
+cache), bench (memory and speed side by side), plan (bytes per token, longest context for a budget),
+inspect (a bundle), doctor (this machine).
+"""
+
+app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"xq {__version__} (XQuant, arXiv 2508.10395)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+) -> None:
+    pass
+
+
+def _register() -> None:
+    from xqcli.commands import doctor, eval_cmd, generate, plan
+
+    for mod in (doctor, generate, eval_cmd, plan):
+        mod.register(app)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script: maps every library error to one stderr line and an exit code."""
+    import click
+
+    from xqcli.errors import XQError
+
+    debug = os.environ.get("XQ_DEBUG") == "1"
+    try:
+        rv = app(args=argv, prog_name="xq", standalone_mode=False)
+        code = rv if isinstance(rv, int) else 0
+    except XQError as e:
+        if debug:
+            raise
+        _error_line(str(e), e.hint)
+        code = e.exit_code
+    except click.exceptions.Exit as e:
+        code = e.exit_code
+    except click.ClickException as e:
+        if debug:
+            raise
+        e.show()
+        code = e.exit_code
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        _error_line("interrupted", None)
+        code = 130
+    except BrokenPipeError:
+        code = 0
+    except Exception as e:  # the boundary: anything else is a bug, shown briefly unless XQ_DEBUG=1
+        if debug:
+            raise
+        _error_line(f"internal error: {type(e).__name__}: {e}", "run again with XQ_DEBUG=1 and report the traceback")
+        code = 1
+    if argv is None:
+        sys.exit(code)
+    return code
+
+
+def _error_line(message: str, hint: str | None) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    text = f"[bold red]error:[/] {escape(message)}"
+    if hint:
+        text += f" [dim]({escape(hint)})[/]"
+    console.print(text)

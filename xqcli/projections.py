@@ -1,0 +1,72 @@
+"""Per-layer SVD factors for grouped-query XQuant (paper §3.3), computed in float64.
+
+Row-vector convention of the paper: K = X·W_k with W_k = k_proj.weight.T (d × d_kv).
+Thin SVD of k_proj.weight (d_kv × d) = U_ S Vh gives
+    U_k = Vhᵀ (d × d_kv, orthonormal columns)    M_k = diag(S)·U_ᵀ (d_kv × d_kv)
+so X·W_k = (X·U_k)·M_k exactly; the latent X·U_k is cached "without Σ_k" as the paper says.
+The same for V, and for XQuant-CL on GQA the shared basis U_kv of W_kv = [W_k | W_v] (Σ_kv B_kvᵀ is
+discarded: K/V are rebuilt from the full-width accumulator with W_kv itself).
+
+Sign convention (spec §10.6, our choice): singular vectors are defined up to sign, and per-token
+groups over X·U_v care. Each column of U is flipped so that its largest-magnitude entry is positive
+(the matching row of M flips with it), which makes the factors deterministic across SVD backends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SVDFactors:
+    u: torch.Tensor  # (d, r) orthonormal columns: the down-projection X -> latent
+    m: torch.Tensor  # (r, out) with X·W = (X·u)·m ; empty (0, 0) for a basis-only factor
+    s: torch.Tensor  # (r,) singular values, descending
+
+
+def svd_factors(weight: torch.Tensor, *, keep_m: bool = True) -> SVDFactors:
+    """Factor an nn.Linear weight (out × d, out <= d) as described in the module docstring."""
+    w = weight.detach().to(torch.float64)
+    u_, s, vh = torch.linalg.svd(w, full_matrices=False)  # w = u_ diag(s) vh
+    u = vh.T  # (d, r)
+    idx = u.abs().argmax(dim=0)
+    signs = torch.sign(u[idx, torch.arange(u.shape[1])])
+    signs[signs == 0] = 1
+    u = u * signs
+    m = (s[:, None] * u_.T) * signs[:, None] if keep_m else torch.empty(0, 0, dtype=torch.float64)
+    return SVDFactors(u=u, m=m, s=s)
+
+
+@dataclass
+class LayerProjections:
+    """What the GQA caches need for one layer, in float64 until `to` is called."""
+
+    k: SVDFactors
+    v: SVDFactors
+    kv: SVDFactors  # basis of [W_k | W_v] for XQuant-CL
+
+    def to(self, dtype: torch.dtype, device: torch.device) -> "LayerProjections":
+        conv = lambda f: SVDFactors(*(t.to(device=device, dtype=dtype) for t in (f.u, f.m, f.s)))  # noqa: E731
+        return LayerProjections(conv(self.k), conv(self.v), conv(self.kv))
+
+
+def layer_projections(k_weight: torch.Tensor, v_weight: torch.Tensor) -> LayerProjections:
+    return LayerProjections(k=svd_factors(k_weight), v=svd_factors(v_weight),
+                            kv=svd_factors(torch.cat([k_weight, v_weight], dim=0), keep_m=False))
+
+
+def model_projections(model, dtype: torch.dtype | None = None) -> list[LayerProjections]:
+    """Factors for every layer, computed once per model (or set from a bundle) and kept on it."""
+    cached = getattr(model, "_xq_projections", None)
+    if cached is None:
+        cached = [layer_projections(l.self_attn.k_proj.weight, l.self_attn.v_proj.weight) for l in model.layers]
+        model._xq_projections = cached
+    dtype = dtype or model.dtype
+    key = (dtype, model.device)
+    conv = getattr(model, "_xq_projections_cast", {})
+    if key not in conv:
+        conv[key] = [p.to(dtype, model.device) for p in cached]
+        model._xq_projections_cast = conv
+    return conv[key]
