@@ -110,7 +110,7 @@ def load_gguf(path: str | Path) -> GGUFModel:
     except OSError as e:
         raise GGUFError(f"{path}: cannot read the file ({e.strerror or e})") from None
     try:
-        kv, infos, data_start = _read_header(memoryview(buf), size, path)
+        kv, infos, data_start = _read_header(buf, size, path)
         config, plan = _plan_model(kv, infos, path)
         tensors = _read_tensors(buf, data_start, plan, config, path)
         tokenizer_json, tokenizer_config, generation_config = _tokenizer(kv, config, path)
@@ -150,7 +150,7 @@ def write_tokenizer_files(model: GGUFModel, out_dir: Path) -> None:
 class _Cursor:
     """Bounds-checked reads from the mapped file: no declared length is trusted past the file's end."""
 
-    def __init__(self, buf: memoryview, size: int, path: Path) -> None:
+    def __init__(self, buf: mmap.mmap, size: int, path: Path) -> None:
         self.buf, self.end, self.path, self.pos = buf, size, path, 0
 
     def fail(self, what: str) -> GGUFError:
@@ -244,7 +244,7 @@ def _short_float32(v: float) -> float:
     return float(str(np.float32(v)))  # numpy prints the shortest decimal that round-trips
 
 
-def _read_header(buf: memoryview, size: int, path: Path) -> tuple[dict[str, Any], list[_TensorInfo], int]:
+def _read_header(buf: mmap.mmap, size: int, path: Path) -> tuple[dict[str, Any], list[_TensorInfo], int]:
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
     magic, version, n_tensors, n_kv = _HEADER.unpack_from(buf, 0)
@@ -462,10 +462,9 @@ def _read_tensors(buf: mmap.mmap, data_start: int, plan: list[tuple[_TensorInfo,
         if np.may_share_memory(w, raw):
             w = w.copy()  # F32 tensors come back as views of the mapped file
         del raw
-        x = torch.from_numpy(w)
-        if not bool(torch.isfinite(x).all()):
+        if not math.isfinite(w.sum(dtype=np.float64)):  # float64 cannot overflow on finite float32 inputs
             raise GGUFError(f"{path}: tensor {t.name!r} contains NaN or infinite values")
-        tensors[hf] = x
+        tensors[hf] = torch.from_numpy(w)
     if _ROPE_FREQS in tensors:
         config["rope_scaling"] = _llama3_from_factors(tensors.pop(_ROPE_FREQS), config, path)
     return tensors

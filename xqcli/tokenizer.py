@@ -12,7 +12,7 @@ import json
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from xqcli.errors import InputError, ModelError
 
@@ -21,7 +21,15 @@ if TYPE_CHECKING:
     import tokenizers
 
 # The named special tokens `transformers` exposes to chat templates (its `special_tokens_map`).
-_SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+_SPECIAL_TOKEN_KEYS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
 
 
 class ChatTemplateError(Exception):
@@ -64,7 +72,9 @@ def _named_templates(value: Any) -> dict[str, str] | str | None:
     if isinstance(value, str):
         return value
     if isinstance(value, list):
-        return {t["name"]: t["template"] for t in value if isinstance(t, dict) and "name" in t and "template" in t}
+        return {
+            t["name"]: t["template"] for t in value if isinstance(t, dict) and "name" in t and "template" in t
+        }
     if isinstance(value, dict):
         return {k: v for k, v in value.items() if isinstance(v, str)}
     return None
@@ -91,7 +101,9 @@ class Tokenizer:
         self.bos_id = bos_id
         self.eos_ids = eos_ids
         self.bos_token: str | None = special_tokens.get("bos_token") or self._token(bos_id)
-        self.eos_token: str | None = special_tokens.get("eos_token") or self._token(eos_ids[0] if eos_ids else None)
+        self.eos_token: str | None = special_tokens.get("eos_token") or self._token(
+            eos_ids[0] if eos_ids else None
+        )
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
         self.chat_template = chat_template
         self._chat_template_source = chat_template_source
@@ -99,9 +111,7 @@ class Tokenizer:
         self._template_names = template_names
         probe_plain = backend.encode("a", add_special_tokens=False).ids
         probe_full = backend.encode("a", add_special_tokens=True).ids
-        self.add_bos: bool = (
-            bos_id is not None and probe_full[:1] == [bos_id] and probe_plain[:1] != [bos_id]
-        )
+        self.add_bos: bool = bos_id is not None and probe_full[:1] == [bos_id] and probe_plain[:1] != [bos_id]
 
     @classmethod
     def from_folder(cls, path: str | Path, chat_template_file: str | Path | None = None) -> Tokenizer:
@@ -111,7 +121,7 @@ class Tokenizer:
         if not tokenizer_file.is_file():
             raise ModelError(
                 f"{folder} has no tokenizer.json: a tokenizer.json (HF fast tokenizer) is required",
-                hint="re-save the tokenizer with transformers' save_pretrained, or download the full model repo",
+                hint="re-save it with transformers' save_pretrained, or download the full model repo",
             )
         from tokenizers import Tokenizer as Backend
 
@@ -139,7 +149,9 @@ class Tokenizer:
             bos_id = bos_ids[0] if bos_ids else None
 
         eos_ids: list[int] = []
-        tokenizer_eos = backend.token_to_id(special_tokens["eos_token"]) if "eos_token" in special_tokens else None
+        tokenizer_eos = (
+            backend.token_to_id(special_tokens["eos_token"]) if "eos_token" in special_tokens else None
+        )
         for i in (
             _id_list(gen_config.get("eos_token_id"))
             + _id_list(model_config.get("eos_token_id"))
@@ -184,7 +196,10 @@ class Tokenizer:
         from tokenizers.processors import TemplateProcessing
 
         single, pair, specials = ["$A:0"], ["$B:1"], []
-        for flag, key, at_start in (("add_bos_token", "bos_token", True), ("add_eos_token", "eos_token", False)):
+        for flag, key, at_start in (
+            ("add_bos_token", "bos_token", True),
+            ("add_eos_token", "eos_token", False),
+        ):
             token = special_tokens.get(key)
             token_id = backend.token_to_id(token) if token is not None else None
             if not tok_config.get(flag) or token_id is None:
@@ -200,7 +215,9 @@ class Tokenizer:
         )
 
     @staticmethod
-    def _find_chat_template(folder: Path, tok_config: dict[str, Any]) -> tuple[dict[str, str] | str | None, str]:
+    def _find_chat_template(
+        folder: Path, tok_config: dict[str, Any]
+    ) -> tuple[dict[str, str] | str | None, str]:
         """Locate the folder's template; separate files win over tokenizer_config.json, as in transformers."""
         jinja_file = folder / "chat_template.jinja"
         if jinja_file.is_file():
@@ -265,9 +282,11 @@ class Tokenizer:
         as in transformers, override the special-token variables of the same name.
         """
         if self.chat_template is None:
-            detail = f" (only named templates {', '.join(self._template_names)}, none 'default')" if (
-                self._template_names
-            ) else ""
+            detail = (
+                f" (only named templates {', '.join(self._template_names)}, none 'default')"
+                if self._template_names
+                else ""
+            )
             raise InputError(
                 f"{self.name} has no chat template{detail}; pass --chat-template FILE or use plain prompts"
             )
@@ -348,9 +367,9 @@ def _compile_chat_template(source: str) -> jinja2.Template:
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class GenerationTag(Extension):
-        """`{% generation %}…{% endgeneration %}` marks assistant text for training masks; inference renders it as is."""
+        """`{% generation %}` marks assistant text for training masks; inference renders it as is."""
 
-        tags = {"generation"}
+        tags: ClassVar[set[str]] = {"generation"}
 
         def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
             lineno = next(parser.stream).lineno
@@ -364,16 +383,23 @@ def _compile_chat_template(source: str) -> jinja2.Template:
         raise ChatTemplateError(message)
 
     def tojson(
-        value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+        value: Any,
+        ensure_ascii: bool = False,
+        indent: int | None = None,
+        separators: Any = None,
         sort_keys: bool = False,
     ) -> str:
         # Jinja's own tojson HTML-escapes and forces ASCII; model templates expect plain json.dumps.
-        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        return json.dumps(
+            value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
 
     def strftime_now(fmt: str) -> str:
         return datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, loopcontrols]
+    )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now

@@ -1,0 +1,122 @@
+"""Perplexity through the cache: the paper's protocol and the real decode path (`xq eval`).
+
+Text is split into non-overlapping windows of `seq_len` tokens (no BOS; the first token of each
+window is context only, so a window scores seq_len − 1 tokens). For each window the fp KV logits are
+computed once and every method is compared to them: perplexity, KL(kv ‖ method) and top-1 agreement.
+
+- `paper`: teacher forcing in one forward, every position's K/V taken from the quantized cache
+  (window 0, partial per-channel blocks quantized as smaller groups), as the paper measures.
+- `decode`: the first `prefix` tokens are prefilled through the cache, then the rest go through it one
+  token at a time, with the cache's real sealing rules (what `xq chat` sees). Prefilled positions are
+  scored from the prefill logits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from xqcli.caches import CacheSpec, make_cache
+from xqcli.errors import InputError
+from xqcli.model import Transformer
+
+
+@dataclass
+class EvalRow:
+    method: str
+    bytes_per_token: float
+    normalized: float
+    compression: float
+    ppl: float
+    delta_ppl: float
+    kl: float
+    top1: float
+    scored_tokens: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class _Acc:
+    nll: float = 0.0
+    kl: float = 0.0
+    agree: int = 0
+    n: int = 0
+
+
+def windows(tokens: list[int], seq_len: int, max_tokens: int | None) -> torch.Tensor:
+    """(n_windows, seq_len) of the first max_tokens tokens; refuses texts too short for one window."""
+    if seq_len < 2:
+        raise InputError(f"--seq-len must be at least 2 (got {seq_len})")
+    n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens)
+    if n < seq_len:
+        raise InputError(f"the text has {n} tokens, fewer than one window of --seq-len {seq_len}",
+                         hint="use a longer text or a smaller --seq-len")
+    k = n // seq_len
+    return torch.tensor(tokens[: k * seq_len], dtype=torch.long).view(k, seq_len)
+
+
+def method_logits(model: Transformer, spec: CacheSpec, window: torch.Tensor, protocol: str,
+                  prefix: int) -> torch.Tensor:
+    """(T, vocab) logits of one window through a fresh cache of kind `spec`."""
+    t = window.shape[0]
+    tokens = window.view(1, t).to(model.device)
+    if spec.method != "kv" and protocol == "paper":
+        spec = replace(spec, window=0, quantize_partial=True)
+    cache = make_cache(model, spec, 1, t)
+    if protocol == "paper":
+        return model(tokens, cache)[0]
+    outs = [model(tokens[:, :prefix], cache)[0]]
+    for i in range(prefix, t):
+        outs.append(model(tokens[:, i:i + 1], cache)[0])
+    return torch.cat(outs)
+
+
+def evaluate(model: Transformer, tokens: list[int], methods: list[CacheSpec], *, seq_len: int = 2048,
+             max_tokens: int | None = None, protocol: str = "paper", prefix: int | None = None,
+             progress: Callable[[int, int, str], None] | None = None) -> list[EvalRow]:
+    """One row per method, in order. `kv` is always computed (it is the reference) but only reported if asked."""
+    from xqcli.plan import measured_bytes_per_token, meta_model
+
+    if protocol not in ("paper", "decode"):
+        raise InputError(f"unknown protocol {protocol!r} (paper or decode)")
+    wins = windows(tokens, seq_len, max_tokens)
+    prefix = seq_len // 2 if prefix is None else prefix
+    if not 1 <= prefix <= seq_len:
+        raise InputError(f"--prefix must be between 1 and --seq-len ({seq_len})")
+    accs = {s.name: _Acc() for s in methods}
+    ref_nll = 0.0
+    total, done = len(wins) * len(methods), 0
+    for w in wins:
+        ref = F.log_softmax(model(w.view(1, -1).to(model.device))[0, :-1].float(), -1)
+        target = w[1:].to(ref.device)
+        ref_top = ref.argmax(-1)
+        ref_nll += float(-ref.gather(-1, target[:, None]).sum())
+        for spec in methods:
+            if progress:
+                progress(done, total, spec.name)
+            logp = ref if spec.method == "kv" else F.log_softmax(
+                method_logits(model, spec, w, protocol, prefix)[:-1].float(), -1)
+            a = accs[spec.name]
+            a.nll += float(-logp.gather(-1, target[:, None]).sum())
+            a.kl += float((ref.exp() * (ref - logp)).sum())
+            a.agree += int((logp.argmax(-1) == ref_top).sum())
+            a.n += target.numel()
+            done += 1
+    if progress:
+        progress(total, total, "")
+    kv_ppl = math.exp(ref_nll / (wins.shape[0] * (seq_len - 1)))
+    meta = meta_model(model.config, torch.float16)
+    kv_bpt = measured_bytes_per_token(meta, CacheSpec.parse("kv"))[0]
+    rows = []
+    for spec in methods:
+        a = accs[spec.name]
+        ppl = math.exp(a.nll / a.n)
+        bpt = measured_bytes_per_token(meta, spec)[0]
+        rows.append(EvalRow(spec.name, bpt, bpt / kv_bpt, kv_bpt / bpt, ppl, ppl - kv_ppl, a.kl / a.n, a.agree / a.n, a.n))
+    return rows
