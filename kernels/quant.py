@@ -100,9 +100,9 @@ class QuantSpec:
     clip: float = 1.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS or not isinstance(self.bits, int):
+        if type(self.bits) is not int or self.bits not in SUPPORTED_BITS:
             raise ValueError(f"QuantSpec.bits must be one of {SUPPORTED_BITS}, got {self.bits!r}")
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+        if type(self.group_size) is not int or self.group_size < 1:
             raise ValueError(f"QuantSpec.group_size must be an integer >= 1, got {self.group_size!r}")
         if self.axis not in ("token", "channel"):
             raise ValueError(f"QuantSpec.axis must be 'token' or 'channel', got {self.axis!r}")

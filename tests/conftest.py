@@ -1,0 +1,61 @@
+"""Test setup: offline hub, Triton in interpreter mode on CPU, deterministic seeds, shared model fixtures."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+try:
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:  # pragma: no cover
+    pass
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    import assets
+
+    return assets.smollm2_hf()
+
+
+@pytest.fixture(scope="session")
+def smollm2_mha_dir():
+    import assets
+
+    return assets.smollm2_mha_hf()
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir):
+    from xqcli.weights import load_hf_folder
+
+    return load_hf_folder(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_mha(smollm2_mha_dir):
+    from xqcli.weights import load_hf_folder
+
+    return load_hf_folder(smollm2_mha_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """{kind: loaded Transformer} for the tiny random llama/mistral/qwen2/mha folders."""
+    import assets
+
+    from xqcli.weights import load_hf_folder
+
+    return {k: load_hf_folder(assets.tiny_hf(k)) for k in ("llama", "mistral", "qwen2", "mha")}

@@ -1,0 +1,192 @@
+"""Cache kinds: the paper's losslessness algebra, windows and sealing, batching, names, memory accounting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from xqcli.caches import CacheSpec, Stream, make_cache, uses_latents
+from xqcli.errors import InputError
+from xqcli.kernels.quant import QuantSpec, fake_quantize
+from xqcli.plan import plan, shape_config
+
+KINDS_FP = ["kivi-fp", "xquant-fp", "xquant-cl-fp", "xquant-fp+ch0"]
+
+
+def stepped(model, spec, tokens: torch.Tensor, prefix: int) -> torch.Tensor:
+    """Logits of a prefill of `prefix` tokens, then one token at a time, through a fresh cache."""
+    cache = make_cache(model, spec, tokens.shape[0], tokens.shape[1])
+    outs = [model(tokens[:, :prefix], cache)]
+    outs += [model(tokens[:, i:i + 1], cache) for i in range(prefix, tokens.shape[1])]
+    return torch.cat(outs, 1)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "mha"])
+@pytest.mark.parametrize("name", KINDS_FP)
+def test_unquantized_kinds_equal_kv(tiny_models, kind, name):
+    """With quantization off every kind is exact algebra (MHA, GQA-SVD, GQA-CL): the paper's derivation."""
+    model = tiny_models[kind]
+    tokens = torch.randint(0, model.config.vocab_size, (2, 40))
+    ref = model(tokens)
+    for window in (0, 7):
+        out = stepped(model, CacheSpec.parse(name, window=window, group_size=16), tokens, prefix=23)
+        assert (out - ref).abs().max() <= 1e-4
+
+
+def test_unquantized_real_model(smollm2, smollm2_mha):
+    """Losslessness on real weights: SmolLM2 (GQA latents) and its MHA variant (X cached)."""
+    tokens = torch.randint(0, 49152, (1, 48))
+    for model in (smollm2, smollm2_mha):
+        ref = model(tokens)
+        for name in KINDS_FP:
+            out = stepped(model, CacheSpec.parse(name, window=0), tokens, prefix=40)
+            assert (out - ref).abs().max() <= 1e-4, name
+
+
+def test_latent_choice(tiny_models, smollm2):
+    assert uses_latents(smollm2.config)  # 2·192 < 576
+    assert not uses_latents(tiny_models["mha"].config)
+
+
+@pytest.mark.parametrize("name", ["kivi-4", "xquant-4", "xquant-cl-3", "xquant-2+ch0"])
+def test_quantized_close_and_deterministic(tiny_models, name):
+    model = tiny_models["llama"]
+    tokens = torch.randint(0, model.config.vocab_size, (1, 50))
+    ref = model(tokens)
+    a = stepped(model, CacheSpec.parse(name, window=0, group_size=16), tokens, prefix=30)
+    b = stepped(model, CacheSpec.parse(name, window=0, group_size=16), tokens, prefix=30)
+    assert torch.equal(a, b)
+    err = (a - ref).abs().max()
+    assert 0 < err < 1.0  # quantization changes the logits, but not wildly on this tiny model
+
+
+def test_window_keeps_newest_tokens_exact(tiny_models):
+    """Tokens inside the fp window are returned exactly; with a window as long as the text, nothing changes."""
+    model = tiny_models["llama"]
+    tokens = torch.randint(0, model.config.vocab_size, (1, 30))
+    ref = model(tokens)
+    out = stepped(model, CacheSpec.parse("xquant-2", window=30, group_size=8), tokens, prefix=10)
+    assert (out - ref).abs().max() <= 1e-4
+    out = stepped(model, CacheSpec.parse("xquant-2", window=4, group_size=8), tokens, prefix=10)
+    assert (out - ref).abs().max() > 1e-3
+
+
+def test_paper_protocol_prefill_equals_fake_quant_of_whole_sequence():
+    """quantize_partial: a per-channel stream returns the whole sequence as if quantized in g-token blocks."""
+    x = torch.randn(1, 37, 12)
+    q = QuantSpec(3, 16, "channel")
+    st = Stream(1, 64, 12, q, 0, torch.float32, torch.device("cpu"), quantize_partial=True)
+    st.append(0, x[0])
+    got = torch.cat([st.sealed_values(0), st.tail_values(0)])
+    assert st.sealed[0] == 32 and st.tail_len[0] == 5
+    assert torch.equal(got, fake_quantize(x[0], q))
+
+
+def test_stream_sealing_rules():
+    x = torch.randn(50, 10)
+    tok = Stream(1, 64, 10, QuantSpec(4, 4, "token"), 6, torch.float32, torch.device("cpu"))
+    ch = Stream(1, 64, 10, QuantSpec(4, 8, "channel"), 6, torch.float32, torch.device("cpu"))
+    for i in range(50):
+        tok.append(0, x[i:i + 1])
+        ch.append(0, x[i:i + 1])
+        assert tok.tail_len[0] == min(i + 1, 6)
+        assert ch.sealed[0] % 8 == 0 and ch.tail_len[0] <= 6 + 7 and ch.length(0) == i + 1
+    # sealed values are exactly the codes of the tokens that left the window, quantized once
+    assert torch.equal(tok.sealed_values(0), fake_quantize(x[:44], QuantSpec(4, 4, "token")))
+    assert torch.equal(ch.sealed_values(0), fake_quantize(x[:ch.sealed[0]], QuantSpec(4, 8, "channel")))
+    assert torch.equal(ch.tail_values(0), x[ch.sealed[0]:])
+
+
+@pytest.mark.parametrize("name", ["kv", "kivi-4", "xquant-3", "xquant-cl-2"])
+def test_batch_rows_with_different_lengths_match_single_rows(tiny_models, name):
+    """Right-padded rows are independent: each row equals the same prompt run alone."""
+    model = tiny_models["qwen2"]
+    v = model.config.vocab_size
+    lens = [19, 7, 12]
+    prompts = [torch.randint(0, v, (n,)) for n in lens]
+    batch = torch.zeros(3, max(lens), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        batch[i, :len(p)] = p
+    spec = CacheSpec.parse(name, window=3, group_size=4)
+    cache = make_cache(model, spec, 3, 40)
+    out = model(batch, cache, torch.tensor(lens))
+    nxt = torch.randint(0, v, (3, 1))
+    step = model(nxt, cache)
+    for i, p in enumerate(prompts):
+        c1 = make_cache(model, spec, 1, 40)
+        o1 = model(p[None], c1)
+        s1 = model(nxt[i:i + 1], c1)
+        assert (out[i, :len(p)] - o1[0]).abs().max() <= 1e-4
+        assert (step[i] - s1[0]).abs().max() <= 1e-4
+    assert cache.lengths.tolist() == [n + 1 for n in lens]
+
+
+def test_cl_is_closed_loop(tiny_models):
+    """The delta of layer i is formed against the reconstructed X̂_{i-1}: re-deriving X̂ from the stored
+    deltas gives the accumulator exactly (no drift), and the error does not grow across layers like an
+    open-loop chain would."""
+    model = tiny_models["mha"]
+    tokens = torch.randint(0, model.config.vocab_size, (1, 24))
+    cache = make_cache(model, CacheSpec.parse("xquant-cl-2", window=0, group_size=16, base_layers=1), 1, 24)
+    model(tokens, cache)
+    # decode X̂ of the last layer from the stored base plus deltas, as a decoder would
+    xh = cache.streams[0][0].sealed_values(0)
+    for layer in range(1, model.config.num_hidden_layers):
+        xh = xh + cache.streams[layer][0].sealed_values(0)
+    # the K it rebuilds equals what attention used at the last step (from the running accumulator)
+    last = model.layers[-1].self_attn
+    cache2 = make_cache(model, CacheSpec.parse("xquant-cl-2", window=0, group_size=16, base_layers=1), 1, 25)
+    model(tokens, cache2)
+    assert torch.allclose(xh @ last.k_proj.weight.T, _acc_k(model, cache2, tokens), atol=1e-5)
+
+
+def _acc_k(model, cache, tokens):
+    """K (pre-RoPE) of the last layer computed by the cache on a one-token step with the same history."""
+    seen = {}
+    orig = cache.finish_kv
+
+    def spy(k, v):
+        seen["k"] = k
+        return orig(k, v)
+
+    cache.finish_kv = spy
+    model(tokens[:, :1], cache)
+    return seen["k"][0, :tokens.shape[1]]
+
+
+@pytest.mark.parametrize("bad", ["xquant-5", "kivi-16", "foo-4", "xquant-4+nope", "kv-4", "xquant-cl-1"])
+def test_bad_names(bad):
+    with pytest.raises(InputError):
+        CacheSpec.parse(bad)
+
+
+def test_bad_settings():
+    with pytest.raises(InputError, match="group size"):
+        CacheSpec.parse("xquant-4", group_size=0)
+    with pytest.raises(InputError, match="bits"):
+        CacheSpec.parse("xquant", bits=5)
+    assert CacheSpec.parse("xquant", bits=2).name == "xquant-2"
+    assert CacheSpec.parse("xquant-cl-3+ch0").name == "xquant-cl-3+ch0"
+
+
+def test_plan_matches_paper_and_allocated_caches():
+    """The spec's per-token numbers (§6), from caches allocated at those shapes."""
+    rows = {r.kind: r for r in plan(shape_config("llama-3.1-8b"), ["kv", "xquant-4", "xquant-3", "xquant-2"])}
+    assert [rows[k].bytes_per_token for k in ("kv", "xquant-4", "xquant-3", "xquant-2")] == [131072, 34816, 26624, 18432]
+    rows = {r.kind: r for r in plan(shape_config("llama-2-7b"), ["xquant-4", "xquant-cl-2"])}
+    assert rows["xquant-4"].bytes_per_token == 69632 and rows["xquant-cl-2"].bytes_per_token == 39936
+    for r in rows.values():
+        assert r.bytes_per_token == r.paper_bytes_per_token
+
+
+def test_nbytes_of_a_filled_cache_matches_plan(smollm2):
+    """A real cache filled with n tokens holds plan's bytes/token × n (payload + scales), window 0."""
+    n = 256
+    rows = {r.kind: r for r in plan(smollm2.config, ["kivi-4", "xquant-4", "xquant-cl-3"], dtype=torch.float32)}
+    tokens = torch.randint(0, 49152, (1, n))
+    for name, row in rows.items():
+        cache = make_cache(smollm2, CacheSpec.parse(name, window=0), 1, n)
+        smollm2(tokens, cache)
+        b = cache.nbytes()
+        assert b.payload + b.scales == row.bytes_per_token * n, name
+        assert b.fp_window == 0
