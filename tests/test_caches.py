@@ -48,16 +48,20 @@ def test_latent_choice(tiny_models, smollm2):
     assert not uses_latents(tiny_models["mha"].config)
 
 
-@pytest.mark.parametrize("name", ["kivi-4", "xquant-4", "xquant-cl-3", "xquant-2+ch0"])
-def test_quantized_close_and_deterministic(tiny_models, name):
+@pytest.mark.parametrize("method", ["kivi", "xquant", "xquant-cl", "xquant+ch0"])
+def test_quantized_error_shrinks_with_bits_and_is_deterministic(tiny_models, method):
     model = tiny_models["llama"]
     tokens = torch.randint(0, model.config.vocab_size, (1, 50))
     ref = model(tokens)
-    a = stepped(model, CacheSpec.parse(name, window=0, group_size=16), tokens, prefix=30)
-    b = stepped(model, CacheSpec.parse(name, window=0, group_size=16), tokens, prefix=30)
-    assert torch.equal(a, b)
-    err = (a - ref).abs().max()
-    assert 0 < err < 1.0  # quantization changes the logits, but not wildly on this tiny model
+    base, _, variant = method.partition("+")
+    errs = []
+    for bits in (2, 4, 8):
+        name = f"{base}-{bits}" + (f"+{variant}" if variant else "")
+        a = stepped(model, CacheSpec.parse(name, window=0, group_size=16, base_bits=bits), tokens, prefix=30)
+        b = stepped(model, CacheSpec.parse(name, window=0, group_size=16, base_bits=bits), tokens, prefix=30)
+        assert torch.equal(a, b)
+        errs.append(float((a - ref).abs().mean()))
+    assert errs[0] > errs[1] > errs[2] > 0
 
 
 def test_window_keeps_newest_tokens_exact(tiny_models):
@@ -97,9 +101,12 @@ def test_stream_sealing_rules():
     assert torch.equal(ch.tail_values(0), x[ch.sealed[0]:])
 
 
-@pytest.mark.parametrize("name", ["kv", "kivi-4", "xquant-3", "xquant-cl-2"])
+@pytest.mark.parametrize("name", ["kv", "kivi-fp", "xquant-fp", "xquant-cl-fp", "kivi-4", "xquant-3", "xquant-cl-2"])
 def test_batch_rows_with_different_lengths_match_single_rows(tiny_models, name):
-    """Right-padded rows are independent: each row equals the same prompt run alone."""
+    """Right-padded rows are independent: each row equals the same prompt run alone.
+
+    Batched matmuls round differently in the last bit, which can flip a quantization code sitting on a
+    rounding boundary; quantized kinds are therefore held to 1e-4 on average and 5e-2 at worst."""
     model = tiny_models["qwen2"]
     v = model.config.vocab_size
     lens = [19, 7, 12]
@@ -116,8 +123,12 @@ def test_batch_rows_with_different_lengths_match_single_rows(tiny_models, name):
         c1 = make_cache(model, spec, 1, 40)
         o1 = model(p[None], c1)
         s1 = model(nxt[i:i + 1], c1)
-        assert (out[i, :len(p)] - o1[0]).abs().max() <= 1e-4
-        assert (step[i] - s1[0]).abs().max() <= 1e-4
+        for got, want in ((out[i, :len(p)], o1[0]), (step[i], s1[0])):
+            diff = (got - want).abs()
+            if spec.bits is None:
+                assert diff.max() <= 1e-4
+            else:
+                assert diff.mean() <= 1e-4 and diff.max() <= 5e-2
     assert cache.lengths.tolist() == [n + 1 for n in lens]
 
 

@@ -3,7 +3,7 @@
 Names (one vocabulary everywhere): `kv`, `kivi-B`, `xquant-B`, `xquant-cl-B` with B in {2, 3, 4, 8};
 `-fp` instead of a bit width turns quantization off (the stream keeps the model dtype), which is how
 the tests check that every kind is the same algebra as `kv`. Variant suffixes: `+ch0` keeps latent
-channel 0 of X·U_k in fp16 (the paper's appendix B).
+channel 0 of X·U_k unquantized in the model dtype (the paper's appendix B: fp16).
 
 - `kivi-B`: the paper's KIVI* baseline: pre-RoPE keys per-channel, values per-token, RoPE on fetch.
 - `xquant-B`: caches post-norm X per-token and rebuilds K = X̂·W_kᵀ (+ b, then RoPE), V = X̂·W_vᵀ.
@@ -65,12 +65,14 @@ class CacheSpec:
     fp16_channel0: bool = False
     quantize_partial: bool = False
     clip: float = 1.0
+    clips: tuple[float, ...] | None = None  # per-layer clip ratios (a bundle's calibration); None: `clip` everywhere
 
     @property
     def name(self) -> str:
         if self.method == "kv":
             return "kv"
-        return f"{self.method}-{self.bits if self.bits else 'fp'}" + ("+ch0" if self.fp16_channel0 else "")
+        return (f"{self.method}-{self.bits if self.bits else 'fp'}" + ("+ch0" if self.fp16_channel0 else "")
+                + (" (cal)" if self.clips is not None else ""))
 
     @classmethod
     def parse(cls, name: str, **settings) -> "CacheSpec":
@@ -108,12 +110,15 @@ class CacheSpec:
             raise InputError(f"xquant-cl needs base_layers >= 1 (got {self.base_layers})")
         if self.base_bits not in BITS:
             raise InputError(f"base bits must be one of 2, 3, 4, 8 (got {self.base_bits})")
-        if not 0 < self.clip <= 1:
-            raise InputError(f"clip ratio must be in (0, 1] (got {self.clip})")
+        for c in (self.clip, *(self.clips or ())):
+            if not 0 < c <= 1:
+                raise InputError(f"clip ratio must be in (0, 1] (got {c})")
 
-    def quant(self, axis: str, bits: int | None = None) -> QuantSpec | None:
+    def quant(self, axis: str, bits: int | None = None, layer: int | None = None) -> QuantSpec | None:
+        """The stream quantizer; `layer` selects that layer's clip ratio when `clips` is set."""
         bits = self.bits if bits is None else bits
-        return None if bits is None else QuantSpec(bits, self.group_size, axis, self.clip)
+        clip = self.clips[layer] if self.clips is not None and layer is not None else self.clip
+        return None if bits is None else QuantSpec(bits, self.group_size, axis, clip)
 
 
 def uses_latents(cfg) -> bool:
@@ -245,6 +250,9 @@ class StreamCache(ModelCache):
     def __init__(self, model: "Transformer", spec: CacheSpec, batch: int, max_len: int,
                  device: torch.device | None = None) -> None:
         super().__init__(model, batch, max_len, device if device is not None else model.device)
+        if spec.clips is not None and len(spec.clips) != model.config.num_hidden_layers:
+            raise InputError(f"{len(spec.clips)} per-layer clip ratios for a {model.config.num_hidden_layers}-layer "
+                             "model")
         self.spec = spec
         self.cfg = model.config
         self.dtype = model.dtype
@@ -306,8 +314,8 @@ class KiviCache(StreamCache):
     def __init__(self, model, spec, batch, max_len, device=None) -> None:
         super().__init__(model, spec, batch, max_len, device)
         w = self.cfg.kv_dim
-        self.streams = [[self.stream(w, spec.quant("channel")), self.stream(w, spec.quant("token"))]
-                        for _ in range(self.cfg.num_hidden_layers)]
+        self.streams = [[self.stream(w, spec.quant("channel", layer=i)), self.stream(w, spec.quant("token", layer=i))]
+                        for i in range(self.cfg.num_hidden_layers)]
 
     def update_and_fetch(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         attn = self.model.layers[layer].self_attn
@@ -323,16 +331,17 @@ class XQuantCache(StreamCache):
     def __init__(self, model, spec, batch, max_len, device=None) -> None:
         super().__init__(model, spec, batch, max_len, device)
         self.latent = uses_latents(self.cfg)
-        self.streams = [self.layer_streams(spec.bits) for _ in range(self.cfg.num_hidden_layers)]
+        self.streams = [self.layer_streams(spec.bits, i) for i in range(self.cfg.num_hidden_layers)]
 
-    def layer_streams(self, bits: int | None) -> list[Stream]:
+    def layer_streams(self, bits: int | None, layer: int) -> list[Stream]:
         cfg, spec = self.cfg, self.spec
         if not self.latent:
-            return [self.stream(cfg.hidden_size, spec.quant("token", bits))]
-        k = self.stream(cfg.kv_dim - int(spec.fp16_channel0), spec.quant("channel", bits))
-        v = self.stream(cfg.kv_dim, spec.quant("token", bits))
-        if spec.fp16_channel0:  # appendix B: channel 0 of X·U_k (the outlier channel) kept in fp16
-            return [k, v, Stream(self.batch, self.max_len, 1, None, 0, torch.float16, self.device)]
+            return [self.stream(cfg.hidden_size, spec.quant("token", bits, layer))]
+        k = self.stream(cfg.kv_dim - int(spec.fp16_channel0), spec.quant("channel", bits, layer))
+        v = self.stream(cfg.kv_dim, spec.quant("token", bits, layer))
+        if spec.fp16_channel0:  # appendix B: channel 0 of X·U_k (the outlier channel) kept unquantized,
+            # in the model dtype (fp16/bf16 on GPUs, as in the paper; fp32 in CPU tests)
+            return [k, v, Stream(self.batch, self.max_len, 1, None, 0, self.dtype, self.device)]
         return [k, v]
 
     def rebuild(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -377,7 +386,7 @@ class XQuantCLCache(XQuantCache):
         for i in range(cfg.num_hidden_layers):
             bits = spec.base_bits if (i < self.base and spec.bits is not None) else spec.bits
             if i < self.base - 1:
-                self.streams.append(self.layer_streams(bits))
+                self.streams.append(self.layer_streams(bits, i))
             elif self.latent:  # seed layer and delta layers: Q(· U_kv), raw X in the window
                 self.streams.append([self.stream(2 * cfg.kv_dim, spec.quant("token", bits),
                                                  tail_width=cfg.hidden_size)])

@@ -117,7 +117,7 @@ def load_gguf(path: str | Path) -> GGUFModel:
     except (struct.error, ValueError, IndexError, KeyError, TypeError, OverflowError, ZeroDivisionError,
             MemoryError) as e:
         # Every check above should come first; this keeps a missed one a clean error, not a traceback.
-        raise GGUFError(f"{path}: malformed GGUF file ({type(e).__name__}: {e})") from None
+        raise GGUFError(f"{path}: malformed GGUF file ({type(e).__name__}: {_one_line(e)})") from None
     return GGUFModel(config, tensors, tokenizer_json, tokenizer_config, generation_config, _sha256(path))
 
 
@@ -374,9 +374,9 @@ def _plan_model(kv: dict[str, Any], infos: list[_TensorInfo], path: Path
             continue  # folded into config["rope_scaling"] once its values are read
         hf = _hf_name(t.name, layers)
         if hf is None or hf not in want:
-            unexpected.append(t.name)
+            unexpected.append(repr(t.name))
         elif t.hf_shape != want[hf]:
-            misshaped.append(f"{t.name} {list(t.hf_shape)} (expected {list(want[hf])})")
+            misshaped.append(f"{t.name!r} {list(t.hf_shape)} (expected {list(want[hf])})")
         else:
             plan.append((t, hf))
     missing = [m for m in sorted(set(want) - {hf for _, hf in plan})
@@ -453,7 +453,9 @@ def _read_tensors(buf: mmap.mmap, data_start: int, plan: list[tuple[_TensorInfo,
         row_bytes = t.dims[0] // block * type_size
         shape = t.hf_shape
         raw = np.frombuffer(buf, np.uint8, math.prod(shape[:-1]) * row_bytes, data_start + t.offset)
-        w = dequantize(raw.reshape(*shape[:-1], row_bytes), qtype).reshape(shape)
+        with np.errstate(all="ignore"):  # garbage data is reported below, not as numpy warnings
+            w = dequantize(raw.reshape(*shape[:-1], row_bytes), qtype).reshape(shape)
+            total = w.sum(dtype=np.float64)  # float64 cannot overflow on finite float32 inputs
         if permute and ".q_proj." in hf:
             w = _unpermute(w, heads)
         elif permute and ".k_proj." in hf:
@@ -462,7 +464,7 @@ def _read_tensors(buf: mmap.mmap, data_start: int, plan: list[tuple[_TensorInfo,
         if np.may_share_memory(w, raw):
             w = w.copy()  # F32 tensors come back as views of the mapped file
         del raw
-        if not math.isfinite(w.sum(dtype=np.float64)):  # float64 cannot overflow on finite float32 inputs
+        if not math.isfinite(total):
             raise GGUFError(f"{path}: tensor {t.name!r} contains NaN or infinite values")
         tensors[hf] = torch.from_numpy(w)
     if _ROPE_FREQS in tensors:
@@ -503,7 +505,7 @@ def _llama3_from_factors(freqs: torch.Tensor, config: dict[str, Any], path: Path
     f = [float(x) for x in freqs.flatten()]
     if len(f) != head_dim // 2:
         raise GGUFError(f"{path}: tensor 'rope_freqs.weight' has {len(f)} values, expected {head_dim // 2}")
-    factor = max(f)
+    factor = _short_float32(max(f))
     if all(abs(x - 1) < 1e-6 for x in f):
         return None
     candidates = [(1.0, 4.0, 8192)]
@@ -515,7 +517,7 @@ def _llama3_from_factors(freqs: torch.Tensor, config: dict[str, Any], path: Path
             a = (s1 - s2) / (1 / w1 - 1 / w2)
             b = a / w1 - s1
             if a > 0 and b > 0:
-                candidates.append((1.0, 1 + 1 / b, round(a / b)))
+                candidates.append((1.0, round(1 + 1 / b, 4), round(a / b)))
     for low, high, old in candidates:
         want = llama3_rope_factors(theta, head_dim, factor, low, high, old)
         if all(math.isclose(x, y, rel_tol=1e-4) for x, y in zip(f, want)):
@@ -612,7 +614,7 @@ def _build(path: Path, make: Any) -> Any:
     try:
         return make()
     except Exception as e:  # tokenizers raises plain Exception
-        raise GGUFError(f"{path}: the GGUF tokenizer is inconsistent ({e})") from None
+        raise GGUFError(f"{path}: the GGUF tokenizer is inconsistent ({_one_line(e)})") from None
 
 
 def _byte_level_bpe(kv: dict[str, Any], tokens: list[str], types: list[int], path: Path) -> Any:
@@ -683,6 +685,10 @@ def _add_tokens(tk: Any, tokens: list[str], types: list[int], added_token: Any, 
         tk.add_special_tokens(control)
     if user:
         tk.add_tokens(user)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
 
 
 def _sha256(path: Path) -> str:

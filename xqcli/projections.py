@@ -70,3 +70,9 @@ def model_projections(model, dtype: torch.dtype | None = None) -> list[LayerProj
         conv[key] = [p.to(dtype, model.device) for p in cached]
         model._xq_projections_cast = conv
     return conv[key]
+
+
+def set_model_projections(model, projections: list[LayerProjections]) -> None:
+    """Install precomputed factors (a bundle's), so no cache ever runs an SVD on this model."""
+    model._xq_projections = projections
+    model._xq_projections_cast = {}

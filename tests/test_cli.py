@@ -1,0 +1,210 @@
+"""The `xq` command: startup cost, version/help, doctor, and one-line errors with documented exit codes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from xqcli.cli import main
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(err: str, *needles: str) -> None:
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error:"), err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], (n, err)
+
+
+def test_import_is_light():
+    code = ("import sys, xqcli.cli; heavy = [m for m in ('torch', 'triton', 'huggingface_hub', 'transformers') "
+            "if m in sys.modules]; print(','.join(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == ""
+
+
+def test_version_and_help(capsys):
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out.startswith("xq 0.") and "2508.10395" in out
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    for cmd in ("convert", "chat", "generate", "eval", "bench", "plan", "inspect", "doctor"):
+        assert cmd in out
+
+
+def test_doctor_json(capsys):
+    code, out, _ = run(capsys, "doctor", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["torch"] and "cache_dir" in report["hf"] and "triton_kernels" in report
+
+
+def test_debug_shows_traceback(monkeypatch, capsys):
+    monkeypatch.setenv("XQ_DEBUG", "1")
+    from xqcli.errors import InputError
+
+    with pytest.raises(InputError):
+        main(["generate", "/does/not/exist", "-p", "hi"])
+
+
+# ----------------------------------------------------------------------------- bad model sources
+
+
+def test_path_does_not_exist(capsys):
+    code, _, err = run(capsys, "generate", "/does/not/exist", "-p", "hi")
+    assert code == 2
+    assert_one_line_error(err, "/does/not/exist", "does not exist")
+
+
+def test_folder_without_config(tmp_path, capsys):
+    code, _, err = run(capsys, "generate", str(tmp_path), "-p", "hi")
+    assert code == 3
+    assert_one_line_error(err, "no config.json")
+
+
+def copy_tiny(tmp_path, kind="llama"):
+    import assets
+
+    dst = tmp_path / "m"
+    shutil.copytree(assets.tiny_hf(kind), dst)
+    return dst
+
+
+def test_unsupported_model_type(tmp_path, capsys):
+    d = copy_tiny(tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "gpt_neox"
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "model.safetensors").write_bytes(b"not read: the config check comes first")
+    code, _, err = run(capsys, "generate", str(d), "-p", "hi")
+    assert code == 3
+    assert_one_line_error(err, "gpt_neox", "llama, mistral, qwen2")
+
+
+def test_missing_shard(tmp_path, capsys):
+    d = copy_tiny(tmp_path)
+    (d / "model.safetensors").rename(d / "model-00001-of-00002.safetensors")
+    index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors",
+                                            "model.norm.weight": "model-00002-of-00002.safetensors"}}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    code, _, err = run(capsys, "generate", str(d), "-p", "hi")
+    assert code == 3
+    assert_one_line_error(err, "missing shard", "model-00002-of-00002.safetensors")
+
+
+def test_truncated_safetensors(tmp_path, capsys):
+    d = copy_tiny(tmp_path)
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    code, _, err = run(capsys, "generate", str(d), "-p", "hi")
+    assert code == 3
+    assert_one_line_error(err, "model.safetensors", "truncated or corrupt")
+
+
+def test_weights_report_every_bad_key(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from xqcli.errors import WeightsError
+    from xqcli.weights import load_hf_folder
+
+    d = copy_tiny(tmp_path)
+    sd = load_file(d / "model.safetensors")
+    sd.pop("model.norm.weight")
+    sd["model.extra.weight"] = torch.zeros(2)
+    sd["model.layers.0.mlp.up_proj.weight"] = torch.zeros(3, 3)
+    save_file(sd, d / "model.safetensors")
+    with pytest.raises(WeightsError) as e:
+        load_hf_folder(d)
+    msg = str(e.value)
+    assert "1 missing: model.norm.weight" in msg and "1 unexpected: model.extra.weight" in msg
+    assert "1 mis-shaped: model.layers.0.mlp.up_proj.weight" in msg
+
+
+def test_corrupt_gguf(tmp_path, capsys):
+    f = tmp_path / "bad.gguf"
+    f.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 40)
+    code, _, err = run(capsys, "generate", str(f), "-p", "hi")
+    assert code == 3
+    assert_one_line_error(err, "bad.gguf")
+
+
+def test_not_a_gguf_file(tmp_path, capsys):
+    f = tmp_path / "notes.txt"
+    f.write_text("hello")
+    code, _, err = run(capsys, "generate", str(f), "-p", "hi")
+    assert code == 2
+    assert_one_line_error(err, "not a .gguf")
+
+
+def test_generate_needs_one_prompt(capsys):
+    code, _, err = run(capsys, "generate", "x")
+    assert code == 2
+    assert_one_line_error(err, "--prompt")
+
+
+# ----------------------------------------------------------------------------- plan and eval inputs
+
+
+def test_plan_numbers(capsys):
+    code, out, _ = run(capsys, "plan", "--shape", "llama-3.1-8b", "--json", "-c", "kv,xquant-4,xquant-3,xquant-2")
+    rows = {r["kind"]: r["bytes_per_token"] for r in json.loads(out)["rows"]}
+    assert code == 0 and rows == {"kv": 131072, "xquant-4": 34816, "xquant-3": 26624, "xquant-2": 18432}
+    code, out, _ = run(capsys, "plan", "--shape", "llama-2-7b", "--json", "-c", "xquant-4,xquant-cl-2", "--budget", "24GiB")
+    rows = {r["kind"]: r for r in json.loads(out)["rows"]}
+    assert rows["xquant-4"]["bytes_per_token"] == 69632 and rows["xquant-cl-2"]["bytes_per_token"] == 39936
+    assert rows["xquant-4"]["max_context"] > 100_000
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (["plan", "--shape", "llama-3.1-8b", "-c", "xquant-5"], 2, "bits must be one of 2, 3, 4, 8"),
+    (["plan", "--shape", "llama-3.1-8b", "-c", "zquant-4"], 2, "unknown cache kind"),
+    (["plan", "--shape", "llama-3.1-8b", "--group-size", "0"], 2, "group size must be >= 1"),
+    (["plan", "--shape", "llama-3.1-8b", "--budget", "8GiB"], 7, "not larger than the weights"),
+    (["plan", "--shape", "llama-3.1-8b", "--budget", "lots"], 2, "cannot read the memory size"),
+    (["plan", "--shape", "gpt-9"], 2, "not a named shape"),
+])
+def test_plan_bad_input(capsys, args, code, needle):
+    got, _, err = run(capsys, *args)
+    assert got == code
+    assert_one_line_error(err, needle)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args,code,needle", [
+    (["--methods", "kv,xquant-9"], 2, "bits must be one of 2, 3, 4, 8"),
+    (["--methods", "nope"], 2, "unknown cache kind"),
+    (["--group-size", "0"], 2, "group size must be >= 1"),
+    (["--text", "EMPTY"], 2, "empty"),
+    (["--text", "SHORT"], 2, "fewer than one window"),
+])
+def test_eval_bad_input(capsys, tmp_path, smollm2_dir, args, code, needle):
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "short.txt").write_text("Just a few words here.")
+    args = [a.replace("EMPTY", str(tmp_path / "empty.txt")).replace("SHORT", str(tmp_path / "short.txt")) for a in args]
+    got, _, err = run(capsys, "eval", str(smollm2_dir), "--seq-len", "64", *args)
+    assert got == code
+    assert_one_line_error(err, needle)
+
+
+@pytest.mark.slow
+def test_eval_json_rows(capsys, smollm2_dir):
+    code, out, _ = run(capsys, "eval", str(smollm2_dir), "--text", "news", "--seq-len", "128", "--max-tokens", "256",
+                       "--methods", "kv,kivi-4,xquant-4,xquant-cl-4,xquant-2", "--json")
+    assert code == 0
+    rows = {r["method"]: r for r in json.loads(out)["rows"]}
+    assert rows["kv"]["delta_ppl"] == 0 and rows["kv"]["kl"] == 0 and rows["kv"]["top1"] == 1
+    assert rows["kv"]["scored_tokens"] == 2 * 127
+    for m in ("kivi-4", "xquant-4", "xquant-cl-4", "xquant-2"):
+        assert rows[m]["kl"] > 0 and rows[m]["compression"] > 3
+    assert rows["xquant-2"]["kl"] > rows["xquant-4"]["kl"]

@@ -1,0 +1,114 @@
+"""Our runtime is the same model as Transformers: logits, decode path, perplexity, on real and tiny weights."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from xqcli.cache import KVCache
+from xqcli.config import ModelConfig
+from xqcli.errors import UnsupportedModelError
+from xqcli.weights import load_hf_folder
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_model(folder):
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def decode_logits(model, tokens: torch.Tensor, prefix: int) -> torch.Tensor:
+    cache = KVCache(model, tokens.shape[0], tokens.shape[1])
+    outs = [model(tokens[:, :prefix], cache)]
+    outs += [model(tokens[:, i:i + 1], cache) for i in range(prefix, tokens.shape[1])]
+    return torch.cat(outs, 1)
+
+
+def check_against_hf(folder, n_tokens: int = 300, batch: int = 1) -> None:
+    ours = load_hf_folder(folder)
+    ref_model = hf_model(folder)
+    tokens = torch.randint(0, ours.config.vocab_size, (batch, n_tokens))
+    with torch.no_grad():
+        ref = ref_model(tokens).logits.float()
+    prefill = ours(tokens)
+    assert (prefill - ref).abs().max() <= 1e-4
+    stepped = decode_logits(ours, tokens, prefix=1)
+    assert (stepped - prefill).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "mha"])
+def test_tiny_models_match_transformers(kind):
+    import assets
+
+    check_against_hf(assets.tiny_hf(kind), n_tokens=300, batch=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["smollm2_dir", "smollm2_mha_dir"])
+def test_smollm2_matches_transformers(which, request):
+    check_against_hf(request.getfixturevalue(which), n_tokens=300)
+
+
+@pytest.mark.slow
+def test_mha_variant_is_the_same_model(smollm2, smollm2_mha):
+    tokens = torch.randint(0, 49152, (1, 64))
+    assert (smollm2(tokens) - smollm2_mha(tokens)).abs().max() <= 1e-4
+
+
+def _ppl(logits_fn, ids: list[int], window: int = 1024) -> float:
+    nll, n = 0.0, 0
+    for i in range(0, len(ids) - window + 1, window):
+        w = torch.tensor([ids[i:i + window]])
+        logp = torch.log_softmax(logits_fn(w)[0, :-1].float(), -1)
+        nll -= float(logp.gather(-1, w[0, 1:, None]).sum())
+        n += window - 1
+    return math.exp(nll / n)
+
+
+@pytest.mark.slow
+def test_smollm2_wiki_perplexity_matches_transformers(smollm2, smollm2_dir):
+    """First 16,384 tokens of the cleaned Wikipedia text, non-overlapping 1024-token windows, no BOS."""
+    from xqcli.texts import wiki_text
+    from xqcli.tokenizer import Tokenizer
+
+    ids = Tokenizer.from_folder(smollm2_dir).encode(wiki_text()[:200_000], add_special_tokens=False)[:16384]
+    assert len(ids) == 16384
+    ref_model = hf_model(smollm2_dir)
+    with torch.no_grad():
+        ref = _ppl(lambda w: ref_model(w).logits, ids)
+    ours = _ppl(smollm2, ids)
+    assert abs(ours - ref) / ref <= 1e-3
+    assert 10 < ours < 40  # a real language model on real English
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_and_chat_template_match_transformers(smollm2_dir):
+    from xqcli.texts import news_text
+    from xqcli.tokenizer import Tokenizer
+
+    ours = Tokenizer.from_folder(smollm2_dir)
+    ref = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    text = news_text()
+    assert ours.encode(text) == ref(text)["input_ids"]
+    convo = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Capital of France?"},
+             {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And of Italy?"}]
+    assert ours.apply_chat_template(convo) == ref.apply_chat_template(convo, tokenize=False, add_generation_prompt=True)
+    assert ours.apply_chat_template(convo, tokenize=True) == ref.apply_chat_template(
+        convo, tokenize=True, add_generation_prompt=True, return_dict=False)
+
+
+def test_config_rejects_unknown_model_type():
+    with pytest.raises(UnsupportedModelError, match="llama, mistral, qwen2"):
+        ModelConfig.from_dict({"model_type": "gpt2", "hidden_size": 8})
+
+
+def test_config_round_trip_and_rope_parameters():
+    raw = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100,
+           "rope_parameters": {"rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}
+    cfg = ModelConfig.from_dict(raw)
+    assert cfg.rope_theta == 5e5 and cfg.rope_scaling.rope_type == "llama3" and cfg.head_dim == 16
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
