@@ -66,6 +66,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from xqcli.kernels._triton import INTERPRET, cdiv, jit, next_pow2, tl, use_triton
+
 __all__ = [
     "QBytes",
     "QTensor",
@@ -80,6 +82,7 @@ __all__ = [
     "packed_width",
     "qtensor_nbytes",
     "quantize",
+    "quantize_pack_triton",
     "quantize_ref",
     "unpack",
     "unpack_ref",
@@ -307,6 +310,195 @@ def dequantize_ref(q: QTensor, dtype: torch.dtype) -> Tensor:
     return x.to(dtype).contiguous()
 
 
+# ----------------------------------------------------------------------------- Triton kernels
+#
+# quantize + pack on write, bit-identical to ``quantize_ref``. Two kernels, one per axis:
+# - token axis: a program owns BR whole rows. Pass 1 computes every group's fp16 scale/zero and stores
+#   them; pass 2 (after a CTA barrier, so it sees pass 1's stores) reloads them per element and packs
+#   codes a packing unit at a time. Reloading the stored fp16 values is exact and lets groups of any
+#   size (1, 7, 128, ...) straddle packing units.
+# - channel axis: a program owns one block of G tokens and BU packing units of channels; each
+#   channel's group is a column of the block, so min/max and codes stay in registers.
+# The rule's divisions use ``div_rn`` (IEEE round-to-nearest; plain ``/`` is approximate on GPUs) and
+# launches pass ``enable_fp_fusion=False`` so ``mn + (mx - mn) * w`` is never contracted into an FMA.
+
+
+@jit
+def _scale_zero(b_mn, b_mx, clip_w, LEVELS: tl.constexpr):
+    """Rule steps 3-5 on float32 group min/max: fp16 (scale, zero)."""
+    b_w = (b_mx - b_mn) * clip_w
+    b_mn = b_mn + b_w
+    b_mx = b_mx - b_w
+    b_h = b_mn.to(tl.float16)  # round to nearest even
+    b_bits = b_h.to(tl.int16, bitcast=True).to(tl.int32)
+    # one fp16 step toward -inf in sign-magnitude: +x -> bits - 1, +-0 -> 0x8001, -x -> bits + 1
+    b_down = tl.where(b_bits > 0, b_bits - 1, tl.where(b_bits == 0, -0x7FFF, b_bits + 1))
+    b_down = b_down.to(tl.int16).to(tl.float16, bitcast=True)
+    b_zero = tl.where(b_h.to(tl.float32) > b_mn, b_down, b_h)
+    b_z = b_zero.to(tl.float32)
+    b_scale = tl.math.div_rn(b_mx - b_z, tl.full(b_mx.shape, LEVELS, tl.float32)).to(tl.float16)
+    b_up = (b_scale.to(tl.int16, bitcast=True).to(tl.int32) + 1).to(tl.int16).to(tl.float16, bitcast=True)
+    b_scale = tl.where(b_scale.to(tl.float32) * LEVELS + b_z < b_mx, b_up, b_scale)
+    return b_scale, b_zero
+
+
+@jit
+def _codes(b_x, b_scale, b_zero, LEVELS: tl.constexpr):
+    """Rule steps 6-7: int32 codes of float32 x for fp16 scale/zero (broadcastable)."""
+    b_s = b_scale.to(tl.float32)
+    b_s = tl.where(b_s == 0, 1.0, b_s)
+    b_q = tl.floor(tl.math.div_rn(b_x - b_zero.to(tl.float32), b_s) + 0.5)
+    b_q = tl.minimum(tl.maximum(b_q, 0.0), LEVELS * 1.0)
+    return b_q.to(tl.int32)
+
+
+@jit(do_not_specialize=["R"])
+def _quant_token_kernel(
+    X, P, S, Z,  # x (R, C) rows; packed (R, PW) uint8; scale, zero (R, NG) fp16
+    R, C, NG, NU,  # rows, channels, groups per row, packing units per row
+    s_x, s_p, s_s,  # row strides of X, P and S/Z (elements)
+    clip_w,  # float32 (1 - clip) / 2
+    BITS: tl.constexpr, LEVELS: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, NGB: tl.constexpr,
+    BR: tl.constexpr, PU: tl.constexpr, UB: tl.constexpr, BU: tl.constexpr,
+):
+    i_r = tl.program_id(0).to(tl.int64)
+    o_r = i_r * BR + tl.arange(0, BR).to(tl.int64)
+    m_r = o_r < R
+    o_i = tl.arange(0, GP)
+    for g0 in range(0, NG, NGB):
+        o_g = g0 + tl.arange(0, NGB)
+        o_c = o_g[:, None] * G + o_i[None, :]  # (NGB, GP)
+        m_x = m_r[:, None, None] & ((o_i[None, :] < G) & (o_c < C))[None, :, :]
+        b_x = tl.load(X + o_r[:, None, None] * s_x + o_c[None, :, :], mask=m_x, other=0.0).to(tl.float32)
+        b_x = tl.minimum(tl.maximum(b_x, -65504.0), 65504.0)
+        m_s = m_r[:, None] & (o_g < NG)[None, :]
+        b_mn = tl.where(m_s, tl.min(tl.where(m_x, b_x, float("inf")), axis=2), 0.0)
+        b_mx = tl.where(m_s, tl.max(tl.where(m_x, b_x, float("-inf")), axis=2), 0.0)
+        b_scale, b_zero = _scale_zero(b_mn, b_mx, clip_w, LEVELS)
+        o_s = o_r[:, None] * s_s + o_g[None, :]
+        tl.store(S + o_s, b_scale, mask=m_s)
+        tl.store(Z + o_s, b_zero, mask=m_s)
+    tl.debug_barrier()  # pass 2 reads the scales/zeros other threads of this program stored
+    o_j = tl.arange(0, PU)
+    for u0 in range(0, NU, BU):
+        o_u = u0 + tl.arange(0, BU)
+        o_c = o_u[:, None] * PU + o_j[None, :]  # (BU, PU)
+        m_x = m_r[:, None, None] & (o_c < C)[None, :, :]
+        b_x = tl.load(X + o_r[:, None, None] * s_x + o_c[None, :, :], mask=m_x, other=0.0).to(tl.float32)
+        b_x = tl.minimum(tl.maximum(b_x, -65504.0), 65504.0)
+        o_s = o_r[:, None, None] * s_s + (o_c // G)[None, :, :]
+        b_scale = tl.load(S + o_s, mask=m_x, other=0.0)
+        b_zero = tl.load(Z + o_s, mask=m_x, other=0.0)
+        b_q = tl.where(m_x, _codes(b_x, b_scale, b_zero, LEVELS), 0)
+        b_w = tl.sum(b_q << (o_j * BITS)[None, None, :], axis=2)  # (BR, BU) little-endian unit words
+        m_u = m_r[:, None] & (o_u < NU)[None, :]
+        p_p = P + o_r[:, None] * s_p + o_u[None, :] * UB
+        for k in tl.static_range(UB):
+            tl.store(p_p + k, ((b_w >> (8 * k)) & 0xFF).to(tl.uint8), mask=m_u)
+
+
+@jit(do_not_specialize=["T"])
+def _quant_channel_kernel(
+    X, P, S, Z,  # x (N, T, C); packed (N, T, PW) uint8; scale, zero (N, NB, C) fp16
+    T, C, NB, NU,  # tokens, channels, token blocks (ceil(T / G)), packing units per row
+    s_xn, s_xt, s_pn, s_pt, s_sn, s_sb,  # strides (elements)
+    clip_w,  # float32 (1 - clip) / 2
+    BITS: tl.constexpr, LEVELS: tl.constexpr, G: tl.constexpr, GT: tl.constexpr,
+    PU: tl.constexpr, UB: tl.constexpr, BU: tl.constexpr,
+):
+    i_nb, i_u = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    i_n, i_blk = i_nb // NB, i_nb % NB
+    o_i = tl.arange(0, GT)
+    o_t = i_blk * G + o_i.to(tl.int64)
+    m_t = (o_i < G) & (o_t < T)
+    o_u = i_u * BU + tl.arange(0, BU)
+    o_j = tl.arange(0, PU)
+    o_c = o_u[:, None] * PU + o_j[None, :]  # (BU, PU)
+    m_c = o_c < C
+    m_x = m_t[:, None, None] & m_c[None, :, :]
+    p_x = X + i_n * s_xn + o_t[:, None, None] * s_xt + o_c[None, :, :]
+    b_x = tl.load(p_x, mask=m_x, other=0.0).to(tl.float32)
+    b_x = tl.minimum(tl.maximum(b_x, -65504.0), 65504.0)
+    b_mn = tl.where(m_c, tl.min(tl.where(m_x, b_x, float("inf")), axis=0), 0.0)
+    b_mx = tl.where(m_c, tl.max(tl.where(m_x, b_x, float("-inf")), axis=0), 0.0)
+    b_scale, b_zero = _scale_zero(b_mn, b_mx, clip_w, LEVELS)  # (BU, PU)
+    o_s = i_n * s_sn + i_blk * s_sb + o_c
+    tl.store(S + o_s, b_scale, mask=m_c)
+    tl.store(Z + o_s, b_zero, mask=m_c)
+    b_q = tl.where(m_x, _codes(b_x, b_scale[None, :, :], b_zero[None, :, :], LEVELS), 0)
+    b_w = tl.sum(b_q << (o_j * BITS)[None, None, :], axis=2)  # (GT, BU)
+    m_w = m_t[:, None] & (o_u < NU)[None, :]
+    p_p = P + i_n * s_pn + o_t[:, None] * s_pt + o_u[None, :] * UB
+    for k in tl.static_range(UB):
+        tl.store(p_p + k, ((b_w >> (8 * k)) & 0xFF).to(tl.uint8), mask=m_w)
+
+
+def _check_out(name: str, t: Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+    if tuple(t.shape) != shape or t.dtype != dtype or t.device != device:
+        raise ValueError(
+            f"quantize_pack_triton: out {name} must be {dtype} {shape} on {device}, "
+            f"got {t.dtype} {tuple(t.shape)} on {t.device}"
+        )
+    if not t.is_contiguous():
+        raise ValueError(f"quantize_pack_triton: out {name} must be contiguous (a row range of a cache buffer is)")
+
+
+def quantize_pack_triton(x: Tensor, spec: QuantSpec, *, out: tuple[Tensor, Tensor, Tensor] | None = None) -> QTensor:
+    """Quantize and pack x (..., T, C) with Triton; bit-identical to ``quantize_ref``.
+
+    ``out = (packed, scale, zero)`` writes into existing contiguous buffers, e.g. a row range of a
+    cache: packed uint8 (..., T, packed_width(C)); scale/zero fp16 (..., T, ceil(C / g)) on the token
+    axis, (..., ceil(T / g), C) on the channel axis. Needs CUDA tensors or ``TRITON_INTERPRET=1``.
+    """
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
+    use_triton("quantize_pack_triton", "triton", x)  # raises when the kernel cannot run here
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"quantize expects one of {_FLOAT_DTYPES}, got {x.dtype}")
+    if x.dim() < 2 or x.shape[-1] == 0 or x.shape[-2] == 0:
+        raise ValueError(f"quantize expects a (..., T, C) tensor with T, C >= 1, got {tuple(x.shape)}")
+    *batch, t, c = x.shape
+    n = math.prod(batch)
+    g, bits = spec.group_size, spec.bits
+    per_unit, unit_bytes = _unit(bits)
+    pw, n_units = packed_width(c, bits), -(-c // per_unit)
+    sz_shape = (*batch, t, -(-c // g)) if spec.axis == "token" else (*batch, -(-t // g), c)
+    if out is None:
+        packed = torch.empty((*batch, t, pw), dtype=torch.uint8, device=x.device)
+        scale = torch.empty(sz_shape, dtype=torch.float16, device=x.device)
+        zero = torch.empty(sz_shape, dtype=torch.float16, device=x.device)
+    else:
+        packed, scale, zero = out
+        _check_out("packed", packed, (*batch, t, pw), torch.uint8, x.device)
+        _check_out("scale", scale, sz_shape, torch.float16, x.device)
+        _check_out("zero", zero, sz_shape, torch.float16, x.device)
+    xc = x.reshape(n, t, c).contiguous()
+    clip_w = float(torch.tensor((1.0 - spec.clip) / 2.0, dtype=torch.float32))
+    levels = spec.levels
+    if spec.axis == "token":
+        ng = -(-c // g)
+        gp = next_pow2(g)
+        ngb = max(1, min(next_pow2(ng), 1024 // gp))
+        br = 16 if INTERPRET else 4
+        bu = max(1, min(next_pow2(n_units), 1024 // per_unit))
+        rows = n * t
+        _quant_token_kernel[(cdiv(rows, br),)](
+            xc, packed, scale, zero, rows, c, ng, n_units, c, pw, ng, clip_w,
+            BITS=bits, LEVELS=levels, G=g, GP=gp, NGB=ngb, BR=br, PU=per_unit, UB=unit_bytes, BU=bu,
+            enable_fp_fusion=False, num_warps=4,
+        )
+    else:
+        nb = -(-t // g)
+        gt = next_pow2(min(g, t) if INTERPRET else g)  # on a GPU one variant per g, not per short T
+        bu = max(1, min(next_pow2(n_units), 8192 // (gt * per_unit)))
+        _quant_channel_kernel[(n * nb, cdiv(n_units, bu))](
+            xc, packed, scale, zero, t, c, nb, n_units, t * c, c, t * pw, pw, nb * c, c, clip_w,
+            BITS=bits, LEVELS=levels, G=g, GT=gt, PU=per_unit, UB=unit_bytes, BU=bu,
+            enable_fp_fusion=False, num_warps=4,
+        )
+    return QTensor(packed=packed, scale=scale, zero=zero, spec=spec, shape=x.shape, dtype=x.dtype)
+
+
 # ----------------------------------------------------------------------------- public entry points
 
 
@@ -336,14 +528,20 @@ def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
     return unpack_ref(packed, bits, n)
 
 
-def quantize(x: Tensor, spec: QuantSpec) -> QTensor:
-    """Quantize x of shape (..., T, C) (fp16, bf16 or fp32) per ``spec``."""
+def quantize(x: Tensor, spec: QuantSpec, *, backend: str = "auto") -> QTensor:
+    """Quantize x of shape (..., T, C) (fp16, bf16 or fp32) per ``spec``.
+
+    ``backend``: ``"auto"`` runs the Triton kernel on CUDA tensors and ``quantize_ref`` otherwise
+    (the two are bit-identical); ``"triton"`` / ``"ref"`` force one (see ``_triton.use_triton``).
+    """
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
     if x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"quantize expects one of {_FLOAT_DTYPES}, got {x.dtype}")
     if x.dim() < 2 or x.shape[-1] == 0 or x.shape[-2] == 0:
         raise ValueError(f"quantize expects a (..., T, C) tensor with T, C >= 1, got {tuple(x.shape)}")
+    if use_triton("quantize", backend, x):
+        return quantize_pack_triton(x, spec)
     return quantize_ref(x, spec)
 
 

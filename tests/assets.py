@@ -94,7 +94,7 @@ def _package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(f"test asset package {package!r} is not installed; run: {INSTALL_HINT}")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def _sha256(path: Path) -> str:
@@ -171,75 +171,18 @@ def expand_kv_heads(cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> No
 # ---------------------------------------------------------------- text
 
 
-def _gensim_data(name: str) -> Path:
-    path = _package_dir("gensim") / "test" / "test_data" / name
-    if not path.is_file():
-        raise RuntimeError(f"{path} is missing; reinstall: {INSTALL_HINT}")
-    return path
-
-
 def news_text() -> str:
-    """The Lee corpus: 300 ABC news articles, one per line (about 75k SmolLM2 tokens)."""
-    return _gensim_data("lee_background.cor").read_text(encoding="utf-8")
+    """The Lee corpus (300 ABC news articles); the library reads it, the tests share it."""
+    from xqcli.texts import news_text as read
+
+    return read()
 
 
 def wiki_text() -> str:
-    """96 English Wikipedia articles (2016 dump excerpt) as WikiText-style plain text (~560k SmolLM2 tokens)."""
-    src = _gensim_data("enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
-    path = _cached_file("wiki-v1.txt", lambda tmp: tmp.write_text(_clean_wiki_dump(src), encoding="utf-8"))
-    return path.read_text(encoding="utf-8")
+    """The cleaned Wikipedia excerpt (xqcli.texts), the text of `xq eval --text wiki`."""
+    from xqcli.texts import wiki_text as read
 
-
-_END_SECTIONS = {"references", "external links", "see also", "further reading", "notes", "bibliography"}
-_NON_PROSE_LINK = re.compile(r"^(?:file|image|category|[a-z]{2,3}(?:-[a-z]+)?):", re.I)
-
-
-def _clean_wiki_dump(path: Path) -> str:
-    """Main-namespace, non-redirect pages of a MediaWiki XML dump, stripped of markup, one article each."""
-    articles = []
-    with bz2.open(path) as f:
-        for _, el in ET.iterparse(f):
-            if el.tag.rsplit("}", 1)[-1] != "page":
-                continue
-            title, ns, text = el.findtext("{*}title"), el.findtext("{*}ns"), el.findtext("{*}revision/{*}text")
-            el.clear()
-            if ns == "0" and text and not text.lstrip().upper().startswith("#REDIRECT"):
-                body = _clean_article(text)
-                if body:
-                    articles.append(f"= {title} =\n\n{body}")
-    return "\n\n".join(articles) + "\n"
-
-
-def _clean_article(text: str) -> str:
-    text = re.sub(r"<!--.*?-->", "", text, flags=re.S)
-    text = re.sub(r"<ref[^>]*/>", "", text)
-    text = re.sub(r"<ref[^>]*>.*?</ref>", "", text, flags=re.S)
-    while True:  # innermost templates, tables and links first, until nothing changes
-        new = re.sub(r"\{\{[^{}]*\}\}", "", text)
-        new = re.sub(r"\{\|(?:(?!\{\||\|\}).)*\|\}", "", new, flags=re.S)
-        new = re.sub(r"\[\[([^\[\]]*)\]\]", _link_text, new)
-        if new == text:
-            break
-        text = new
-    text = re.sub(r"\[https?://[^\s\]]+ ?([^\]]*)\]", r"\1", text)
-    text = re.sub(r"'{2,}", "", text)
-    text = html.unescape(re.sub(r"<[^>]+>", "", text))
-    lines = []
-    for line in text.splitlines():
-        line = line.strip()
-        heading = re.fullmatch(r"(=+)\s*(.*?)\s*\1", line)
-        if heading:
-            if heading[2].lower() in _END_SECTIONS:
-                break
-            lines.append(f"\n= {heading[2]} =\n")
-        elif len(line) >= 40 and line[0] not in "*#:;|!{}":
-            lines.append(line)
-    return "\n".join(lines).strip()
-
-
-def _link_text(m: re.Match[str]) -> str:
-    inner = m[1]
-    return "" if _NON_PROSE_LINK.match(inner) else inner.rsplit("|", 1)[-1]
+    return read()
 
 
 # ---------------------------------------------------------------- tiny random models

@@ -17,11 +17,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import assets
 import numpy as np
 import pytest
 import torch
 
-import assets
 from xqcli.errors import GGUFError, MissingDependencyError, UnsupportedModelError
 from xqcli.gguf import load_gguf, write_hf_folder, write_tokenizer_files
 
@@ -103,8 +103,9 @@ def test_write_hf_folder(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "config.json").read_text()) == m.config | {"torch_dtype": "bfloat16"}
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         assert f.metadata() == {"format": "pt"}
-        assert set(f.keys()) == set(m.tensors)
-        for name in f.keys():
+        names = f.keys()
+        assert set(names) == set(m.tensors)
+        for name in names:
             assert torch.equal(f.get_tensor(name), m.tensors[name].bfloat16()), name
     assert Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode("the end").ids == \
         Tokenizer.from_str(m.tokenizer_json).encode("the end").ids

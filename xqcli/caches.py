@@ -25,15 +25,16 @@ it leaves the window; a per-channel stream seals whole blocks of `group_size` to
 left it, so up to group_size−1 older tokens may wait in full precision too (KIVI's residual).
 With `quantize_partial=True` (the paper protocol) tokens waiting in full precision are returned
 fake-quantized (the partial block as one smaller group), as if the whole sequence had been quantized.
-For XQuant-CL the full-precision window holds raw X; a token's delta is formed when it is sealed, against
-the accumulator of that moment, so encoder and decoder always see the same X̂_{i−1} (no drift).
+For XQuant-CL the full-precision window holds X (GQA: X·U_kv); a token's delta is formed when it is
+sealed, against the accumulator of that moment, so encoder and decoder always see the same X̂_{i−1}
+(no drift). A window token's X̂ is X̂_{i−1} + (X_i·U_kv − X̂_{i−1}·U_kv)·U_kvᵀ, whose K/V are exact.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -137,13 +138,11 @@ class Stream:
     """
 
     def __init__(self, batch: int, max_len: int, width: int, spec: QuantSpec | None, window: int,
-                 dtype: torch.dtype, device: torch.device, *, tail_width: int | None = None,
-                 quantize_partial: bool = False) -> None:
+                 dtype: torch.dtype, device: torch.device, *, quantize_partial: bool = False) -> None:
         self.spec, self.width, self.window, self.dtype = spec, width, window, dtype
         self.quantize_partial = quantize_partial
         self.sealed = [0] * batch
         self.tail_len = [0] * batch
-        tail_width = tail_width or width
         if spec is None:  # unquantized: everything lives in `full`
             self.full = torch.zeros(batch, max_len, width, dtype=dtype, device=device)
             return
@@ -157,13 +156,13 @@ class Stream:
             tail_cap = window + g - 1
         self.scale = torch.zeros(sz, dtype=torch.float16, device=device)
         self.zero = torch.zeros(sz, dtype=torch.float16, device=device)
-        self.tail = torch.zeros(batch, tail_cap, tail_width, dtype=dtype, device=device)
+        self.tail = torch.zeros(batch, tail_cap, width, dtype=dtype, device=device)
 
     def length(self, b: int) -> int:
         return self.sealed[b] + self.tail_len[b]
 
     def append(self, b: int, new: torch.Tensor, seal_fn: Callable | None = None) -> None:
-        """Add row b's new tokens (T, tail_width); seal what has left the window."""
+        """Add row b's new tokens (T, width); seal what has left the window."""
         if self.spec is None:
             n0 = self.sealed[b]
             self.full[b, n0:n0 + new.shape[0]] = (seal_fn(b, n0, new) if seal_fn else new).to(self.dtype)
@@ -209,7 +208,7 @@ class Stream:
         return dequantize(q, self.dtype)
 
     def tail_values(self, b: int) -> torch.Tensor:
-        """Row b's full-precision tail, fake-quantized in the paper protocol, (tail_len, tail_width)."""
+        """Row b's full-precision tail, fake-quantized in the paper protocol, (tail_len, width)."""
         if self.spec is None:
             return self.full.new_zeros(0, self.width)
         t = self.tail[b, :self.tail_len[b]]
@@ -258,9 +257,9 @@ class StreamCache(ModelCache):
         self.dtype = model.dtype
         self.streams: list[list[Stream]] = []
 
-    def stream(self, width: int, qspec: QuantSpec | None, **kw) -> Stream:
+    def stream(self, width: int, qspec: QuantSpec | None) -> Stream:
         return Stream(self.batch, self.max_len, width, qspec, self.spec.window, self.dtype, self.device,
-                      quantize_partial=self.spec.quantize_partial, **kw)
+                      quantize_partial=self.spec.quantize_partial)
 
     def append(self, stream: Stream, new: torch.Tensor, seal_fn: Callable | None = None) -> None:
         for b, cnt in enumerate(self.n_new.tolist()):
@@ -387,9 +386,8 @@ class XQuantCLCache(XQuantCache):
             bits = spec.base_bits if (i < self.base and spec.bits is not None) else spec.bits
             if i < self.base - 1:
                 self.streams.append(self.layer_streams(bits, i))
-            elif self.latent:  # seed layer and delta layers: Q(· U_kv), raw X in the window
-                self.streams.append([self.stream(2 * cfg.kv_dim, spec.quant("token", bits),
-                                                 tail_width=cfg.hidden_size)])
+            elif self.latent:  # seed layer and delta layers: Q(ΔX·U_kv), X·U_kv in the window
+                self.streams.append([self.stream(2 * cfg.kv_dim, spec.quant("token", bits))])
             else:
                 self.streams.append([self.stream(cfg.hidden_size, spec.quant("token", bits))])
 
@@ -400,36 +398,29 @@ class XQuantCLCache(XQuantCache):
         stream = self.streams[layer][0]
         seed = layer == self.base - 1
         u = model_projections(self.model)[layer].kv.u if self.latent else None
+        down = (lambda t: t @ u) if u is not None else (lambda t: t)  # noqa: E731
+        up = (lambda t: t @ u.T) if u is not None else (lambda t: t)  # noqa: E731
         prev = self.acc
 
-        def seal(b: int, start: int, raw: torch.Tensor) -> torch.Tensor:
-            delta = raw if seed else raw - prev[b, start:start + raw.shape[0]]
-            return delta @ u if u is not None else delta
+        def delta(b: int, start: int, raw: torch.Tensor) -> torch.Tensor:
+            """What layer i quantizes: (X_i − X̂_{i−1})·U_kv, formed against the accumulator right now."""
+            return raw if seed else raw - down(prev[b, start:start + raw.shape[0]])
 
-        self.append(stream, x, seal)
+        # The stream holds X·U_kv (GQA) or X (MHA); deltas are formed when tokens are sealed.
+        self.append(stream, down(x), delta)
         s = self.step_total()
         acc = torch.zeros(self.batch, s, self.cfg.hidden_size, dtype=self.dtype, device=self.device)
         for b in range(self.batch):
             n, t = stream.sealed[b], stream.tail_len[b]
-            q = stream.sealed_values(b)
-            if u is not None:
-                q = q @ u.T
-            acc[b, :n] = q if seed else prev[b, :n] + q
-            if stream.spec is not None:
-                tail = stream.tail_values(b)
-                if self.spec.quantize_partial and t:
-                    # paper protocol: the waiting tokens are deltas quantized like the rest
-                    raw = stream.tail[b, :t]
-                    delta = raw if seed else raw - prev[b, n:n + t]
-                    tail = fake_quantize(delta @ u if u is not None else delta, stream.spec)
-                    tail = tail @ u.T if u is not None else tail
-                    tail = tail if seed else prev[b, n:n + t] + tail
-                acc[b, n:n + t] = tail
+            d_tail = delta(b, n, stream.tail[b, :t]) if stream.spec is not None else stream.sealed_values(b)[:0]
+            if self.spec.quantize_partial and t:
+                d_tail = fake_quantize(d_tail, stream.spec)  # paper protocol: the waiting tokens too
+            d = up(torch.cat([stream.sealed_values(b), d_tail]))
+            acc[b, :n + t] = d if seed else prev[b, :n + t] + d
         self.acc = acc
         self._acc_bytes = max(self._acc_bytes, tensor_bytes(acc))
         w_kv = torch.cat([attn.k_proj.weight, attn.v_proj.weight])
-        kv = torch.nn.functional.linear(acc, w_kv)
-        k, v = kv.split(self.cfg.kv_dim, dim=-1)
+        k, v = torch.nn.functional.linear(acc, w_kv).split(self.cfg.kv_dim, dim=-1)
         if attn.k_proj.bias is not None:
             k, v = k + attn.k_proj.bias, v + attn.v_proj.bias
         return self.finish_kv(k, v)
@@ -457,6 +448,3 @@ def make_cache(model: "Transformer", spec: CacheSpec | str, batch: int, max_len:
     cls = {"kivi": KiviCache, "xquant": XQuantCache, "xquant-cl": XQuantCLCache}[spec.method]
     return cls(model, spec, batch, max_len, device)
 
-
-def with_settings(spec: CacheSpec, **kw) -> CacheSpec:
-    return replace(spec, **kw)

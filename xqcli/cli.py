@@ -42,9 +42,9 @@ def _root(
 
 
 def _register() -> None:
-    from xqcli.commands import doctor, eval_cmd, generate, plan
+    from xqcli.commands import convert, doctor, eval_cmd, generate, inspect_cmd, plan
 
-    for mod in (doctor, generate, eval_cmd, plan):
+    for mod in (convert, doctor, generate, eval_cmd, plan, inspect_cmd):
         mod.register(app)
 
 

@@ -15,6 +15,7 @@ import math
 import mmap
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,9 +96,7 @@ class _TensorInfo:
 def load_gguf(path: str | Path) -> GGUFModel:
     """Parse, check and dequantize a llama/qwen2 GGUF; every problem with the file is a GGUFError."""
     try:
-        import numpy  # noqa: F401
-        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType  # noqa: F401
-        from gguf.quants import dequantize  # noqa: F401
+        import gguf.quants  # noqa: F401  (brings numpy)
     except ImportError:
         raise MissingDependencyError("reading .gguf files needs the 'gguf' extra: pip install 'xqcli[gguf]'") from None
     path = Path(path)
@@ -340,6 +339,8 @@ def _plan_model(kv: dict[str, Any], infos: list[_TensorInfo], path: Path
     if heads % kv_heads or head_dim % 2:
         raise GGUFError(f"{path}: inconsistent attention shape: {heads} heads, {kv_heads} kv heads, "
                         f"head size {head_dim}")
+    if layers > len(infos):  # also bounds the per-layer loops below
+        raise GGUFError(f"{path}: metadata says {layers} layers but the file has only {len(infos)} tensors")
     by_name = {t.name: t for t in infos}
     embed = by_name.get("token_embd.weight")
     if embed is None or len(embed.dims) != 2:
@@ -438,9 +439,8 @@ def _read_tensors(buf: mmap.mmap, data_start: int, plan: list[tuple[_TensorInfo,
     from gguf.quants import dequantize
 
     for qtype in {GGMLQuantizationType(t.type_id) for t, _ in plan}:  # fail before the slow part
-        block, type_size = GGML_QUANT_SIZES[qtype]
         try:
-            dequantize(np.zeros((1, type_size), np.uint8), qtype)
+            dequantize(np.zeros((1, GGML_QUANT_SIZES[qtype][1]), np.uint8), qtype)
         except NotImplementedError:
             names = [t.name for t, _ in plan if t.type_id == qtype]
             raise GGUFError(f"{path}: tensor type {qtype.name} (of {names[0]}) is not supported") from None
@@ -609,16 +609,16 @@ def _merge_pairs(merges: Any, path: Path) -> list[tuple[str, str]]:
     return pairs  # type: ignore[return-value]
 
 
-def _build(path: Path, make: Any) -> Any:
+def _build(path: Path, make: Callable[[], Any]) -> Any:
     """Run a tokenizers constructor; its Rust errors (e.g. a merge of unknown tokens) become GGUFErrors."""
     try:
         return make()
-    except Exception as e:  # tokenizers raises plain Exception
+    except Exception as e:  # noqa: BLE001 (tokenizers raises plain Exception)
         raise GGUFError(f"{path}: the GGUF tokenizer is inconsistent ({_one_line(e)})") from None
 
 
 def _byte_level_bpe(kv: dict[str, Any], tokens: list[str], types: list[int], path: Path) -> Any:
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     b2u = _bytes_to_unicode()
     alphabet = set(b2u.values())
@@ -635,14 +635,14 @@ def _byte_level_bpe(kv: dict[str, Any], tokens: list[str], types: list[int], pat
                                                                              use_regex=False)])
     tk.decoder = decoders.ByteLevel()
     # A control token outside the byte alphabet is a llama.cpp mislabel; adding it would grow the vocab.
-    _add_tokens(tk, tokens, types, AddedToken, keep=lambda t: set(t) <= alphabet)
+    _add_tokens(tk, tokens, types, keep=lambda t: set(t) <= alphabet)
     return tk
 
 
 def _sentencepiece_bpe(kv: dict[str, Any], tokens: list[str], types: list[int], unk: int | None,
                        path: Path) -> Any:
     """Llama/Mistral-style SentencePiece BPE with byte fallback; merges come from the scores when absent."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {t: i for i, t in enumerate(tokens)}
     if "tokenizer.ggml.merges" in kv:
@@ -660,7 +660,7 @@ def _sentencepiece_bpe(kv: dict[str, Any], tokens: list[str], types: list[int], 
                                                 split=False)
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     tk.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
-    _add_tokens(tk, tokens, types, AddedToken, keep=lambda t: True)
+    _add_tokens(tk, tokens, types, keep=lambda t: True)
     return tk
 
 
@@ -668,6 +668,8 @@ def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list
     """Every split of a token into two vocab pieces, best score first (what sentencepiece BPE merges)."""
     found = []
     for token, score in scores.items():
+        if len(token) > 1024:  # no real piece is this long; splitting it would cost len**2
+            continue
         local = [(token[:k], token[k:], score) for k in range(1, len(token))
                  if token[:k] in vocab and token[k:] in vocab]
         found += sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]]))
@@ -675,11 +677,13 @@ def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list
     return [(a, b) for a, b, _ in found]
 
 
-def _add_tokens(tk: Any, tokens: list[str], types: list[int], added_token: Any, keep: Any) -> None:
+def _add_tokens(tk: Any, tokens: list[str], types: list[int], keep: Callable[[str], bool]) -> None:
     """Control tokens (e.g. <|im_start|>) become special; user-defined ones match whole but stay text."""
-    control = [added_token(t, special=True, normalized=False) for t, k in zip(tokens, types)
+    from tokenizers import AddedToken
+
+    control = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types)
                if k == _CONTROL and keep(t)]
-    user = [added_token(t, special=False, normalized=False) for t, k in zip(tokens, types)
+    user = [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types)
             if k == _USER_DEFINED and keep(t)]
     if control:
         tk.add_special_tokens(control)

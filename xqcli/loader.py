@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -13,12 +14,16 @@ from xqcli.hub import Source, resolve
 from xqcli.model import Transformer
 from xqcli.weights import build_model, load_hf_folder, parse_dtype
 
+if TYPE_CHECKING:
+    from xqcli.bundle import Bundle
+
 
 @dataclass
 class Loaded:
     model: Transformer
     tokenizer_dir: Path  # folder holding tokenizer.json and friends
-    source: Source
+    source: Source  # kind "bundle" for an xq bundle folder
+    bundle: Bundle | None = None
 
     @property
     def config(self) -> ModelConfig:
@@ -61,4 +66,12 @@ def load(src: str | Path, *, dtype: str | torch.dtype | None = None, device: str
         tok_dir = Path(tempfile.mkdtemp(prefix="xq-gguf-tok-"))
         write_tokenizer_files(g, tok_dir)
         return Loaded(model, tok_dir, source)
+    if source.kind == "folder":
+        from xqcli.bundle import is_bundle, open_bundle
+
+        if is_bundle(source.path):  # weights as any HF folder, plus the stored projections (no SVD)
+            bundle = open_bundle(source.path)
+            model = load_hf_folder(source.path, dtype=dt, device=dev)
+            bundle.install(model)
+            return Loaded(model, source.path, replace(source, kind="bundle"), bundle)
     return Loaded(load_hf_folder(source.path, dtype=dt, device=dev), source.path, source)

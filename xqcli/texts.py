@@ -13,6 +13,7 @@ import html
 import importlib.util
 import re
 import xml.etree.ElementTree as ET
+from functools import lru_cache
 from pathlib import Path
 
 from xqcli.errors import InputError, MissingDependencyError
@@ -34,61 +35,58 @@ def news_text() -> str:
     return (gensim_data_dir() / NEWS_FILE).read_text(encoding="utf-8")
 
 
-def _strip_nested(text: str, open_: str, close: str) -> str:
-    """Remove innermost open_..close spans repeatedly (templates and tables nest)."""
-    pat = re.compile(re.escape(open_) + r"(?:(?!" + re.escape(open_) + r")(?!" + re.escape(close) + r").)*?"
-                     + re.escape(close), re.S)
-    while True:
-        new = pat.sub("", text)
+_NON_PROSE_LINK = re.compile(r"^(?:file|image|category|[a-z]{2,3}(?:-[a-z]+)?):", re.IGNORECASE)
+
+
+def _link_text(m: re.Match[str]) -> str:
+    inner = m[1]
+    return "" if _NON_PROSE_LINK.match(inner) else inner.rsplit("|", 1)[-1]
+
+
+def clean_article(text: str) -> str:
+    """MediaWiki markup of one article -> plain paragraphs with WikiText-style headings."""
+    text = re.sub(r"<!--.*?-->", "", text, flags=re.DOTALL)
+    text = re.sub(r"<ref[^>]*/>", "", text)
+    text = re.sub(r"<ref[^>]*>.*?</ref>", "", text, flags=re.DOTALL)
+    while True:  # innermost templates, tables and links first, until nothing changes
+        new = re.sub(r"\{\{[^{}]*\}\}", "", text)
+        new = re.sub(r"\{\|(?:(?!\{\||\|\}).)*\|\}", "", new, flags=re.DOTALL)
+        new = re.sub(r"\[\[([^\[\]]*)\]\]", _link_text, new)
         if new == text:
-            return text
+            break
         text = new
-
-
-def clean_wikitext(markup: str) -> list[str]:
-    """MediaWiki markup of one article -> clean paragraph lines (WikiText-style headings kept)."""
-    t = re.sub(r"<!--.*?-->", "", markup, flags=re.S)
-    t = re.sub(r"<ref[^>]*/>", "", t)
-    t = re.sub(r"<ref[^>]*>.*?</ref>", "", t, flags=re.S)
-    t = _strip_nested(t, "{{", "}}")
-    t = _strip_nested(t, "{|", "|}")
-    t = re.sub(r"\[\[(?:File|Image|Category|[a-z]{2,3}(?:-[a-z]+)?):[^\[\]]*(?:\[\[[^\]]*\]\][^\[\]]*)*\]\]", "", t)
-    t = re.sub(r"\[\[[^\]|]*\|([^\]]*)\]\]", r"\1", t)
-    t = re.sub(r"\[\[([^\]]*)\]\]", r"\1", t)
-    t = re.sub(r"\[https?://\S+ ([^\]]*)\]", r"\1", t)
-    t = re.sub(r"\[https?://\S+\]", "", t)
-    t = t.replace("'''", "").replace("''", "")
-    t = re.sub(r"<[^>]+>", "", t)
-    t = html.unescape(t)
-    lines: list[str] = []
-    for line in t.split("\n"):
+    text = re.sub(r"\[https?://[^\s\]]+ ?([^\]]*)\]", r"\1", text)
+    text = re.sub(r"'{2,}", "", text)
+    text = html.unescape(re.sub(r"<[^>]+>", "", text))
+    lines = []
+    for line in text.splitlines():
         line = line.strip()
-        m = re.match(r"^(=+)\s*(.*?)\s*\1$", line)
-        if m:
-            if m.group(2).lower() in _STOP_SECTIONS:
+        heading = re.fullmatch(r"(=+)\s*(.*?)\s*\1", line)
+        if heading:
+            if heading[2].lower() in _STOP_SECTIONS:
                 break
-            lines.append(f"= {m.group(2)} =")
-            continue
-        if len(line) >= 40 and line[0] not in "*#:;|!{}":
+            marks = " ".join("=" * len(heading[1]))  # WikiText style: "= = Section = ="
+            lines.append(f"\n{marks} {heading[2]} {marks}\n")
+        elif len(line) >= 40 and line[0] not in "*#:;|!{}":
             lines.append(line)
-    return lines
+    return "\n".join(lines).strip()
 
 
+@lru_cache(maxsize=1)
 def wiki_text() -> str:
-    """The cleaned article text, articles separated by blank lines."""
-    articles: list[str] = []
-    with bz2.open(gensim_data_dir() / WIKI_FILE, "rb") as f:
+    """Main-namespace, non-redirect articles of the dump excerpt, one `= Title =` section each."""
+    articles = []
+    with bz2.open(gensim_data_dir() / WIKI_FILE) as f:
         for _, el in ET.iterparse(f):
-            if not el.tag.endswith("}page") and el.tag != "page":
+            if el.tag.rsplit("}", 1)[-1] != "page":
                 continue
-            ns = next((c.text for c in el.iter() if c.tag.endswith("ns")), None)
-            text = next((c.text for c in el.iter() if c.tag.endswith("text")), None) or ""
-            if ns == "0" and not text.lstrip().upper().startswith("#REDIRECT"):
-                lines = clean_wikitext(text)
-                if lines:
-                    articles.append("\n".join(lines))
+            title, ns, text = el.findtext("{*}title"), el.findtext("{*}ns"), el.findtext("{*}revision/{*}text")
             el.clear()
-    return "\n\n".join(articles)
+            if ns == "0" and text and not text.lstrip().upper().startswith("#REDIRECT"):
+                body = clean_article(text)
+                if body:
+                    articles.append(f"= {title} =\n\n{body}")
+    return "\n\n".join(articles) + "\n"
 
 
 def load_text(name: str) -> str:

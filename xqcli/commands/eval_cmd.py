@@ -28,6 +28,8 @@ def register(app: typer.Typer) -> None:
         window: int = typer.Option(0, "--window", help="decode protocol: fp window (paper protocol always 0)."),
         device: str = opt.DEVICE,
         dtype: Optional[str] = opt.DTYPE,
+        calibrated: bool = typer.Option(False, "--calibrated", help="Also a row per xquant-B / kivi-B method with "
+                                        "the bundle's per-layer clip ratios, named '... (cal)'."),
         as_json: bool = opt.JSON,
     ) -> None:
         """Perplexity through the cache for each method, beside fp KV (paper protocol or real decode path)."""
@@ -47,6 +49,10 @@ def register(app: typer.Typer) -> None:
         from xqcli.loader import load
 
         loaded = load(model, dtype=dtype, device=device)
+        if calibrated:
+            from xqcli.calibrate import calibrated_specs
+
+            specs += calibrated_specs(loaded.bundle, specs)
         tokens = loaded.tokenizer().encode(raw, add_special_tokens=False)
         err = Console(stderr=True)
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),

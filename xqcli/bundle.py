@@ -1,0 +1,331 @@
+"""The xq bundle: a Hugging Face model folder plus `xq.json`, the SVD projections and a calibration.
+
+Format and schema history: docs/bundle.md. A bundle is written by `xqcli.convert` and read here.
+Opening is defensive because a bundle is input like any other file: the manifest is checked key by
+key (never trusted to name files outside the folder), every listed file must exist with its recorded
+size, the projection tensors must have the shapes the config implies, and `verify=True` re-hashes
+every file. Each problem is one `BundleError` naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from xqcli import __version__
+from xqcli.config import ModelConfig
+from xqcli.errors import BundleError, XQError
+from xqcli.projections import LayerProjections, SVDFactors
+
+SCHEMA_VERSION = 1
+MANIFEST = "xq.json"
+PROJECTIONS = "projections.safetensors"
+CALIBRATION = "calibration.json"
+SIGN_CONVENTION = "the largest-magnitude entry of each column of U is positive (the matching row of M flips)"
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_MAX_NAME = 255
+
+
+@dataclass(frozen=True)
+class BundleFile:
+    path: str  # a plain file name inside the bundle
+    size: int
+    sha256: str
+
+
+@dataclass
+class Bundle:
+    """An opened, checked bundle folder."""
+
+    path: Path
+    manifest: dict[str, Any]
+    config: ModelConfig
+    files: dict[str, BundleFile]
+
+    @property
+    def dtype(self) -> str:
+        return self.manifest["dtype"]
+
+    @property
+    def has_projections(self) -> bool:
+        return isinstance(self.manifest.get("projections"), dict)
+
+    def projections(self) -> list[LayerProjections]:
+        """The stored per-layer factors (float32 in schema 1), exactly as the caches use them."""
+        from safetensors.torch import load_file
+
+        return projections_from_tensors(load_file(str(self.path / PROJECTIONS)), self.config.num_hidden_layers)
+
+    def calibration(self) -> dict[str, Any] | None:
+        """calibration.json as a dict, or None for a bundle converted without one."""
+        if not isinstance(self.manifest.get("calibration"), dict):
+            return None
+        data = _read_json(self.path / CALIBRATION)
+        _check_calibration(self.path / CALIBRATION, data, self.config.num_hidden_layers)
+        return data
+
+    def report(self, verified: bool = False) -> dict[str, Any]:
+        """Plain data for `xq inspect` (and its --json): manifest facts, bytes per token, calibration."""
+        from xqcli.caches import uses_latents
+        from xqcli.plan import DEFAULT_KINDS, plan
+
+        m = self.manifest
+        rows = plan(self.config, list(DEFAULT_KINDS), include_weights=False)
+        return {"schema": 1, "bundle": str(self.path), "verified": verified, "schema_version": m["schema_version"],
+                "xq_version": m["xq_version"], "source": m["source"], "dtype": m["dtype"],
+                "config": self.config.to_dict(), "latents": uses_latents(self.config),
+                "cache_defaults": m.get("cache_defaults"),
+                "files": [f.__dict__ for f in self.files.values()],
+                "total_bytes": sum(f.size for f in self.files.values()),
+                "bytes_per_token": [{"kind": r.kind, "bytes_per_token": r.bytes_per_token, "vs_fp16_kv": r.normalized}
+                                    for r in rows],
+                "calibration": self.calibration()}
+
+    def install(self, model) -> None:
+        """Put the stored projections on a model loaded from this bundle (no SVD at run time)."""
+        from xqcli.projections import set_model_projections
+
+        if self.has_projections:
+            set_model_projections(model, self.projections())
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_entry(folder: Path, name: str) -> dict[str, Any]:
+    """The manifest entry of one written file."""
+    p = folder / name
+    return {"path": name, "size": p.stat().st_size, "sha256": sha256_file(p)}
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Sorted keys, 2-space indent, trailing newline: diff-friendly and reproducible."""
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def is_bundle(folder: Path) -> bool:
+    return (Path(folder) / MANIFEST).is_file()
+
+
+def open_bundle(path: str | Path, verify: bool = False) -> Bundle:
+    """Read and check a bundle; `verify` also re-hashes every file (slow for big models)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise BundleError(f"{root} is not a folder", hint="pass a bundle folder made by xq convert")
+    m = _read_json(root / MANIFEST, missing_hint="make one with: xq convert MODEL")
+    _check_schema(root, m)
+    for key, kind in (("xq_version", str), ("dtype", str), ("source", dict), ("config", dict), ("files", list)):
+        if not isinstance(m.get(key), kind):
+            raise BundleError(f"{root / MANIFEST}: {key!r} is missing or not a {kind.__name__}")
+    files = _check_files(root, m["files"])
+    for name in ("config.json", "tokenizer.json"):
+        if name not in files:
+            raise BundleError(f"{root / MANIFEST}: the bundle does not list {name}")
+    config = _check_config(root, m["config"])
+    _check_weights(root, files)
+    _check_projections(root, m, files, config)
+    _check_optional_file(root, m, "calibration", CALIBRATION, files)
+    _check_cache_defaults(root, m.get("cache_defaults"))
+    if verify:
+        for f in files.values():
+            if sha256_file(root / f.path) != f.sha256:
+                raise BundleError(f"{root / f.path}: content differs from the manifest (sha256 mismatch)",
+                                  hint="the file was modified or corrupted; convert the model again")
+    return Bundle(root, m, config, files)
+
+
+def _read_json(path: Path, missing_hint: str | None = None) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BundleError(f"{path.parent} is not an xq bundle (no {path.name})", hint=missing_hint) from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise BundleError(f"{path}: unreadable JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise BundleError(f"{path}: expected a JSON object")
+    return data
+
+
+def _check_schema(root: Path, m: dict[str, Any]) -> None:
+    v = m.get("schema_version")
+    if type(v) is not int or v < 1:
+        raise BundleError(f"{root / MANIFEST}: 'schema_version' must be a positive integer (got {v!r})")
+    if v > SCHEMA_VERSION:
+        raise BundleError(f"{root} uses bundle schema {v}; this xq {__version__} reads schema {SCHEMA_VERSION}",
+                          hint="upgrade xq (pip install -U xqcli), or convert the model again with this xq")
+
+
+def _check_files(root: Path, entries: list[Any]) -> dict[str, BundleFile]:
+    files: dict[str, BundleFile] = {}
+    real_root = root.resolve()
+    for e in entries:
+        if not isinstance(e, dict):
+            raise BundleError(f"{root / MANIFEST}: every 'files' entry must be an object")
+        name, size, digest = e.get("path"), e.get("size"), e.get("sha256")
+        if not isinstance(name, str) or not _plain_name(name):
+            raise BundleError(f"{root / MANIFEST}: file name {name!r} is not a plain file name inside the bundle")
+        if type(size) is not int or size < 0 or not isinstance(digest, str) or not _SHA256.match(digest):
+            raise BundleError(f"{root / MANIFEST}: {name}: 'size' must be an integer and 'sha256' 64 hex digits")
+        if name in files:
+            raise BundleError(f"{root / MANIFEST}: {name} is listed twice")
+        p = root / name
+        try:
+            if not p.resolve().is_relative_to(real_root) or p.resolve().parent != real_root:
+                raise BundleError(f"{p}: a link that leads outside the bundle")
+            if not p.is_file():
+                raise BundleError(f"{p}: listed in {MANIFEST} but missing", hint="copy the whole bundle folder")
+            actual = p.stat().st_size
+        except OSError as err:
+            raise BundleError(f"{p}: cannot read it ({err.strerror or err})") from None
+        if actual != size:
+            raise BundleError(f"{p}: {actual} bytes, the manifest says {size} (truncated or modified)")
+        files[name] = BundleFile(name, size, digest)
+    return files
+
+
+def _plain_name(name: str) -> bool:
+    return (0 < len(name) <= _MAX_NAME and name not in (".", "..") and not any(c in name for c in "/\\\0")
+            and name != MANIFEST)
+
+
+def _check_config(root: Path, raw: dict[str, Any]) -> ModelConfig:
+    try:
+        config = ModelConfig.from_file(root / "config.json")
+    except XQError as e:
+        raise BundleError(f"{root}: {e}") from None
+    if json.loads(json.dumps(config.to_dict())) != raw:
+        raise BundleError(f"{root / MANIFEST}: 'config' does not match config.json")
+    return config
+
+
+def _check_weights(root: Path, files: dict[str, BundleFile]) -> None:
+    from xqcli.weights import shard_files
+
+    try:
+        shards = shard_files(root)
+    except XQError as e:
+        raise BundleError(f"{root}: {e}") from None
+    index = "model.safetensors.index.json"
+    names = [s.name for s in shards] + ([index] if (root / index).is_file() else [])
+    unlisted = [n for n in names if n not in files]
+    if unlisted:
+        raise BundleError(f"{root / MANIFEST}: weight file(s) {', '.join(unlisted)} are not in the manifest")
+
+
+def _check_optional_file(root: Path, m: dict[str, Any], key: str, name: str, files: dict[str, BundleFile]) -> None:
+    section = m.get(key)
+    if section is None:
+        return
+    if not isinstance(section, dict) or section.get("file") != name:
+        raise BundleError(f"{root / MANIFEST}: {key!r} must be null or an object with \"file\": \"{name}\"")
+    if name not in files:
+        raise BundleError(f"{root / MANIFEST}: {name} is named by {key!r} but not listed in 'files'")
+
+
+def _check_projections(root: Path, m: dict[str, Any], files: dict[str, BundleFile], cfg: ModelConfig) -> None:
+    from xqcli.caches import uses_latents
+
+    _check_optional_file(root, m, "projections", PROJECTIONS, files)
+    if m.get("projections") is None:
+        if uses_latents(cfg):
+            raise BundleError(f"{root / MANIFEST}: this grouped-query model needs {PROJECTIONS} (none listed)")
+        return
+    want = projection_shapes(cfg)
+    from safetensors import SafetensorError, safe_open
+
+    path = root / PROJECTIONS
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise BundleError(f"{path}: unreadable safetensors ({e})") from None
+    bad = sorted(set(want) ^ set(have)) + sorted(f"{k} {list(have[k])} != {list(want[k])}"
+                                                  for k in set(want) & set(have) if have[k] != want[k])
+    if bad:
+        shown = ", ".join(bad[:4]) + (f" (+{len(bad) - 4} more)" if len(bad) > 4 else "")
+        raise BundleError(f"{path}: tensors do not match config.json: {shown}")
+    if not dtypes <= {"F32", "F64"}:
+        raise BundleError(f"{path}: projections must be float32 or float64 (found {', '.join(sorted(dtypes))})")
+
+
+def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of projections.safetensors (see `xqcli.projections` for the maths)."""
+    d, r = cfg.hidden_size, cfg.kv_dim
+    out: dict[str, tuple[int, ...]] = {}
+    for i in range(cfg.num_hidden_layers):
+        for p in ("k", "v"):
+            out |= {f"layers.{i}.{p}.u": (d, r), f"layers.{i}.{p}.m": (r, r), f"layers.{i}.{p}.s": (r,)}
+        out |= {f"layers.{i}.kv.u": (d, 2 * r), f"layers.{i}.kv.s": (2 * r,)}
+    return out
+
+
+def projection_tensors(projections: list[LayerProjections], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Flat safetensors names `layers.{i}.{k,v,kv}.{u,m,s}` (the kv basis has no M)."""
+    out = {}
+    for i, lp in enumerate(projections):
+        for p, f in (("k", lp.k), ("v", lp.v), ("kv", lp.kv)):
+            out[f"layers.{i}.{p}.u"] = f.u
+            out[f"layers.{i}.{p}.s"] = f.s
+            if p != "kv":
+                out[f"layers.{i}.{p}.m"] = f.m
+    return {k: v.to(dtype).contiguous() for k, v in out.items()}
+
+
+def projections_from_tensors(tensors: dict[str, torch.Tensor], n_layers: int) -> list[LayerProjections]:
+    """The inverse of `projection_tensors`."""
+    def factor(i: int, p: str) -> SVDFactors:  # the kv basis is stored without M
+        return SVDFactors(*(tensors.get(f"layers.{i}.{p}.{t}", torch.empty(0, 0)) for t in ("u", "m", "s")))
+
+    return [LayerProjections(factor(i, "k"), factor(i, "v"), factor(i, "kv")) for i in range(n_layers)]
+
+
+def _check_calibration(path: Path, data: dict[str, Any], n_layers: int) -> None:
+    """The fields that `xq inspect` shows and `xq eval --calibrated` applies, checked before any use."""
+    from xqcli.caches import BITS
+
+    def num(v: Any) -> bool:
+        return type(v) in (int, float) and math.isfinite(v)
+
+    def layer_ok(r: Any) -> bool:
+        return (isinstance(r, dict) and num(r.get("sensitivity")) and isinstance(r.get("x"), dict)
+                and num(r["x"].get("max_abs"))
+                and (r.get("latent") is None or (isinstance(r["latent"], dict)
+                                                 and num(r["latent"].get("k_channel0_energy"))))
+                and isinstance(r.get("clip"), dict)
+                and all(isinstance(c, dict) and all(num(x) and 0 < x <= 1 for x in c.values())
+                        for c in r["clip"].values()))
+
+    layers, plans = data.get("layers"), data.get("bit_plans")
+    ok = (isinstance(layers, list) and len(layers) == n_layers and all(map(layer_ok, layers))
+          and isinstance(plans, dict) and all(isinstance(p, list) and len(p) == n_layers
+                                              and all(type(b) is int and b in BITS for b in p)
+                                              for p in plans.values()))
+    if not ok:
+        raise BundleError(f"{path}: malformed calibration record", hint="convert the model again")
+
+
+def _check_cache_defaults(root: Path, section: Any) -> None:
+    from xqcli.caches import CacheSpec
+
+    if section is None:
+        return
+    try:
+        settings = {k: v for k, v in section.items() if k != "cache"}
+        if not all(type(v) is int for v in settings.values()):
+            raise TypeError("settings must be integers")
+        CacheSpec.parse(section["cache"], **settings)
+    except (XQError, AttributeError, KeyError, TypeError) as e:
+        raise BundleError(f"{root / MANIFEST}: bad 'cache_defaults' ({e})") from None

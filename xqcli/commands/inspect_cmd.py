@@ -1,0 +1,68 @@
+"""`xq inspect`: what a bundle holds: source, files, bytes per token per cache kind, calibration."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from xqcli.commands import _options as opt
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def inspect(
+        bundle: Path = typer.Argument(..., help="Bundle folder (made by xq convert)."),
+        verify: bool = typer.Option(False, "--verify", help="Re-hash every file against xq.json."),
+        as_json: bool = opt.JSON,
+    ) -> None:
+        """Summarize a bundle: its manifest, bytes per token of each cache kind, the latent channel-0 energy
+        and calibration of every layer. --verify re-hashes every file (a changed byte is an error)."""
+        from xqcli.bundle import open_bundle
+
+        report = open_bundle(bundle, verify=verify).report(verified=verify)
+        if as_json:
+            typer.echo(json.dumps(report, indent=2))
+            return
+        _render(report)
+
+
+def _render(r: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    cfg, src = r["config"], r["source"]
+    origin = " ".join(f"{k}={v}" for k, v in src.items() if k != "kind")
+    console.print(f"[bold]{r['bundle']}[/]: xq bundle schema {r['schema_version']} (xq {r['xq_version']}), "
+                  f"{r['dtype']} weights, {len(r['files'])} files, {r['total_bytes'] / 2**20:,.1f} MiB"
+                  + (", [green]all sha256 verified[/]" if r["verified"] else ""))
+    console.print(f"source: {src.get('kind')} {origin}")
+    console.print(f"model: {cfg['model_type']}, {cfg['num_hidden_layers']} layers, d={cfg['hidden_size']}, "
+                  f"{cfg['num_attention_heads']} heads / {cfg['num_key_value_heads']} kv heads; caches "
+                  + ("SVD latents X·U_k, X·U_v" if r["latents"] else "X itself (latents would not be narrower)"))
+    table = Table(title="bytes per token (all layers)")
+    for col in ("cache", "bytes/token", "vs fp16 KV"):
+        table.add_column(col, justify="left" if col == "cache" else "right")
+    for row in r["bytes_per_token"]:
+        table.add_row(row["kind"], f"{row['bytes_per_token']:,.0f}", f"{row['vs_fp16_kv']:.3f}")
+    console.print(table)
+    cal = r["calibration"]
+    if cal is None:
+        console.print("no calibration")
+        return
+    plans = cal["bit_plans"]
+    table = Table(title=f"calibration: {cal.get('tokens')} tokens of {cal.get('text')}; clip = range ratio "
+                        "minimizing K/V error; sensitivity = attention-output error at 3 bits")
+    cols = ["layer", "max |X|", "top channel", "ch0 energy", *(f"clip xq-{b}" for b in (2, 3, 4, 8)),
+            "sensitivity", *(f"plan {t}" for t in plans)]
+    for col in cols:
+        table.add_column(col, justify="right")
+    for i, rec in enumerate(cal["layers"]):
+        top = rec["x"].get("top_channels") or [["-"]]
+        energy = f"{rec['latent']['k_channel0_energy']:.1%}" if rec["latent"] else "-"
+        clips = [f"{rec['clip'].get('xquant', {}).get(str(b), '-')}" for b in (2, 3, 4, 8)]
+        table.add_row(str(i), f"{rec['x']['max_abs']:.1f}", str(top[0][0]), energy, *clips,
+                      f"{rec['sensitivity']:.4f}", *(str(p[i]) for p in plans.values()))
+    console.print(table)
