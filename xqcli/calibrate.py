@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -90,18 +90,19 @@ def _layer_record(model: Transformer, i: int, x: torch.Tensor, p: LayerProjectio
     k, v = x @ attn.k_proj.weight.T, x @ attn.v_proj.weight.T  # bias-free: biases cancel in the errors
     q = model.rope.apply(attn.split_heads(attn.q_proj(x)[None], model.config.num_attention_heads), _positions(x))
     ref = _attention(model, i, q, k, v)
-    rec: dict[str, Any] = {"layer": i, "x": _stats(x, top=True), "latent": None}
-    if p is not None:
-        lat_k, lat_v = x @ p.k.u, x @ p.v.u
-        rec["latent"] = {"k": _stats(lat_k), "v": _stats(lat_v),
-                         "k_channel0_energy": float(lat_k[:, 0].square().sum() / lat_k.square().sum())}
-    rec["clip"], rec["kv_error"], rec["attn_error"] = {}, {}, {}
+    rec: dict[str, Any] = {"layer": i, "x": _stats(x, top=True), "latent": None, "clip": {}, "kv_error": {},
+                           "attn_error": {}}
     for method in CALIBRATED_METHODS:
+        streams, rebuild = _cache_streams(method, x, k, v, attn, p)
+        if method == "xquant" and p is not None:
+            (lat_k, _), (lat_v, _) = streams
+            rec["latent"] = {"k": _stats(lat_k), "v": _stats(lat_v),
+                             "k_channel0_energy": float(lat_k[:, 0].square().sum() / lat_k.square().sum())}
         clips, errs, attn_errs = {}, {}, {}
         for bits in BITS:
             best = None
             for clip in CLIP_GRID:
-                kh, vh = _rebuild(method, bits, clip, x, k, v, attn, p)
+                kh, vh = rebuild(*(fake_quantize(t, QuantSpec(bits, GROUP_SIZE, axis, clip)) for t, axis in streams))
                 err = _kv_error(k, v, kh, vh)
                 if best is None or err < best[0]:
                     best = (err, clip, kh, vh)
@@ -115,18 +116,14 @@ def _layer_record(model: Transformer, i: int, x: torch.Tensor, p: LayerProjectio
     return rec
 
 
-def _rebuild(method: str, bits: int, clip: float, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn,
-             p: LayerProjections | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V after one trip through the quantizers of `method`'s cache (paper protocol: window 0)."""
-    def fq(t: torch.Tensor, axis: str) -> torch.Tensor:
-        return fake_quantize(t, QuantSpec(bits, GROUP_SIZE, axis, clip))
-
+def _cache_streams(method: str, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn,
+                   p: LayerProjections | None) -> tuple[list[tuple[torch.Tensor, str]], Callable]:
+    """What `method`'s cache quantizes (tensor, axis), and how K and V are rebuilt from those streams."""
     if method == "kivi":
-        return fq(k, "channel"), fq(v, "token")
+        return [(k, "channel"), (v, "token")], lambda kq, vq: (kq, vq)
     if p is not None:
-        return fq(x @ p.k.u, "channel") @ p.k.m, fq(x @ p.v.u, "token") @ p.v.m
-    xh = fq(x, "token")
-    return xh @ attn.k_proj.weight.T, xh @ attn.v_proj.weight.T
+        return [(x @ p.k.u, "channel"), (x @ p.v.u, "token")], lambda lk, lv: (lk @ p.k.m, lv @ p.v.m)
+    return [(x, "token")], lambda xq: (xq @ attn.k_proj.weight.T, xq @ attn.v_proj.weight.T)
 
 
 def _positions(x: torch.Tensor) -> torch.Tensor:

@@ -74,7 +74,7 @@ def register(app: typer.Typer) -> None:
         table = Table(title=f"xq eval: {loaded.source.describe()} | {text} | {protocol} protocol | seq-len {seq_len} "
                             f"| {rows[0].scored_tokens} scored tokens")
         for col in ("method", "bytes/token", "size vs fp16", "compression", "ppl", "Δppl", "KL", "top-1"):
-            table.add_column(col, justify="left" if col == "method" else "right")
+            table.add_column(col, justify="left" if col == "method" else "right", no_wrap=col == "method")
         for r in rows:
             table.add_row(r.method, f"{r.bytes_per_token:,.0f}", f"{r.normalized:.3f}", f"{r.compression:.2f}x",
                           f"{r.ppl:.3f}", f"{r.delta_ppl:+.3f}", f"{r.kl:.4f}", f"{100 * r.top1:.1f}%")

@@ -58,7 +58,7 @@ def register(app: typer.Typer) -> None:
         if budget_b:
             cols.append("max context")
         for c in cols:
-            table.add_column(c, justify="left" if c == "cache" else "right")
+            table.add_column(c, justify="left" if c == "cache" else "right", no_wrap=c == "cache")
         for r in rows:
             cells = [r.kind, f"{r.bytes_per_token:,.0f}", f"{r.paper_bytes_per_token:,.0f}", f"{r.normalized:.3f}",
                      f"{r.ratio:.2f}x", f"{r.fixed_bytes / 2**20:.1f} MiB", f"{r.workspace_bytes_per_token:,.0f}"]
