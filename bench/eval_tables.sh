@@ -2,6 +2,8 @@
 # Reproduce the perplexity tables of BENCHMARKS.md (CPU, fp32). Writes JSON into ${OUT:-out}/.
 # Needs the test assets (./scripts/test.sh builds them into ~/.cache/xq-test).
 set -euo pipefail
+# Oversubscribed cores: spinning OpenMP threads slow everything else down (5x seen on 2 shared cores).
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-passive}"
 OUT="${OUT:-out}"; mkdir -p "$OUT"
 XQ="${XQ:-.venv/bin/xq}"
 CACHE="${XQ_TEST_CACHE:-$HOME/.cache/xq-test}"

@@ -14,7 +14,8 @@ when its module is imported; so ``INTERPRET`` is read once, at import, and ``tes
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

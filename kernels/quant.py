@@ -397,7 +397,7 @@ def _quant_token_kernel(
             tl.store(p_p + k, ((b_w >> (8 * k)) & 0xFF).to(tl.uint8), mask=m_u)
 
 
-@jit(do_not_specialize=["T"])
+@jit(do_not_specialize=["T", "NB", "s_xn", "s_pn", "s_sn"])
 def _quant_channel_kernel(
     X, P, S, Z,  # x (N, T, C); packed (N, T, PW) uint8; scale, zero (N, NB, C) fp16
     T, C, NB, NU,  # tokens, channels, token blocks (ceil(T / G)), packing units per row

@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ MANIFEST = "xq.json"
 PROJECTIONS = "projections.safetensors"
 CALIBRATION = "calibration.json"
 SIGN_CONVENTION = "the largest-magnitude entry of each column of U is positive (the matching row of M flips)"
+WEIGHT_DTYPES = ("bfloat16", "float16", "float32")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _MAX_NAME = 255
 
@@ -61,7 +62,8 @@ class Bundle:
         """The stored per-layer factors (float32 in schema 1), exactly as the caches use them."""
         from safetensors.torch import load_file
 
-        return projections_from_tensors(load_file(str(self.path / PROJECTIONS)), self.config.num_hidden_layers)
+        tensors = load_file(str(self.path / PROJECTIONS))
+        return projections_from_tensors(tensors, self.config.num_hidden_layers)
 
     def calibration(self) -> dict[str, Any] | None:
         """calibration.json as a dict, or None for a bundle converted without one."""
@@ -78,14 +80,14 @@ class Bundle:
 
         m = self.manifest
         rows = plan(self.config, list(DEFAULT_KINDS), include_weights=False)
-        return {"schema": 1, "bundle": str(self.path), "verified": verified, "schema_version": m["schema_version"],
-                "xq_version": m["xq_version"], "source": m["source"], "dtype": m["dtype"],
-                "config": self.config.to_dict(), "latents": uses_latents(self.config),
+        return {"schema": 1, "bundle": str(self.path), "verified": verified,
+                "schema_version": m["schema_version"], "xq_version": m["xq_version"], "source": m["source"],
+                "dtype": m["dtype"], "config": self.config.to_dict(), "latents": uses_latents(self.config),
                 "cache_defaults": m.get("cache_defaults"),
-                "files": [f.__dict__ for f in self.files.values()],
+                "files": [asdict(f) for f in self.files.values()],
                 "total_bytes": sum(f.size for f in self.files.values()),
-                "bytes_per_token": [{"kind": r.kind, "bytes_per_token": r.bytes_per_token, "vs_fp16_kv": r.normalized}
-                                    for r in rows],
+                "bytes_per_token": [{"kind": r.kind, "bytes_per_token": r.bytes_per_token,
+                                     "vs_fp16_kv": r.normalized} for r in rows],
                 "calibration": self.calibration()}
 
     def install(self, model) -> None:
@@ -112,7 +114,8 @@ def file_entry(folder: Path, name: str) -> dict[str, Any]:
 
 def write_json(path: Path, data: Any) -> None:
     """Sorted keys, 2-space indent, trailing newline: diff-friendly and reproducible."""
-    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    text = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    Path(path).write_text(text, encoding="utf-8")
 
 
 def is_bundle(folder: Path) -> bool:
@@ -126,10 +129,18 @@ def open_bundle(path: str | Path, verify: bool = False) -> Bundle:
         raise BundleError(f"{root} is not a folder", hint="pass a bundle folder made by xq convert")
     m = _read_json(root / MANIFEST, missing_hint="make one with: xq convert MODEL")
     _check_schema(root, m)
-    for key, kind in (("xq_version", str), ("dtype", str), ("source", dict), ("config", dict), ("files", list)):
+    required = (("xq_version", str), ("dtype", str), ("source", dict), ("config", dict), ("files", list))
+    for key, kind in required:
         if not isinstance(m.get(key), kind):
             raise BundleError(f"{root / MANIFEST}: {key!r} is missing or not a {kind.__name__}")
+    if m["dtype"] not in WEIGHT_DTYPES:
+        raise BundleError(f"{root / MANIFEST}: dtype {m['dtype']!r} is not one of {', '.join(WEIGHT_DTYPES)}")
     files = _check_files(root, m["files"])
+    if verify:  # before reading any content, so a changed file is named as such
+        for f in files.values():
+            if sha256_file(root / f.path) != f.sha256:
+                raise BundleError(f"{root / f.path}: content differs from the manifest (sha256 mismatch)",
+                                  hint="the file was modified or corrupted; convert the model again")
     for name in ("config.json", "tokenizer.json"):
         if name not in files:
             raise BundleError(f"{root / MANIFEST}: the bundle does not list {name}")
@@ -138,11 +149,6 @@ def open_bundle(path: str | Path, verify: bool = False) -> Bundle:
     _check_projections(root, m, files, config)
     _check_optional_file(root, m, "calibration", CALIBRATION, files)
     _check_cache_defaults(root, m.get("cache_defaults"))
-    if verify:
-        for f in files.values():
-            if sha256_file(root / f.path) != f.sha256:
-                raise BundleError(f"{root / f.path}: content differs from the manifest (sha256 mismatch)",
-                                  hint="the file was modified or corrupted; convert the model again")
     return Bundle(root, m, config, files)
 
 
@@ -163,7 +169,8 @@ def _check_schema(root: Path, m: dict[str, Any]) -> None:
     if type(v) is not int or v < 1:
         raise BundleError(f"{root / MANIFEST}: 'schema_version' must be a positive integer (got {v!r})")
     if v > SCHEMA_VERSION:
-        raise BundleError(f"{root} uses bundle schema {v}; this xq {__version__} reads schema {SCHEMA_VERSION}",
+        raise BundleError(f"{root} uses bundle schema {v}; this xq {__version__} reads schema "
+                          f"{SCHEMA_VERSION}",
                           hint="upgrade xq (pip install -U xqcli), or convert the model again with this xq")
 
 
@@ -175,9 +182,11 @@ def _check_files(root: Path, entries: list[Any]) -> dict[str, BundleFile]:
             raise BundleError(f"{root / MANIFEST}: every 'files' entry must be an object")
         name, size, digest = e.get("path"), e.get("size"), e.get("sha256")
         if not isinstance(name, str) or not _plain_name(name):
-            raise BundleError(f"{root / MANIFEST}: file name {name!r} is not a plain file name inside the bundle")
+            raise BundleError(f"{root / MANIFEST}: file name {name!r} is not a plain file name inside the "
+                              "bundle")
         if type(size) is not int or size < 0 or not isinstance(digest, str) or not _SHA256.match(digest):
-            raise BundleError(f"{root / MANIFEST}: {name}: 'size' must be an integer and 'sha256' 64 hex digits")
+            raise BundleError(f"{root / MANIFEST}: {name}: 'size' must be an integer and 'sha256' 64 hex "
+                              "digits")
         if name in files:
             raise BundleError(f"{root / MANIFEST}: {name} is listed twice")
         p = root / name
@@ -185,10 +194,11 @@ def _check_files(root: Path, entries: list[Any]) -> dict[str, BundleFile]:
             if not p.resolve().is_relative_to(real_root) or p.resolve().parent != real_root:
                 raise BundleError(f"{p}: a link that leads outside the bundle")
             if not p.is_file():
-                raise BundleError(f"{p}: listed in {MANIFEST} but missing", hint="copy the whole bundle folder")
+                raise BundleError(f"{p}: listed in {MANIFEST} but missing",
+                                  hint="copy the whole bundle folder")
             actual = p.stat().st_size
-        except OSError as err:
-            raise BundleError(f"{p}: cannot read it ({err.strerror or err})") from None
+        except (OSError, ValueError) as err:  # ValueError: a name the OS cannot encode
+            raise BundleError(f"{p}: cannot read it ({getattr(err, 'strerror', None) or err})") from None
         if actual != size:
             raise BundleError(f"{p}: {actual} bytes, the manifest says {size} (truncated or modified)")
         files[name] = BundleFile(name, size, digest)
@@ -224,7 +234,8 @@ def _check_weights(root: Path, files: dict[str, BundleFile]) -> None:
         raise BundleError(f"{root / MANIFEST}: weight file(s) {', '.join(unlisted)} are not in the manifest")
 
 
-def _check_optional_file(root: Path, m: dict[str, Any], key: str, name: str, files: dict[str, BundleFile]) -> None:
+def _check_optional_file(root: Path, m: dict[str, Any], key: str, name: str,
+                         files: dict[str, BundleFile]) -> None:
     section = m.get(key)
     if section is None:
         return
@@ -240,7 +251,8 @@ def _check_projections(root: Path, m: dict[str, Any], files: dict[str, BundleFil
     _check_optional_file(root, m, "projections", PROJECTIONS, files)
     if m.get("projections") is None:
         if uses_latents(cfg):
-            raise BundleError(f"{root / MANIFEST}: this grouped-query model needs {PROJECTIONS} (none listed)")
+            raise BundleError(f"{root / MANIFEST}: this grouped-query model needs {PROJECTIONS} "
+                              "(none listed)")
         return
     want = projection_shapes(cfg)
     from safetensors import SafetensorError, safe_open
@@ -258,7 +270,8 @@ def _check_projections(root: Path, m: dict[str, Any], files: dict[str, BundleFil
         shown = ", ".join(bad[:4]) + (f" (+{len(bad) - 4} more)" if len(bad) > 4 else "")
         raise BundleError(f"{path}: tensors do not match config.json: {shown}")
     if not dtypes <= {"F32", "F64"}:
-        raise BundleError(f"{path}: projections must be float32 or float64 (found {', '.join(sorted(dtypes))})")
+        raise BundleError(f"{path}: projections must be float32 or float64 "
+                          f"(found {', '.join(sorted(dtypes))})")
 
 
 def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

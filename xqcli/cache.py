@@ -101,8 +101,13 @@ class ModelCache:
         """Longest row after this step: the S of the K/V returned by update_and_fetch."""
         return int((self.lengths + self.n_new).max())
 
-    def attention_mask(self) -> torch.Tensor:
-        """Boolean (B, 1, T, S): query i of row b sees key j iff j <= lengths[b] + i."""
+    def attention_mask(self) -> torch.Tensor | None:
+        """Boolean (B, 1, T, S): query i of row b sees key j iff j <= lengths[b] + i.
+
+        None when every row starts empty with the same number of new tokens: plain causal attention,
+        which SDPA runs without materializing a mask (`is_causal`)."""
+        if not bool(self.lengths.any()) and bool((self.n_new == self.positions.shape[1]).all()):
+            return None
         s = self.step_total()
         j = torch.arange(s, device=self.device)
         limit = self.positions.clamp(max=s - 1)  # padded queries see everything valid: no all-masked rows
@@ -130,7 +135,64 @@ class ModelCache:
 
     def reset(self) -> None:
         """Forget every token (storage is kept)."""
-        self.lengths.zero_()
+        # A new tensor, not zero_(): after a forward `lengths` is an inference tensor, which cannot be
+        # changed in place outside torch.inference_mode().
+        self.lengths = torch.zeros_like(self.lengths)
+
+    # --- state (session files: `xq chat` /save and /load) -----------------------------------------
+    def spec_settings(self) -> dict:
+        """The kind and every setting that shapes the stored data, JSON-ready (equal settings = exchangeable)."""
+        return {"name": self.kind}
+
+    def state_dict(self) -> dict:
+        """Exactly the stored data up to the current lengths, plus the kind and its settings.
+
+        Returns ``{"meta": JSON-ready dict, "tensors": {name: tensor}}``. Rows are stored separately
+        (``...r{b}``), each cut at its own length; nothing position-dependent is stored beyond token
+        order, because a loaded row restarts at position 0 exactly as it was written.
+        """
+        return {"meta": {"kind": self.kind, "spec": self.spec_settings(), "batch": self.batch,
+                         "lengths": [int(n) for n in self.lengths.tolist()]} | self._state_meta(),
+                "tensors": self._state_tensors()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Replace this cache's contents with `state` (from `state_dict`); refuses other kinds or settings."""
+        meta, tensors = state["meta"], state["tensors"]
+        saved, mine = meta.get("spec", {}), self.spec_settings()
+        diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+        if diff:
+            what = ", ".join(f"{k} {saved.get(k)!r} (saved) vs {mine.get(k)!r} (here)" for k in diff)
+            raise InputError(f"the saved cache does not match this one: {what}",
+                             hint=f"use the same cache settings as when it was saved ({saved.get('name')})")
+        lengths = [int(n) for n in meta["lengths"]]
+        if len(lengths) > self.batch:
+            raise InputError(f"the saved cache has {len(lengths)} rows, this one {self.batch}")
+        if lengths and max(lengths) > self.max_len:
+            raise ResourceError(f"the saved cache holds {max(lengths)} tokens, more than this cache's capacity "
+                                f"{self.max_len}", hint="raise --context")
+        self.reset()
+        self._load_state(meta, tensors, lengths)
+        self.lengths = torch.tensor(lengths + [0] * (self.batch - len(lengths)), dtype=torch.long,
+                                    device=self.device)
+
+    def _state_meta(self) -> dict:
+        return {}
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _load_state(self, meta: dict, tensors: dict[str, torch.Tensor], lengths: list[int]) -> None:
+        raise NotImplementedError
+
+
+def state_tensor(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor of a saved cache state, checked for presence and shape (InputError naming it otherwise)."""
+    if name not in tensors:
+        raise InputError(f"the saved cache state lacks tensor {name!r} (incomplete or not an xq session file)")
+    t = tensors[name]
+    if tuple(t.shape) != tuple(shape):
+        raise InputError(f"saved cache tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    return t
 
 
 class KVCache(ModelCache):
@@ -163,3 +225,16 @@ class KVCache(ModelCache):
 
     def allocated(self) -> CacheBytes:
         return CacheBytes(payload=tensor_bytes(self.k, self.v))
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        # K is stored post-RoPE; a loaded row restarts at position 0, so its positions are the same.
+        out = {}
+        for b, n in enumerate(self.lengths.tolist()):
+            out[f"k.r{b}"], out[f"v.r{b}"] = self.k[:, b, :, :n], self.v[:, b, :, :n]
+        return out
+
+    def _load_state(self, meta: dict, tensors: dict[str, torch.Tensor], lengths: list[int]) -> None:
+        L, _, h, _, d = self.k.shape
+        for b, n in enumerate(lengths):
+            for name, buf in (("k", self.k), ("v", self.v)):
+                buf[:, b, :, :n] = state_tensor(tensors, f"{name}.r{b}", (L, h, n, d)).to(buf.device, buf.dtype)

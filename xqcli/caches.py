@@ -34,12 +34,12 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from xqcli.cache import CacheBytes, KVCache, ModelCache, tensor_bytes
+from xqcli.cache import CacheBytes, KVCache, ModelCache, state_tensor, tensor_bytes
 from xqcli.errors import InputError
 from xqcli.kernels.quant import QTensor, QuantSpec, dequantize, fake_quantize, packed_width, quantize
 from xqcli.projections import model_projections
@@ -66,7 +66,7 @@ class CacheSpec:
     fp16_channel0: bool = False
     quantize_partial: bool = False
     clip: float = 1.0
-    clips: tuple[float, ...] | None = None  # per-layer clip ratios (a bundle's calibration); None: `clip` everywhere
+    clips: tuple[float, ...] | None = None  # per-layer clip ratios (calibration); None: `clip` everywhere
 
     @property
     def name(self) -> str:
@@ -239,6 +239,35 @@ class Stream:
         self.sealed = [0] * len(self.sealed)
         self.tail_len = [0] * len(self.tail_len)
 
+    def state(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Row b's stored data, cut at its length: codes, scales, zero points and tail (or `full`)."""
+        out = {}
+        for b, (n, t) in enumerate(zip(self.sealed, self.tail_len)):
+            r = f"{prefix}.r{b}"
+            if self.spec is None:
+                out[f"{r}.full"] = self.full[b, :n]
+                continue
+            ns = n if self.spec.axis == "token" else n // self.spec.group_size  # channel: whole sealed blocks
+            out |= {f"{r}.codes": self.codes[b, :n], f"{r}.scale": self.scale[b, :ns], f"{r}.zero": self.zero[b, :ns],
+                    f"{r}.tail": self.tail[b, :t]}
+        return out
+
+    def load_state(self, prefix: str, sealed: list[int], tail_len: list[int], tensors: dict[str, torch.Tensor]) -> None:
+        for b, (n, t) in enumerate(zip(sealed, tail_len)):
+            r = f"{prefix}.r{b}"
+            if self.spec is None:
+                self.full[b, :n] = state_tensor(tensors, f"{r}.full", (n, self.width)).to(self.full)
+            else:
+                if t > self.tail.shape[1]:
+                    raise InputError(f"saved cache stream {r} has {t} tail tokens, more than this window holds "
+                                     f"({self.tail.shape[1]})")
+                ns = n if self.spec.axis == "token" else n // self.spec.group_size
+                self.codes[b, :n] = state_tensor(tensors, f"{r}.codes", (n, self.codes.shape[-1])).to(self.codes)
+                self.scale[b, :ns] = state_tensor(tensors, f"{r}.scale", (ns, self.scale.shape[-1])).to(self.scale)
+                self.zero[b, :ns] = state_tensor(tensors, f"{r}.zero", (ns, self.zero.shape[-1])).to(self.zero)
+                self.tail[b, :t] = state_tensor(tensors, f"{r}.tail", (t, self.tail.shape[-1])).to(self.tail)
+            self.sealed[b], self.tail_len[b] = n, (0 if self.spec is None else t)
+
 
 # ----------------------------------------------------------------------------------------- the caches
 
@@ -306,6 +335,34 @@ class StreamCache(ModelCache):
             for st in layer:
                 st.reset()
 
+    def spec_settings(self) -> dict:
+        settings = asdict(self.spec)
+        settings["clips"] = list(settings["clips"]) if settings["clips"] is not None else None
+        return {"name": self.spec.name} | settings
+
+    def _state_meta(self) -> dict:
+        return {"streams": [[{"sealed": list(st.sealed), "tail_len": list(st.tail_len)} for st in layer]
+                            for layer in self.streams]}
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for i, layer in enumerate(self.streams):
+            for j, st in enumerate(layer):
+                out |= st.state(f"L{i}.S{j}")
+        return out
+
+    def _load_state(self, meta: dict, tensors: dict[str, torch.Tensor], lengths: list[int]) -> None:
+        saved = meta.get("streams")
+        if not isinstance(saved, list) or [len(x) for x in saved] != [len(x) for x in self.streams]:
+            raise InputError("the saved cache has a different stream layout (another model or cache kind?)")
+        rows = len(lengths)
+        for i, layer in enumerate(self.streams):
+            for j, st in enumerate(layer):
+                sealed, tail = saved[i][j]["sealed"][:rows], saved[i][j]["tail_len"][:rows]
+                if [a + b for a, b in zip(sealed, tail)] != lengths:
+                    raise InputError(f"saved cache stream L{i}.S{j} holds {sealed}+{tail} tokens, rows hold {lengths}")
+                st.load_state(f"L{i}.S{j}", sealed, tail, tensors)
+
 
 class KiviCache(StreamCache):
     """KIVI*: pre-RoPE keys per-channel, values per-token (both group_size), RoPE after dequantization."""
@@ -313,8 +370,8 @@ class KiviCache(StreamCache):
     def __init__(self, model, spec, batch, max_len, device=None) -> None:
         super().__init__(model, spec, batch, max_len, device)
         w = self.cfg.kv_dim
-        self.streams = [[self.stream(w, spec.quant("channel", layer=i)), self.stream(w, spec.quant("token", layer=i))]
-                        for i in range(self.cfg.num_hidden_layers)]
+        self.streams = [[self.stream(w, spec.quant("channel", layer=i)),
+                         self.stream(w, spec.quant("token", layer=i))] for i in range(self.cfg.num_hidden_layers)]
 
     def update_and_fetch(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         attn = self.model.layers[layer].self_attn
@@ -431,6 +488,13 @@ class XQuantCLCache(XQuantCache):
 
     def nbytes(self) -> CacheBytes:
         return super().nbytes() + CacheBytes(workspace=self._acc_bytes)
+
+    def _state_meta(self) -> dict:
+        return super()._state_meta() | {"workspace_bytes": self._acc_bytes}
+
+    def _load_state(self, meta: dict, tensors: dict[str, torch.Tensor], lengths: list[int]) -> None:
+        super()._load_state(meta, tensors, lengths)
+        self._acc_bytes = int(meta.get("workspace_bytes", 0))
 
     def allocated(self) -> CacheBytes:
         # The accumulator at full context: one layer's X for every cached token (model dtype).

@@ -22,8 +22,9 @@ accumulator, not on X alone).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -88,7 +89,8 @@ def capture_inputs(model: Transformer, tokens: list[int]) -> list[torch.Tensor]:
 def _layer_record(model: Transformer, i: int, x: torch.Tensor, p: LayerProjections | None) -> dict[str, Any]:
     attn = model.layers[i].self_attn
     k, v = x @ attn.k_proj.weight.T, x @ attn.v_proj.weight.T  # bias-free: biases cancel in the errors
-    q = model.rope.apply(attn.split_heads(attn.q_proj(x)[None], model.config.num_attention_heads), _positions(x))
+    q = attn.split_heads(attn.q_proj(x)[None], model.config.num_attention_heads)
+    q = model.rope.apply(q, _positions(x))
     ref = _attention(model, i, q, k, v)
     rec: dict[str, Any] = {"layer": i, "x": _stats(x, top=True), "latent": None, "clip": {}, "kv_error": {},
                            "attn_error": {}}
@@ -102,7 +104,8 @@ def _layer_record(model: Transformer, i: int, x: torch.Tensor, p: LayerProjectio
         for bits in BITS:
             best = None
             for clip in CLIP_GRID:
-                kh, vh = rebuild(*(fake_quantize(t, QuantSpec(bits, GROUP_SIZE, axis, clip)) for t, axis in streams))
+                quantized = (fake_quantize(t, QuantSpec(bits, GROUP_SIZE, axis, clip)) for t, axis in streams)
+                kh, vh = rebuild(*quantized)
                 err = _kv_error(k, v, kh, vh)
                 if best is None or err < best[0]:
                     best = (err, clip, kh, vh)
@@ -185,7 +188,8 @@ def calibrated_specs(bundle: Bundle | None, specs: list[CacheSpec]) -> list[Cach
     """For each quantized xquant/kivi spec, its twin with the bundle's per-layer clip ratios (`... (cal)`)."""
     cal = bundle.calibration() if bundle is not None else None
     if cal is None:
-        raise InputError("--calibrated needs a bundle with a calibration", hint="make one with: xq convert MODEL")
+        raise InputError("--calibrated needs a bundle with a calibration",
+                         hint="make one with: xq convert MODEL")
     out = []
     for spec in specs:
         if spec.method not in CALIBRATED_METHODS or spec.bits is None:

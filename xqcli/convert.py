@@ -15,15 +15,25 @@ import shutil
 import sys
 import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from xqcli import __version__
-from xqcli.bundle import (CALIBRATION, MANIFEST, PROJECTIONS, SCHEMA_VERSION, SIGN_CONVENTION, file_entry,
-                          projection_tensors, projections_from_tensors, write_json)
+from xqcli.bundle import (
+    CALIBRATION,
+    MANIFEST,
+    PROJECTIONS,
+    SCHEMA_VERSION,
+    SIGN_CONVENTION,
+    file_entry,
+    projection_tensors,
+    projections_from_tensors,
+    write_json,
+)
 from xqcli.caches import CacheSpec, uses_latents
 from xqcli.calibrate import DEFAULT_TOKENS, builtin_text, calibrate
 from xqcli.config import ModelConfig
@@ -88,7 +98,8 @@ def convert(src: str | Path, out_dir: str | Path | None = None, *, dtype: str | 
         write_json(tmp / "config.json", config)
         sm.write_tokenizer(tmp)
         say(f"writing {dtype_name} weights")
-        written = ["config.json", *_present(tmp, TOKENIZER_FILES), *save_weights(model, tmp, out_dt, shard_size)]
+        written = ["config.json", *_present(tmp, TOKENIZER_FILES),
+                   *save_weights(model, tmp, out_dt, shard_size)]
         projections = None
         if uses_latents(cfg):
             say("computing SVD projections (float64)")
@@ -111,8 +122,9 @@ def convert(src: str | Path, out_dir: str | Path | None = None, *, dtype: str | 
         manifest = {
             "schema_version": SCHEMA_VERSION, "xq_version": __version__, "source": sm.info,
             "config": cfg.to_dict(), "dtype": dtype_name, "projections": projections,
-            "cache_defaults": {"cache": defaults.name, "group_size": defaults.group_size, "window": defaults.window,
-                               "base_layers": defaults.base_layers, "base_bits": defaults.base_bits},
+            "cache_defaults": {"cache": defaults.name, "group_size": defaults.group_size,
+                               "window": defaults.window, "base_layers": defaults.base_layers,
+                               "base_bits": defaults.base_bits},
             "calibration": _calibration_summary(calibration),
             "files": [file_entry(tmp, name) for name in sorted(written)],
         }
@@ -191,7 +203,8 @@ def save_weights(model: torch.nn.Module, folder: Path, dtype: torch.dtype, shard
         shards[-1].append(name)
         size += nbytes[name]
     n = len(shards)
-    files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    files = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    files = files if n > 1 else ["model.safetensors"]
     for fname, keys in zip(files, shards):
         save_safetensors({k: state[k].to(dtype).contiguous() for k in keys}, folder / fname)
     if n == 1:
@@ -205,13 +218,18 @@ def _calibration_summary(cal: dict[str, Any]) -> dict[str, Any]:
     """What xq.json says about calibration.json: enough to judge it without opening it."""
     layers = cal["layers"]
     energies = [rec["latent"]["k_channel0_energy"] for rec in layers if rec["latent"]]
-    return {"file": CALIBRATION, "text": cal["text"], "tokens": cal["tokens"], "bit_plans": cal["bit_plans"],
+    return {"file": CALIBRATION, "text": cal["text"], "tokens": cal["tokens"],
             "mean_k_channel0_energy": sum(energies) / len(energies) if energies else None,
             "most_sensitive_layers": sorted(range(len(layers)), key=lambda i: -layers[i]["sensitivity"])[:3]}
 
 
 def _publish(tmp: Path, out: Path, force: bool) -> None:
     """Rename the finished bundle into place; an old one is renamed away first and deleted last."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp and safetensors create private (0700/0600) entries
+    for f in tmp.iterdir():
+        os.chmod(f, 0o666 & ~umask)
     if not os.path.lexists(out):
         os.rename(tmp, out)
         return

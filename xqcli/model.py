@@ -54,12 +54,12 @@ class Attention(nn.Module):
         return self.split_heads(self.k_proj(x), n_kv), self.split_heads(self.v_proj(x), n_kv)
 
     def forward(self, x: torch.Tensor, layer: int, cache: "ModelCache", rope: Rope,
-                mask: torch.Tensor) -> torch.Tensor:
+                mask: torch.Tensor | None) -> torch.Tensor:
         cfg = self.cfg
         q = rope.apply(self.split_heads(self.q_proj(x), cfg.num_attention_heads), cache.positions)
         k, v = cache.update_and_fetch(layer, x)
         out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
-                                             enable_gqa=cfg.is_gqa)
+                                             is_causal=mask is None, enable_gqa=cfg.is_gqa)
         b, _, t, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(b, t, cfg.q_dim))
 

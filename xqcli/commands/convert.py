@@ -15,19 +15,24 @@ from xqcli.commands import _options as opt
 def register(app: typer.Typer) -> None:
     @app.command()
     def convert(
-        src: str = typer.Argument(..., help="HF id org/name[@revision], a model folder, or a .gguf file."),
-        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Bundle folder to write (default ./<name>-xq)."),
-        dtype: str = typer.Option("bfloat16", "--dtype", help="Weight dtype in the bundle: bfloat16, float16, float32."),
+        src: str = typer.Argument(..., help="HF id org/name (or org/name@revision), a model folder, "
+                                  "or a .gguf file."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o",
+                                           help="Bundle folder to write (default ./<name>-xq)."),
+        dtype: str = typer.Option("bfloat16", "--dtype",
+                                  help="Weight dtype in the bundle: bfloat16, float16, float32."),
         revision: Optional[str] = opt.REVISION,
-        token: Optional[str] = typer.Option(None, "--token", help="Hugging Face token (default: HF_TOKEN or the "
-                                            "saved login)."),
+        token: Optional[str] = typer.Option(None, "--token",
+                                            help="Hugging Face token (default: HF_TOKEN, or the login)."),
         offline: Optional[bool] = typer.Option(None, "--offline/--online", help="Use only the local HF cache "
                                                "(default: HF_HUB_OFFLINE)."),
         force: bool = typer.Option(False, "--force", "-f", help="Replace an existing bundle folder."),
-        calib: Optional[Path] = typer.Option(None, "--calib", help="UTF-8 calibration text (default: the Python "
-                                             "documentation text of the standard library)."),
-        calib_tokens: int = typer.Option(2048, "--calib-tokens", help="Calibration tokens (the first N of the text)."),
-        shard_size: str = typer.Option("2GB", "--shard-size", help="Largest weight file before sharding (2GB, 500MB)."),
+        calib: Optional[Path] = typer.Option(None, "--calib", help="UTF-8 calibration text (default: the "
+                                             "Python documentation text of the standard library)."),
+        calib_tokens: int = typer.Option(2048, "--calib-tokens",
+                                         help="Calibration tokens (the first N of the text)."),
+        shard_size: str = typer.Option("2GB", "--shard-size",
+                                       help="Largest weight file before sharding (2GB, 500MB)."),
         as_json: bool = opt.JSON,
     ) -> None:
         """Write a bundle: HF-shaped weights in --dtype, the SVD projections of every layer, a calibration

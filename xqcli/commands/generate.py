@@ -1,4 +1,4 @@
-"""`xq generate`: one greedy completion for scripts (stdout: the text, or one JSON object)."""
+"""`xq generate`: one completion for scripts (stdout: the text, or one JSON object; see docs/generate.md)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,10 @@ from typing import Optional
 import typer
 
 from xqcli.commands import _options as opt
+from xqcli.commands.chat import (CONTEXT, CUDA_GRAPH, MIN_P, REPEAT_PENALTY, SEED, STOP, TEMPERATURE, TOP_K, TOP_P,
+                                 parse_context, sampling_from_options)
+
+SCHEMA_VERSION = 1
 
 
 def register(app: typer.Typer) -> None:
@@ -23,49 +27,94 @@ def register(app: typer.Typer) -> None:
         bits: Optional[int] = opt.BITS,
         window: int = opt.WINDOW,
         chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
+        system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt (with --chat)."),
+        temperature: Optional[float] = TEMPERATURE,
+        top_k: Optional[int] = TOP_K,
+        top_p: Optional[float] = TOP_P,
+        min_p: Optional[float] = MIN_P,
+        repeat_penalty: Optional[float] = REPEAT_PENALTY,
+        seed: Optional[int] = SEED,
+        stop: Optional[list[str]] = STOP,
+        context: Optional[str] = CONTEXT,
+        cuda_graph: bool = CUDA_GRAPH,
         device: str = opt.DEVICE,
         dtype: Optional[str] = opt.DTYPE,
         revision: Optional[str] = opt.REVISION,
         as_json: bool = opt.JSON,
     ) -> None:
-        """Greedy completion of a prompt. The text streams to stdout; stats go to stderr."""
+        """Complete a prompt (greedy unless --temperature > 0). The text streams to stdout; stats go to
+        stderr. With --json, stdout is one object described by docs/generate.schema.json."""
         from xqcli.caches import CacheSpec
         from xqcli.errors import InputError
 
         if (prompt is None) == (prompt_file is None):
             raise InputError("give exactly one of --prompt/-p TEXT or --prompt-file FILE")
+        if system is not None and not chat:
+            raise InputError("--system needs --chat")
+        params = sampling_from_options({"max_tokens": max_tokens}, temperature=temperature, top_k=top_k, top_p=top_p,
+                                       min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=stop)
+        ctx = parse_context(context) if context is not None else None
         if prompt_file is not None:
             try:
                 prompt = sys.stdin.read() if str(prompt_file) == "-" else prompt_file.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as e:
                 raise InputError(f"cannot read the prompt file {prompt_file}: {e}") from None
         spec = CacheSpec.parse(cache, bits=bits, window=window)
-        from xqcli.generate import GenStats, greedy
+        from xqcli.engine import Engine
         from xqcli.loader import load
 
         loaded = load(model, dtype=dtype, device=device, revision=revision)
         tok = loaded.tokenizer()
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True) if chat else tok.encode(prompt)
-        stats = GenStats()
-        out_ids: list[int] = []
-        stream = tok.stream_decoder()
-        for t in greedy(loaded.model, ids, max_tokens=max_tokens, cache=spec, eos_ids=tok.eos_ids, stats=stats):
-            out_ids.append(t)
-            if not as_json and t not in tok.eos_ids:
-                piece = stream.feed(t)
-                if piece:
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
-        text = tok.decode([t for t in out_ids if t not in tok.eos_ids])
+        if chat:
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            ids = tok.apply_chat_template(messages, tokenize=True)
+        else:
+            ids = tok.encode(prompt)
+        if not ids:
+            raise InputError("the prompt is empty", hint="pass some text with -p")
+        engine = Engine(loaded.model, tok, spec, context=ctx or len(ids) + params.max_tokens, cuda_graph=cuda_graph,
+                        sampling=params)
+        tokens: list[int] = []
+        pieces: list[str] = []
+        finish = None
+        for step in engine.generate(ids):
+            tokens.append(step.token)
+            pieces.append(step.text)
+            finish = step.finish or finish
+            if not as_json and step.text:
+                sys.stdout.write(step.text)
+                sys.stdout.flush()
+        stats, mem = engine.stats, engine.memory()
+        text = "".join(pieces)
         if as_json:
-            typer.echo(json.dumps({"schema": 1, "model": loaded.source.describe(), "cache": spec.name,
-                                   "prompt": prompt, "text": text, "tokens": out_ids} | stats.as_dict()))
+            typer.echo(json.dumps(result_object(loaded, spec, engine, prompt, text, tokens, finish, stats, mem)))
             return
-        sys.stdout.write(stream.flush() + "\n")
+        sys.stdout.write("\n")
         from rich.console import Console
 
-        c = stats.cache
-        Console(stderr=True).print(
-            f"[dim]{stats.prompt_tokens} prompt + {stats.generated_tokens} generated tokens | "
+        c = mem.cache
+        Console(stderr=True, highlight=False).print(
+            f"[dim]{stats.prompt_tokens} prompt + {stats.generated_tokens} generated tokens ({finish}) | "
             f"prefill {stats.prefill_tok_s:.1f} tok/s, decode {stats.decode_tok_s:.1f} tok/s | "
-            f"cache {spec.name}: {c.total / 1024:.1f} KiB (fp16 KV would be {stats.kv_fp16_bytes / 1024:.1f} KiB)[/]")
+            f"cache {spec.name}: {c.total / 1024:.1f} KiB (fp16 KV would be {mem.kv_fp16_bytes / 1024:.1f} KiB), "
+            f"{mem.bytes_per_token:,.0f} B/token past the window = {mem.ratio:.2f}x[/]")
+
+
+def result_object(loaded, spec, engine, prompt, text, tokens, finish, stats, mem) -> dict:
+    """The `--json` object; docs/generate.schema.json describes it, field by field."""
+    m = mem.as_dict()
+    memory = {k: m[k] for k in ("context_tokens", "capacity_tokens", "kv_fp16_bytes", "ratio_now", "bytes_per_token",
+                                "kv_fp16_bytes_per_token", "ratio", "workspace_bytes_per_token", "device",
+                                "allocated", "reserved", "peak", "rss")}
+    memory["cache_bytes"] = m["cache"]
+    return {
+        "schema_version": SCHEMA_VERSION, "tool": "xq generate", "model": loaded.source.describe(),
+        "cache": spec.name, "device": str(engine.device),
+        "dtype": str(loaded.model.dtype).removeprefix("torch."), "decode_mode": engine.decode_mode,
+        "prompt": prompt, "text": text, "tokens": tokens, "finish": finish,
+        "prompt_tokens": stats.prompt_tokens, "generated_tokens": stats.generated_tokens,
+        "timings": {"prefill_s": round(stats.prefill_s, 6), "decode_s": round(stats.decode_s, 6),
+                    "prefill_tok_s": round(stats.prefill_tok_s, 3), "decode_tok_s": round(stats.decode_tok_s, 3)},
+        "sampling": engine.sampling.as_dict(),
+        "memory": memory,
+    }

@@ -32,16 +32,18 @@ def _render(r: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(soft_wrap=True)
     cfg, src = r["config"], r["source"]
     origin = " ".join(f"{k}={v}" for k, v in src.items() if k != "kind")
     console.print(f"[bold]{r['bundle']}[/]: xq bundle schema {r['schema_version']} (xq {r['xq_version']}), "
                   f"{r['dtype']} weights, {len(r['files'])} files, {r['total_bytes'] / 2**20:,.1f} MiB"
-                  + (", [green]all sha256 verified[/]" if r["verified"] else ""))
+                  + (", [green]every sha256 verified[/]" if r["verified"] else ""))
     console.print(f"source: {src.get('kind')} {origin}")
     console.print(f"model: {cfg['model_type']}, {cfg['num_hidden_layers']} layers, d={cfg['hidden_size']}, "
-                  f"{cfg['num_attention_heads']} heads / {cfg['num_key_value_heads']} kv heads; caches "
-                  + ("SVD latents X·U_k, X·U_v" if r["latents"] else "X itself (latents would not be narrower)"))
+                  f"{cfg['num_attention_heads']} heads / {cfg['num_key_value_heads']} kv heads; "
+                  "xquant stores "
+                  + ("the SVD latents X·U_k, X·U_v" if r["latents"]
+                     else "X itself (latents would not be narrower)"))
     table = Table(title="bytes per token (all layers)")
     for col in ("cache", "bytes/token", "vs fp16 KV"):
         table.add_column(col, justify="left" if col == "cache" else "right")
@@ -53,16 +55,17 @@ def _render(r: dict) -> None:
         console.print("no calibration")
         return
     plans = cal["bit_plans"]
-    table = Table(title=f"calibration: {cal.get('tokens')} tokens of {cal.get('text')}; clip = range ratio "
-                        "minimizing K/V error; sensitivity = attention-output error at 3 bits")
-    cols = ["layer", "max |X|", "top channel", "ch0 energy", *(f"clip xq-{b}" for b in (2, 3, 4, 8)),
-            "sensitivity", *(f"plan {t}" for t in plans)]
-    for col in cols:
+    console.print(f"calibration: {cal.get('tokens')} tokens of {cal.get('text')}. ch0 = energy share of "
+                  "latent channel 0 of X·U_k; clip = xquant range ratio at 2/3/4/8 bits (least K/V error); "
+                  f"sens = attention-output error at 3 bits; plan = bits per layer for an average of "
+                  f"{'/'.join(plans)}")
+    table = Table()
+    for col in ("layer", "max |X|", "top ch", "ch0", "clip", "sens", "plan"):
         table.add_column(col, justify="right")
     for i, rec in enumerate(cal["layers"]):
         top = rec["x"].get("top_channels") or [["-"]]
         energy = f"{rec['latent']['k_channel0_energy']:.1%}" if rec["latent"] else "-"
-        clips = [f"{rec['clip'].get('xquant', {}).get(str(b), '-')}" for b in (2, 3, 4, 8)]
-        table.add_row(str(i), f"{rec['x']['max_abs']:.1f}", str(top[0][0]), energy, *clips,
-                      f"{rec['sensitivity']:.4f}", *(str(p[i]) for p in plans.values()))
+        clips = "/".join(f"{rec['clip'].get('xquant', {}).get(str(b), '-')}" for b in (2, 3, 4, 8))
+        table.add_row(str(i), f"{rec['x']['max_abs']:.1f}", str(top[0][0]), energy, clips,
+                      f"{rec['sensitivity']:.4f}", "/".join(str(p[i]) for p in plans.values()))
     console.print(table)

@@ -1,0 +1,198 @@
+"""XQuant-CL: fused delta dequantization + accumulator update, then attention over the accumulator.
+
+Closed-loop cross-layer deltas (spec §4): layer i stores Q(X_i − X̂_{i−1}) per token (GQA: the delta
+projected on U_kv, 2·d_kv wide) and the decoder keeps one running accumulator
+
+    X̂_i = X̂_{i−1} + Δ_i                (MHA, delta width d)
+    X̂_i = X̂_{i−1} + Δ_i · U_kvᵀ        (GQA, U_kv (d × 2·d_kv) with orthonormal columns)
+
+``xquant_cl_update`` does this in place on the accumulator for every token t < seq_lens[b] of each
+row, reading Δ from a delta stream: dequantized codes for t < sealed[b], the stream's full-precision
+tail after that. The tail must hold *deltas* too: ``xqcli.caches`` keeps X·U_kv (or X) in its window
+and forms a waiting token's delta against the accumulator of the moment, so the caller passes
+``tail − X̂_{i−1}[window]·U_kv`` there (at most window + g − 1 tokens; a small torch op). Tokens at or
+after seq_lens[b] are not touched. ``seed=True`` starts the chain (the base layer): X̂ = Δ (·U_kvᵀ).
+The accumulator is a materialized buffer by design (the paper's transient accumulator); K and V are
+not: ``xquant_cl_attention`` runs the fused XQuant attention kernel in MHA form over it (M_k = W_kᵀ,
+M_v = W_vᵀ, K rebuilt per tile, V absorbed).
+
+The kernel ``_cl_update_kernel`` has a program per (row, BT tokens, BN accumulator channels): it
+dequantizes BC delta channels at a time and, for GQA, ``tl.dot``s them with the matching U_kv block,
+then adds the previous accumulator in float32 and stores in the accumulator's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from xqcli.kernels._triton import INTERPRET, cdiv, check_device, jit, next_pow2, tl, use_triton
+from xqcli.kernels.packed import PackedStream, _load_tile
+from xqcli.kernels.quant import QTensor, dequantize_ref
+from xqcli.kernels.xquant_attention import xquant_attention, xquant_attention_ref
+
+__all__ = ["xquant_cl_attention", "xquant_cl_attention_ref", "xquant_cl_update", "xquant_cl_update_ref"]
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def xquant_cl_update_ref(
+    acc: Tensor,
+    delta: PackedStream,
+    seq_lens: Tensor,
+    *,
+    u_kv: Tensor | None = None,
+    seed: bool = False,
+) -> Tensor:
+    """Reference of ``xquant_cl_update`` (float32 math, one rounding to acc.dtype); updates acc in place."""
+    for b in range(acc.shape[0]):
+        n = int(seq_lens[b])
+        if n == 0:
+            continue
+        d = delta.values_ref(b, n)  # (n, C): dequantized deltas, then the tail's deltas
+        if u_kv is not None:
+            d = d @ u_kv.float().T
+        acc[b, :n] = (d if seed else acc[b, :n].float() + d).to(acc.dtype)
+    return acc
+
+
+@jit
+def _cl_update_kernel(
+    A, s_ab, s_at,  # accumulator (B, S, N), updated in place
+    DC, DS, DZ, DT, D_SEALED,  # delta stream (width C): codes, scale, zero, full-precision tail, sealed
+    s_dcb, s_dct, s_dsb, s_dst, s_dtb, s_dtt,
+    SEQ,  # (B,) tokens per row
+    U, s_un, s_uc,  # U_kv (N, C), read only if HAS_U
+    N, C,  # accumulator width, delta width
+    BT: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
+    BITS: tl.constexpr, GS: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_CODES: tl.constexpr,
+    ALIGNED: tl.constexpr, HAS_U: tl.constexpr, SEED: tl.constexpr, LOWP: tl.constexpr,
+):
+    i_b, i_t, i_n = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    seq = tl.load(SEQ + i_b).to(tl.int64)
+    sealed = tl.load(D_SEALED + i_b).to(tl.int64)
+    o_t = i_t * BT + tl.arange(0, BT).to(tl.int64)
+    m_t = o_t < seq
+    m_q = m_t & (o_t < sealed)
+    m_f = m_t & (o_t >= sealed)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < N
+    p_dc, p_ds, p_dz, p_dt = DC + i_b * s_dcb, DS + i_b * s_dsb, DZ + i_b * s_dsb, DT + i_b * s_dtb
+    if HAS_U:
+        b_u = tl.zeros([BT, BN], tl.float32)
+        for c0 in range(0, C, BC):
+            o_c = c0 + tl.arange(0, BC)
+            m_c = o_c < C
+            b_x = _load_tile(p_dc, s_dct, p_ds, p_dz, s_dst, p_dt, s_dtt, o_t, o_c, m_q, m_f, m_c, sealed,
+                             i_t * BT, c0, BITS, GS, PER_CHANNEL, HAS_CODES, ALIGNED)
+            b_w = tl.load(U + o_n[None, :] * s_un + o_c[:, None] * s_uc, mask=m_c[:, None] & m_n[None, :], other=0.0)
+            if LOWP:
+                b_u = tl.dot(b_x.to(b_w.dtype), b_w, b_u)
+            else:
+                b_u = tl.dot(b_x, b_w.to(tl.float32), b_u, input_precision="ieee")
+    else:
+        b_u = _load_tile(p_dc, s_dct, p_ds, p_dz, s_dst, p_dt, s_dtt, o_t, o_n, m_q, m_f, m_n, sealed,
+                         i_t * BT, i_n * BN, BITS, GS, PER_CHANNEL, HAS_CODES, ALIGNED)
+    p_a = A + i_b * s_ab + o_t[:, None] * s_at + o_n[None, :]
+    m_a = m_t[:, None] & m_n[None, :]
+    if SEED:
+        b_new = b_u
+    else:
+        b_new = tl.load(p_a, mask=m_a, other=0.0).to(tl.float32) + b_u
+    tl.store(p_a, b_new, mask=m_a)
+
+
+def xquant_cl_update(
+    acc: Tensor,
+    delta: PackedStream,
+    seq_lens: Tensor,
+    *,
+    u_kv: Tensor | None = None,
+    seed: bool = False,
+    max_seq_len: int | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """X̂_i = X̂_{i−1} + Δ_i (·U_kvᵀ), in place on ``acc``; returns ``acc``.
+
+    Args:
+        acc: (B, S, d) accumulator X̂_{i−1} (fp16/bf16/fp32), overwritten with X̂_i.
+        delta: layer i's deltas (width d for MHA, 2·d_kv with u_kv): per-token codes for tokens
+            < sealed[b], full-precision deltas in ``tail`` for the tokens after them.
+        seq_lens: (B,) int tokens per row; tokens at or after seq_lens[b] are not touched.
+        u_kv: (d, 2·d_kv) shared basis U_kv (GQA); None for MHA.
+        seed: start the chain: X̂ = Δ (·U_kvᵀ), ignoring the previous contents of acc.
+        max_seq_len: an upper bound of seq_lens known on the host (saves a device sync).
+        backend: "auto" (Triton for CUDA tensors, else the reference), "triton" or "ref".
+    """
+    op = "xquant_cl_update"
+    if acc.dim() != 3 or acc.dtype not in _FLOATS or acc.stride(-1) != 1:
+        raise ValueError(f"{op}: acc must be a float (B, S, d) tensor with unit last stride, "
+                         f"got {acc.dtype} {tuple(acc.shape)}")
+    bsz, s_acc, d = acc.shape
+    device = check_device(op, acc=acc, seq_lens=seq_lens, u_kv=u_kv)
+    delta.check(op, "delta", bsz, device)
+    if delta.codes is not None and delta.spec.axis != "token":
+        raise ValueError(f"{op}: deltas are quantized per token, got a {delta.spec.axis}-axis stream")
+    if u_kv is None:
+        if delta.c != d:
+            raise ValueError(f"{op}: without u_kv the delta width must equal acc's {d}, got {delta.c}")
+    elif u_kv.shape != (d, delta.c) or u_kv.dtype not in _FLOATS:
+        raise ValueError(f"{op}: u_kv must be a float (d={d}, {delta.c}) matrix, "
+                         f"got {u_kv.dtype} {tuple(u_kv.shape)}")
+    if seq_lens.shape != (bsz,) or seq_lens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{op}: seq_lens must be int32/int64 of shape ({bsz},), "
+                         f"got {seq_lens.dtype} {tuple(seq_lens.shape)}")
+    if not use_triton(op, backend, acc, u_kv):
+        return xquant_cl_update_ref(acc, delta, seq_lens, u_kv=u_kv, seed=seed)
+    s_max = int(seq_lens.max()) if max_seq_len is None else int(max_seq_len)
+    if s_max > s_acc:
+        raise ValueError(f"{op}: rows reach {s_max} tokens but acc holds {s_acc}")
+    if s_max == 0:
+        return acc
+    lowp = not INTERPRET and u_kv is not None and u_kv.dtype in (torch.float16, torch.bfloat16)
+    bt = 32 if INTERPRET or not lowp else 64  # tiles sized against register spills (ptxas -v, sm_90)
+    bn = min(256 if INTERPRET else 64, max(16, next_pow2(d)))
+    bc = 128 if INTERPRET else 64
+    u = u_kv if u_kv is not None else acc
+    _cl_update_kernel[(bsz, cdiv(s_max, bt), cdiv(d, bn))](
+        acc, acc.stride(0), acc.stride(1),
+        *delta.args(), *delta.strides(),
+        seq_lens,
+        u, u.stride(0), u.stride(1),
+        d, delta.c,
+        BT=bt, BN=bn, BC=bc,
+        HAS_U=u_kv is not None, SEED=seed,
+        LOWP=lowp,
+        **delta.meta(bt, bc if u_kv is not None else bn),
+        num_warps=8, num_stages=2,
+    )
+    return acc
+
+
+def xquant_cl_attention_ref(
+    q: Tensor, acc: Tensor, w_k: Tensor, w_v: Tensor, cos: Tensor, sin: Tensor, seq_lens: Tensor, *,
+    b_k: Tensor | None = None, b_v: Tensor | None = None, scale: float | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Reference of ``xquant_cl_attention``: K = X̂·W_kᵀ, V = X̂·W_vᵀ densely, RoPE, softmax."""
+    dense = PackedStream.dense(acc)
+    return xquant_attention_ref(q, dense, dense, w_k.T, w_v.T, cos, sin, seq_lens, b_k=b_k, b_v=b_v,
+                                scale=scale, compute_dtype=compute_dtype)
+
+
+def xquant_cl_attention(
+    q: Tensor, acc: Tensor, w_k: Tensor, w_v: Tensor, cos: Tensor, sin: Tensor, seq_lens: Tensor, *,
+    b_k: Tensor | None = None, b_v: Tensor | None = None, scale: float | None = None,
+    max_seq_len: int | None = None, split_tokens: int | None = None, out: Tensor | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Decode attention over the accumulator X̂_i (B, S, d): the XQuant kernel in MHA form.
+
+    w_k, w_v: ``k_proj.weight`` / ``v_proj.weight`` (H_kv·D, d); b_k, b_v their biases. Other
+    arguments as in ``xquant_attention``. K and V are rebuilt per tile and never stored.
+    """
+    if acc.dim() != 3:
+        raise ValueError(f"xquant_cl_attention: acc must be (B, S, d), got {tuple(acc.shape)}")
+    dense = PackedStream.dense(acc)
+    return xquant_attention(q, dense, dense, w_k.T, w_v.T, cos, sin, seq_lens, b_k=b_k, b_v=b_v, scale=scale,
+                            max_seq_len=max_seq_len, split_tokens=split_tokens, out=out, backend=backend)

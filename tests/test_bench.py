@@ -1,0 +1,417 @@
+"""`xq bench`: one small measurement of every cache kind rendered in every format, checked against
+`xq plan` and docs/bench.schema.json; the cost model against spec §7-8; gates, refusal and extras via the CLI.
+
+The measurement (SmolLM2-135M shapes, random weights, contexts 256 and 512, 2 decode tokens x 2 reps) runs
+once per session through the library; the CLI runs use a single kind at one context to stay short.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+
+from xqcli import bench
+from xqcli.caches import CacheSpec, make_cache
+from xqcli.cli import main
+from xqcli.errors import InputError
+from xqcli.plan import SHAPES, plan, shape_config
+
+SCHEMA = json.loads((Path(__file__).parent.parent / "docs" / "bench.schema.json").read_text())
+SMOL = ["--shape", "smollm2-135m", "--context", "256", "--decode-tokens", "1", "--reps", "1", "--warmup", "0",
+        "--dtype", "float32", "--device", "cpu"]
+
+
+def has_transformers() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ------------------------------------------------------------------ a tiny JSON Schema (2020-12) subset
+
+ANNOTATIONS = {"$schema", "$id", "title", "description", "$defs"}
+KEYWORDS = {"$ref", "type", "const", "enum", "properties", "required", "additionalProperties", "items",
+            "minItems", "minimum"}
+TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
+
+
+def _is_type(value, name: str) -> bool:
+    if name == "integer":
+        if isinstance(value, float):
+            return value.is_integer()
+        return isinstance(value, int) and not isinstance(value, bool)
+    if name == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, TYPES[name])
+
+
+def validate(value, schema: dict, root: dict | None = None, path: str = "$") -> list[str]:
+    """Errors of `value` against the subset of JSON Schema 2020-12 that docs/bench.schema.json uses."""
+    root = root if root is not None else schema
+    unknown = set(schema) - KEYWORDS - ANNOTATIONS
+    assert not unknown, f"{path}: the validator does not implement {sorted(unknown)}"
+    errors: list[str] = []
+    if "$ref" in schema:
+        ref = schema["$ref"]
+        assert ref.startswith("#/"), ref
+        target = root
+        for part in ref[2:].split("/"):
+            target = target[part]
+        errors += validate(value, target, root, path)
+    if "type" in schema:
+        names = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        if not any(_is_type(value, n) for n in names):
+            return errors + [f"{path}: {value!r} is not of type {names}"]
+    if "const" in schema and value != schema["const"]:
+        errors.append(f"{path}: {value!r} != const {schema['const']!r}")
+    if "enum" in schema and value not in schema["enum"]:
+        errors.append(f"{path}: {value!r} not in {schema['enum']}")
+    if "minimum" in schema and _is_type(value, "number") and value < schema["minimum"]:
+        errors.append(f"{path}: {value!r} < minimum {schema['minimum']}")
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        errors += [f"{path}: missing {k!r}" for k in schema.get("required", []) if k not in value]
+        for k, v in value.items():
+            if k in props:
+                errors += validate(v, props[k], root, f"{path}.{k}")
+            elif schema.get("additionalProperties", True) is False:
+                errors.append(f"{path}: unexpected {k!r}")
+    if isinstance(value, list):
+        if len(value) < schema.get("minItems", 0):
+            errors.append(f"{path}: fewer than {schema['minItems']} items")
+        if "items" in schema:
+            for i, v in enumerate(value):
+                errors += validate(v, schema["items"], root, f"{path}[{i}]")
+    return errors
+
+
+def test_validator_catches_errors():
+    assert validate({"a": 1}, {"type": "object", "required": ["b"]}) == ["$: missing 'b'"]
+    assert validate(True, {"type": "integer"})
+    assert validate(1.5, {"type": ["integer", "null"]})
+    assert not validate(None, {"type": ["integer", "null"], "minimum": 0})
+    assert validate({"x": 2}, {"properties": {}, "additionalProperties": False})
+    assert validate(-1, {"$ref": "#/$defs/n", "$defs": {"n": {"type": "number", "minimum": 0}}})
+
+
+# -------------------------------------------------------------------------- the shared measurement
+
+
+@pytest.fixture(scope="module")
+def result():
+    return bench.run_bench(shape="smollm2-135m", contexts=[256, 512], kinds=list(bench.DEFAULT_KINDS),
+                           decode_tokens=2, reps=2, warmup=0, device="cpu", dtype="float32",
+                           hf=has_transformers())
+
+
+def xq_rows(res):
+    return [r for r in res.rows if r.engine == "xq"]
+
+
+def test_rows_measured(result):
+    rows = xq_rows(result)
+    assert [(r.kind, r.context) for r in rows] == [(k, n) for n in (256, 512) for k in bench.DEFAULT_KINDS]
+    for r in rows:
+        assert r.error is None, r
+        assert r.prefill_tok_s > 0 and r.prefill_s > 0
+        assert len(r.decode_ms_reps) == 2 and r.decode_ms > 0 and r.decode_ms_p90 >= r.decode_ms
+        assert r.step_bytes > result.model["weights_bytes"] * 0.9 and r.step_flops > 0
+        assert r.achieved_gb_s > 0 and r.achieved_tflop_s > 0
+        assert r.roofline_ms == pytest.approx(r.roofline_mem_ms + r.roofline_compute_ms)
+        assert r.max_context is None or r.max_context > 0
+        if result.memory["peak_source"] is not None:
+            assert r.peak_bytes is not None and r.peak_bytes >= 0
+    assert result.peaks.bandwidth_gb_s > 0 and result.peaks.tflop_s > 0
+    assert [v.context for v in result.verdicts] == [256, 512]
+    assert all(v.fastest in result.settings["kinds"] for v in result.verdicts)
+    env = result.environment
+    assert env["torch"] == torch.__version__ and env["xq"] and env["cpu"]["cores"]
+
+
+def test_bytes_and_ratios_match_plan(result):
+    cfg = shape_config("smollm2-135m")
+    fp32 = {r.kind: r for r in plan(cfg, list(bench.DEFAULT_KINDS), dtype=torch.float32)}
+    fp16 = {r.kind: r for r in plan(cfg, list(bench.DEFAULT_KINDS))}
+    for r in xq_rows(result):
+        assert r.bytes_per_token == pytest.approx(fp32[r.kind].bytes_per_token, rel=1e-12), r.kind
+        assert r.plan_bytes_per_token == fp32[r.kind].bytes_per_token
+        assert r.paper_bytes_per_token == fp16[r.kind].paper_bytes_per_token
+        if r.kind == "kv":  # float32 KV against fp16 KV
+            assert r.ratio == pytest.approx(0.5)
+        else:  # codes and fp16 scales do not depend on the model dtype
+            assert r.ratio == pytest.approx(fp16[r.kind].ratio, rel=1e-12), r.kind
+    ratios = {r.kind: r.ratio for r in xq_rows(result)}
+    assert ratios["xquant-2"] > ratios["xquant-4"] > 3.5
+    assert ratios["xquant-4"] == pytest.approx(ratios["kivi-4"])  # GQA latents are KV-sized
+
+
+def test_cache_bytes_itemized(result):
+    cfg = shape_config("smollm2-135m")
+    for r in xq_rows(result):
+        c = r.cache_bytes
+        assert c["total"] == c["payload"] + c["scales"] + c["fp_window"] + c["workspace"]
+        if r.kind == "kv":
+            assert c["payload"] == r.context * cfg.num_hidden_layers * 2 * cfg.kv_dim * 4
+            assert c["total"] == c["payload"]
+        else:
+            assert c["fp_window"] > 0 and c["scales"] > 0
+            assert (c["workspace"] > 0) == r.kind.startswith("xquant-cl")
+        assert r.step_bytes == bench.weights_read_bytes(cfg, torch.float32) + c["total"] - c["workspace"]
+
+
+@pytest.mark.skipif(not has_transformers(), reason="transformers is not installed")
+def test_hf_rows(result):
+    hf = [r for r in result.rows if r.engine == "transformers"]
+    assert [r.context for r in hf] == [256, 512] and all(r.kind == bench.HF_KIND for r in hf)
+    for r in hf:
+        assert r.error is None and r.prefill_tok_s > 0 and r.decode_ms >= 0 and len(r.decode_ms_reps) == 2
+        assert r.ratio == pytest.approx(0.5)  # its dynamic cache holds float32 K/V here
+    assert not [n for n in result.notes if "transformers' logits differ" in n], result.notes
+
+
+# ----------------------------------------------------------------------------------- the formats
+
+
+def test_json_matches_schema(result):
+    doc = json.loads(bench.render(result, "json"))
+    assert validate(doc, SCHEMA) == []
+    assert doc["schema_version"] == bench.SCHEMA_VERSION == 1
+    assert len(doc["rows"]) == len(result.rows)
+
+
+def test_jsonl_lines_match_schema(result):
+    lines = bench.render(result, "jsonl").splitlines()
+    assert len(lines) == len(result.rows)
+    line_schema = SCHEMA["$defs"]["jsonl_line"]
+    for line in lines:
+        rec = json.loads(line)
+        assert validate(rec, line_schema, SCHEMA) == []
+        assert rec["target"] == result.target and rec["dtype"] == "float32"
+
+
+def test_csv(result):
+    rows = list(csv.DictReader(io.StringIO(bench.render(result, "csv"))))
+    assert len(rows) == len(result.rows)
+    assert set(bench.CSV_FIELDS) <= set(rows[0])
+    for rec, r in zip(rows, result.rows, strict=True):
+        assert rec["kind"] == r.kind and int(rec["context"]) == r.context
+        assert float(rec["decode_ms"]) == pytest.approx(r.decode_ms)
+        assert int(rec["cache_total"]) == r.cache_bytes["total"]
+        assert len(rec["decode_ms_reps"].split(";")) == 2
+
+
+def test_md_and_table(result):
+    md = bench.render(result, "md")
+    assert md.startswith("## xq bench: shape smollm2-135m")
+    assert "| cache | context |" in md and "decode ms/token" in md and "measured peaks" in md
+    for k in bench.DEFAULT_KINDS:
+        assert f"| {k} | 256 |" in md and f"| {k} | 512 |" in md
+    assert "- context 256: fastest" in md
+    table = bench.render(result, "table")
+    assert "xq bench" in table and "xquant-cl-3" in table and "fits longest" in table
+
+
+def test_gates_on_result(result):
+    kinds = result.settings["kinds"]
+    assert bench.Gate.parse("xquant-4.ratio<3.5", kinds).failures(result.rows) == []
+    fails = bench.Gate.parse("xquant-4.ratio < 4", kinds).failures(result.rows)
+    # every context is checked
+    assert len(fails) == 2 and "context 256" in fails[0] and "context 512" in fails[1]
+    # decode_ms > 0 holds at every context, so it fires at both; a threshold between the two fires at one
+    assert len(bench.Gate.parse("kv.decode_ms>0", kinds).failures(result.rows)) == 2
+    pf = sorted(r.prefill_tok_s for r in result.rows if r.kind == "kv")
+    mid = (pf[0] + pf[1]) / 2
+    assert len(bench.Gate.parse(f"kv.prefill_tok_s>={mid}", kinds).failures(result.rows)) == (pf[0] != pf[1])
+    assert bench.check_gates(result, [bench.Gate.parse("xquant-cl-3.bytes_per_token>1e9", kinds)]) == []
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("xquant-5.ratio<3", "bits must be one of"),
+    ("xquant-8.ratio<3", "not benchmarked"),
+    ("kv.speed<3", "unknown metric"),
+    ("kv.ratio=<3", "expected KIND.METRIC OP NUMBER"),
+    ("kv ratio < 3", "expected KIND.METRIC OP NUMBER"),
+    ("hf.decode_ms>1", "not benchmarked"),
+], ids=["bad-bits", "kind-not-run", "metric", "op", "no-dot", "hf-without-flag"])
+def test_gate_parse_errors(text, needle):
+    with pytest.raises(InputError, match=needle):
+        bench.Gate.parse(text, list(bench.DEFAULT_KINDS))
+
+
+# ---------------------------------------------------------------------------- the cost model (spec §8)
+
+
+def test_cost_model_matches_spec():
+    llama3, llama2 = shape_config("llama-3.1-8b"), shape_config("llama-2-7b")
+    per = lambda cfg, kind: bench.rebuild_flops(cfg, CacheSpec.parse(kind), 1) / cfg.num_hidden_layers  # noqa: E731
+    assert per(llama3, "kv") == per(llama3, "kivi-2") == 0
+    assert per(llama3, "xquant-2") == 4 * 1024**2  # 2·2·(d/g)²: "4.21 M" with the 16.4 K of attention
+    assert bench.attention_flops(llama3, 1) / 32 == 16384  # "16.4 K" per token per layer
+    assert per(llama2, "xquant-2") == 4 * 4096**2  # MHA: 4d² = 67 MFLOP
+    cl = bench.rebuild_flops(llama3, CacheSpec.parse("xquant-cl-2"), 1)
+    assert cl == 2 * 4 * 1024**2 + 30 * 8 * 4096 * 1024  # layers 0-1 plain, seed and deltas 33.6 M each
+    embed = llama3.vocab_size * llama3.hidden_size  # the untied input embedding: indexed, never streamed
+    assert bench.matmul_params(llama3) + embed == pytest.approx(8.03e9, rel=0.001)  # 8.03B parameters
+    # spec §8 streams all 16.06 GB of bf16 weights per step; one embedding row is all a step reads of the
+    # input table, so the floor streams 16.06 GB - 1.05 GB
+    assert bench.weights_read_bytes(llama3, torch.bfloat16) + 2 * embed == pytest.approx(16.06e9, rel=0.001)
+    assert bench.decode_flops(llama3, CacheSpec.parse("xquant-2"), 32768) == (
+        2 * bench.matmul_params(llama3) + bench.attention_flops(llama3, 32768)
+        + bench.rebuild_flops(llama3, CacheSpec.parse("xquant-2"), 32768))
+
+
+def test_parse_contexts():
+    assert bench.parse_contexts("4k,32k") == [4096, 32768]
+    assert bench.parse_contexts(" 256, 512 ,256") == [256, 512]
+    for bad in ("", "0", "4m", "-1", "k"):
+        with pytest.raises(InputError):
+            bench.parse_contexts(bad)
+
+
+@pytest.mark.parametrize("kind", ["kivi-4", "xquant-4", "xquant-cl-3"])
+def test_snapshot_restores_decode_exactly(tiny_models, kind):
+    """Repetitions start from the same cache state: restoring gives bit-identical decode logits even when
+    tokens are sealed (quantized) and the fp tail shifts during the steps."""
+    model = tiny_models["llama"]
+    spec = CacheSpec.parse(kind, window=4, group_size=8)
+    cache = make_cache(model, spec, 2, 40)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 21))
+    with torch.inference_mode():
+        first = bench._last_logits(model, tokens, cache).argmax(-1, keepdim=True)
+        snap = bench._Snapshot(cache)
+        runs = []
+        for _ in range(2):
+            snap.restore(cache)
+            tok, out = first, []
+            for _ in range(10):
+                logits = bench._last_logits(model, tok, cache)
+                out.append(logits)
+                tok = logits.argmax(-1, keepdim=True)
+            runs.append(torch.stack(out))
+    assert torch.equal(runs[0], runs[1])
+    assert int(cache.lengths[0]) == 31
+
+
+@pytest.mark.parametrize("kind", ["kv", "xquant-4"])
+def test_chunked_prefill(tiny_models, kind):
+    """Chunks go through the same cache: exact for kv; quantized kinds differ only in what attention saw
+    inside the prompt (tokens sealed by an earlier chunk are already quantized), so just check they run."""
+    model = tiny_models["llama"]
+    spec = CacheSpec.parse(kind, window=4, group_size=8)
+    tokens = torch.randint(0, model.config.vocab_size, (1, 37))
+    caches = [make_cache(model, spec, 1, 40) for _ in range(2)]
+    with torch.inference_mode():
+        whole = bench._prefill(model, tokens, caches[0], None)
+        chunked = bench._prefill(model, tokens, caches[1], 16)
+    assert int(caches[1].lengths[0]) == 37 and chunked.shape == whole.shape and chunked.isfinite().all()
+    if kind == "kv":
+        torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------- the command
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_gate_passes_and_writes_json(capsys, tmp_path):
+    out_file = tmp_path / "bench.json"
+    code, out, err = run(capsys, "bench", *SMOL, "--cache", "kv", "--fail-if", "kv.ratio<0.4",
+                         "--fail-if", "kv.max_context<=0", "--output", str(out_file))
+    assert code == 0, err
+    assert out == "" and "wrote" in err
+    doc = json.loads(out_file.read_text())
+    assert validate(doc, SCHEMA) == []
+    assert [r["kind"] for r in doc["rows"]] == ["kv"] and doc["rows"][0]["ratio"] == pytest.approx(0.5)
+
+
+def test_cli_gate_fails_with_8(capsys):
+    code, out, err = run(capsys, "bench", *SMOL, "--cache", "xquant-4", "--format", "csv",
+                         "--fail-if", "xquant-4.ratio<3.5", "--fail-if", "xquant-4.ratio<4")
+    assert code == 8
+    rows = list(csv.DictReader(io.StringIO(out)))  # results are printed before the gate fails
+    assert len(rows) == 1 and rows[0]["kind"] == "xquant-4" and 3.5 < float(rows[0]["ratio"]) < 4
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error:") and "xquant-4.ratio<4" in last and "xquant-4.ratio<3.5" not in last
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--context", "1000k"], "refused"),
+    (["--budget", "100MiB"], "--budget"),
+], ids=["huge-context", "small-budget"])
+def test_cli_refuses_up_front(capsys, args, needle):
+    base = [a for a in SMOL if a not in ("--context", "256")]
+    code, out, err = run(capsys, "bench", *base, *args)
+    assert code == 7 and out == ""
+    assert needle in err and "GiB" in err and "--force" in err
+    assert "building" not in err  # refused before the model was built
+
+
+def test_cli_refuses_hours(capsys):
+    code, _, err = run(capsys, "bench", "--shape", "llama-3.1-8b", "--context", "32k", "--device", "cpu",
+                       "--budget", "1TiB")
+    assert code == 7 and "would take about" in err and "h " in err
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (["--fail-if", "kivi-2.ratio<3"], 2, "not benchmarked"),
+    (["--fail-if", "kv.latency<3"], 2, "unknown metric"),
+    (["--format", "xml"], 2, "unknown --format"),
+    (["--cache", "kv,xquant-9"], 2, "bits must be one of"),
+    (["--context", "12q"], 2, "--context"),
+    (["--reps", "0"], 2, "--reps must be >= 1"),
+    (["--prefill-chunk", "4k,8k"], 2, "--prefill-chunk"),
+], ids=["gate-kind", "gate-metric", "format", "kind", "context", "reps", "chunk"])
+def test_cli_bad_input(capsys, args, code, needle):
+    c, out, err = run(capsys, "bench", *SMOL, *args)
+    assert c == code and needle in err and out == ""
+
+
+def test_cli_needs_one_target(capsys):
+    c, _, err = run(capsys, "bench", "--context", "256", "--device", "cpu")
+    assert c == 2 and "--shape" in err
+
+
+def test_cli_plot_needs_extra(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the plot extra were not installed
+    c, out, err = run(capsys, "bench", *SMOL, "--plot", str(tmp_path / "p.png"))
+    assert c == 6 and "pip install 'xqcli[plot]'" in err and out == ""
+
+
+def test_cli_hf_needs_transformers(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    c, _, err = run(capsys, "bench", *SMOL, "--hf")
+    assert c == 6 and "transformers" in err
+
+
+def test_plot_draws_both_panels(result, tmp_path, monkeypatch):
+    """The plotting calls, against a stand-in matplotlib (the plot extra is optional)."""
+    fake = mock.MagicMock()
+    fig, ax_t, ax_m = mock.MagicMock(), mock.MagicMock(), mock.MagicMock()
+    fake.pyplot.subplots.return_value = (fig, (ax_t, ax_m))
+    monkeypatch.setitem(sys.modules, "matplotlib", fake)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", fake.pyplot)
+    out = bench.plot(result, tmp_path / "p.png")
+    fig.savefig.assert_called_once()
+    assert fig.savefig.call_args.args[0] == out == tmp_path / "p.png"
+    kinds = list(dict.fromkeys(r.kind for r in result.rows))
+    assert ax_t.plot.call_count == ax_m.plot.call_count == len(kinds)
+    xs, ys = ax_t.plot.call_args_list[0].args
+    assert xs == [256, 512] and all(y > 0 for y in ys)
+    assert ax_m.set_ylabel.call_args.args[0] == "cache GB at context"
+
+
+def test_shapes_known():
+    assert "smollm2-135m" in SHAPES and "llama-3.1-8b" in SHAPES

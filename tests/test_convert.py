@@ -1,0 +1,172 @@
+"""`xq convert` on real SmolLM2 (GGUF, HF folder, HF id from an offline hub cache) and hub failures.
+
+Bundles are float32 here so that their logits must equal the source model's; calibration uses few
+tokens to keep the suite short (the statistics are checked on tiny models in test_bundle.py).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import assets
+import pytest
+import torch
+
+from xqcli.bundle import open_bundle
+from xqcli.calibrate import capture_inputs
+from xqcli.cli import main
+from xqcli.convert import convert
+from xqcli.loader import load
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+CALIB_TOKENS = 128
+
+
+def fake_hub(monkeypatch, root: Path, repo_id: str, files: dict[str, Path | str]) -> Path:
+    """An HF hub cache with one snapshot (`refs/main` -> COMMIT), used by snapshot_download offline.
+
+    `files` maps names to a file to link to, or to text. huggingface_hub reads its cache location when
+    imported, so both the environment and the loaded constant are pointed at `root`.
+    """
+    import huggingface_hub.constants
+
+    snap = root / f"models--{repo_id.replace('/', '--')}" / "snapshots" / COMMIT
+    snap.mkdir(parents=True)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text(COMMIT)
+    for name, content in files.items():
+        if isinstance(content, Path):
+            (snap / name).symlink_to(content)
+        else:
+            (snap / name).write_text(content)
+    monkeypatch.setenv("HF_HUB_CACHE", str(root))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(root))
+    return snap
+
+
+def assert_same_logits(bundle: Path, reference) -> None:
+    model = load(bundle, dtype="float32").model
+    tokens = torch.randint(0, reference.config.vocab_size, (1, 48))
+    assert (model(tokens) - reference(tokens)).abs().max() <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def smol_bundle(smollm2_dir, tmp_path_factory) -> Path:
+    return convert(smollm2_dir, tmp_path_factory.mktemp("smol") / "smol-xq", dtype="float32",
+                   calib_tokens=CALIB_TOKENS)
+
+
+# ------------------------------------------------------------------------------ three sources
+
+
+@pytest.mark.slow
+def test_folder_bundle(smol_bundle, smollm2):
+    b = open_bundle(smol_bundle, verify=True)
+    assert b.manifest["source"]["kind"] == "folder" and b.has_projections
+    assert_same_logits(smol_bundle, smollm2)
+
+
+@pytest.mark.slow
+def test_gguf_bundle(smollm2, tmp_path):
+    out = convert(assets.smollm2_gguf(), tmp_path / "g", dtype="float32", calib_tokens=CALIB_TOKENS)
+    src = open_bundle(out).manifest["source"]
+    assert src["kind"] == "gguf" and src["sha256"] == assets.SMOLLM2_SHA256
+    assert_same_logits(out, smollm2)
+    shutil.rmtree(out)
+
+
+@pytest.mark.slow
+def test_hub_id_bundle(smollm2, smollm2_dir, tmp_path, monkeypatch):
+    names = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+             "generation_config.json")
+    fake_hub(monkeypatch, tmp_path / "hub", "HuggingFaceTB/SmolLM2-135M-Instruct",
+             {n: smollm2_dir / n for n in names})
+    monkeypatch.chdir(tmp_path)
+    out = convert("HuggingFaceTB/SmolLM2-135M-Instruct", dtype="float32", calib_tokens=CALIB_TOKENS)
+    assert out == tmp_path / "SmolLM2-135M-Instruct-xq"  # the documented default
+    src = open_bundle(out).manifest["source"]
+    assert src == {"kind": "hub", "id": "HuggingFaceTB/SmolLM2-135M-Instruct", "revision": COMMIT}
+    assert_same_logits(out, smollm2)
+    shutil.rmtree(out)
+
+
+# ------------------------------------------------------------------------------ the projections
+
+
+@pytest.mark.slow
+def test_projections_reproduce_kv_on_real_activations(smol_bundle):
+    """X·U_k·M_k = X·W_kᵀ, X·U_v·M_v = X·W_vᵀ, X·U_kv·U_kvᵀ·W_kv = X·W_kv: every layer, fp32."""
+    from xqcli.projections import model_projections
+    from xqcli.tokenizer import Tokenizer
+
+    model = load(smol_bundle, dtype="float32").model
+    tokens = Tokenizer.from_folder(smol_bundle).encode("The quick brown fox jumps over the lazy dog. " * 12,
+                                                       add_special_tokens=False)
+    xs = capture_inputs(model, tokens)
+    with torch.inference_mode():
+        for layer, x, p in zip(model.layers, xs, model_projections(model)):
+            a = layer.self_attn
+            w_kv = torch.cat([a.k_proj.weight, a.v_proj.weight])
+            assert ((x @ p.k.u) @ p.k.m - x @ a.k_proj.weight.T).abs().max() <= 1e-4
+            assert ((x @ p.v.u) @ p.v.m - x @ a.v_proj.weight.T).abs().max() <= 1e-4
+            assert ((x @ p.kv.u) @ p.kv.u.T @ w_kv.T - x @ w_kv.T).abs().max() <= 1e-4
+            for u in (p.k.u, p.v.u, p.kv.u):
+                assert (u.T @ u - torch.eye(u.shape[1])).abs().max() <= 1e-5
+
+
+# ------------------------------------------------------------------------------ commands on a bundle
+
+
+@pytest.mark.slow
+def test_eval_from_bundle_matches_source(smol_bundle, smollm2_dir, capsys):
+    args = ["--text", "news", "--max-tokens", "256", "--seq-len", "256", "-m", "kv,xquant-3", "--json"]
+    rows = {}
+    for name, target in (("bundle", smol_bundle), ("source", smollm2_dir)):
+        assert main(["eval", str(target), *args]) == 0
+        rows[name] = json.loads(capsys.readouterr().out)["rows"]
+    assert rows["bundle"] == rows["source"]
+    assert main(["eval", str(smol_bundle), *args, "--calibrated"]) == 0
+    cal = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["method"] for r in cal] == ["kv", "xquant-3", "xquant-3 (cal)"] and cal[:2] == rows["bundle"]
+    assert main(["eval", str(smollm2_dir), *args, "--calibrated"]) == 2
+    assert "needs a bundle" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_inspect(smol_bundle, capsys):
+    assert main(["inspect", str(smol_bundle), "--verify", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["verified"] and report["latents"] and report["config"]["num_hidden_layers"] == 30
+    kinds = {r["kind"]: r for r in report["bytes_per_token"]}
+    assert kinds["kv"]["bytes_per_token"] == 30 * 2 * 192 * 2 and kinds["xquant-4"]["vs_fp16_kv"] < 0.3
+    layers = report["calibration"]["layers"]
+    assert len(layers) == 30 and all(0 < r["latent"]["k_channel0_energy"] < 1 for r in layers)
+    assert main(["inspect", str(smol_bundle)]) == 0
+    out = capsys.readouterr().out
+    assert "schema 1" in out and "ch0" in out and "xquant-cl-2" in out
+
+
+# ------------------------------------------------------------------------------ hub failures (fast)
+
+
+def test_missing_id_offline(tmp_path, monkeypatch, capsys):
+    fake_hub(monkeypatch, tmp_path / "hub", "someone/other", {"config.json": "{}"})
+    monkeypatch.chdir(tmp_path)
+    code = main(["convert", "nobody/missing-model"])
+    err = capsys.readouterr().err
+    assert code == 5 and "HF_HUB_OFFLINE" in err and "nobody/missing-model" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "missing-model-xq").exists()
+
+
+def test_unsupported_architecture_before_weights(tmp_path, monkeypatch, capsys):
+    """A gpt2 config is refused from config.json alone: the fake cache has no weights to fetch."""
+    fake_hub(monkeypatch, tmp_path / "hub", "openai-community/gpt2",
+             {"config.json": json.dumps({"model_type": "gpt2", "n_embd": 768, "n_layer": 12})})
+    monkeypatch.chdir(tmp_path)
+    code = main(["convert", "openai-community/gpt2"])
+    err = capsys.readouterr().err
+    assert code == 3 and "gpt2" in err and "not supported" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hub"]

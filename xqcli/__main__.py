@@ -1,0 +1,5 @@
+"""`python -m xqcli`: the `xq` command."""
+
+from xqcli.cli import main
+
+main()

@@ -1,0 +1,470 @@
+"""`xq chat`: an interactive conversation through any cache kind, with a live memory panel.
+
+The loop, the slash commands and the rendering live here; generation is `xqcli.engine.Engine`.
+Output rules: answers go to stdout; the live panel, the banner and the per-turn summary go to
+stderr. When stdout is not a terminal, answers are plain streamed text, there is no panel, and
+`/stats` and `/mem` print plain `key: value` lines to stdout.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import typer
+
+from xqcli.commands import _options as opt
+
+if TYPE_CHECKING:
+    from xqcli.engine import Engine
+
+# Sampling options, shared with `xq generate` (which imports them from here).
+TEMPERATURE = typer.Option(None, "--temperature", "--temp", help="0 = greedy. Default: chat 0.7, generate 0.")
+TOP_K = typer.Option(None, "--top-k", help="Keep the k most likely tokens (0 = off).")
+TOP_P = typer.Option(None, "--top-p", help="Nucleus sampling: keep the most likely tokens up to this mass, in (0, 1].")
+MIN_P = typer.Option(None, "--min-p", help="Drop tokens less likely than min-p times the most likely one, in [0, 1).")
+REPEAT_PENALTY = typer.Option(None, "--repeat-penalty",
+                              help="> 1 discourages tokens already in the context (1 = off).")
+SEED = typer.Option(None, "--seed", help="Seed for sampling (each answer starts from it): reproducible output.")
+STOP = typer.Option(None, "--stop", help="Stop when the text contains this string (repeatable); it is not printed.")
+CONTEXT = typer.Option(None, "--context",
+                       help="Tokens the cache holds (allocated up front): 4096, 32k (= 32,000) or 32K (= 32,768). "
+                            "Default: the model's maximum, at most 4096.")
+CUDA_GRAPH = typer.Option(False, "--cuda-graph/--no-cuda-graph",
+                          help="GPU and --cache kv only: capture the decode step in a CUDA graph (experimental).")
+
+CHAT_DEFAULTS = {"temperature": 0.7, "top_p": 0.95, "min_p": 0.05}
+
+HELP = """Chat with a model through an XQuant (or any) cache, with a live memory panel.
+
+\b
+Input:
+  Enter sends a line; a line ending with \\ continues on the next one.
+  A line starting with \"\"\" opens a block that ends at a line ending with \"\"\"
+  (for pasting code or text). Ctrl-C stops the answer, not the session.
+  Ctrl-D or /exit quits.
+\b
+Commands:
+  /stats           the last answer: tokens, prefill and decode speed
+  /mem             cache bytes (payload, scales, fp window, CL workspace),
+                   fp16 KV and the ratio, device memory, tokens left
+  /reset           forget the conversation (alias /clear)
+  /system TEXT     set the system prompt (no TEXT: show it)
+  /set KEY VALUE   temperature, top_k, top_p, min_p, repeat_penalty,
+                   seed (or none), max_tokens; /set alone shows them
+  /save FILE       save the conversation and its cache (safetensors)
+  /load FILE       restore a saved session and continue it
+  /exit            quit (alias /quit, /bye)
+"""
+
+_COMMANDS = ("/help", "/stats", "/mem", "/reset", "/clear", "/system", "/set", "/save", "/load", "/exit", "/quit",
+             "/bye", "/?")
+
+
+def parse_context(text: str) -> int:
+    """'4096' -> 4096, '32k' -> 32000, '32K' -> 32768 (vLLM's convention)."""
+    from xqcli.errors import InputError
+
+    m = re.fullmatch(r"\s*(\d+)\s*([kKmM]?)\s*", text)
+    if not m:
+        raise InputError(f"cannot read --context {text!r}", hint="write it like 4096, 32k (32,000) or 32K (32,768)")
+    n, unit = int(m.group(1)), m.group(2)
+    return n * {"": 1, "k": 1000, "K": 1024, "m": 10**6, "M": 2**20}[unit]
+
+
+def sampling_from_options(defaults: dict[str, Any], **given: Any):
+    """A checked SamplingParams from the command's options (None = not given = the default)."""
+    from xqcli.engine import SamplingParams
+
+    values = defaults | {k: v for k, v in given.items() if v is not None}
+    if values.get("stop") is not None:
+        values["stop"] = tuple(values["stop"])
+    return SamplingParams(**values).check()
+
+
+def read_message(read_line: Callable[[str], Optional[str]], prompt: str, more: str) -> Optional[str]:
+    """One user message: a line, `\\`-continued lines, or a \"\"\" block. None at end of input."""
+    first = read_line(prompt)
+    if first is None:
+        return None
+    if first.lstrip().startswith('"""'):
+        rest = first.lstrip()[3:]
+        if rest.rstrip().endswith('"""'):
+            return rest.rstrip()[:-3]
+        lines = [rest] if rest else []
+        while True:
+            line = read_line(more)
+            if line is None:
+                break
+            if line.rstrip().endswith('"""'):
+                tail = line.rstrip()[:-3]
+                if tail:
+                    lines.append(tail)
+                break
+            lines.append(line)
+        return "\n".join(lines)
+    lines, line = [], first
+    while line.endswith("\\"):
+        lines.append(line[:-1])
+        nxt = read_line(more)
+        if nxt is None:
+            line = ""
+            break
+        line = nxt
+    lines.append(line)
+    return "\n".join(lines)
+
+
+class ChatSession:
+    """The REPL: conversation, slash commands, streaming and the live panel."""
+
+    def __init__(self, engine: "Engine", source: str, system: str | None, *, panel: bool, out, err) -> None:
+        self.engine, self.source = engine, source
+        self.system = system
+        self.messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+        self.panel = panel
+        self.out, self.err = out, err  # rich consoles: stdout, stderr
+        self.plain = not out.is_terminal
+        self.turns = 0
+
+    # --- output helpers ------------------------------------------------------------------------------
+    def say(self, text: str) -> None:
+        """A status line on stderr."""
+        self.err.print(f"[dim]{_esc(text)}[/]")
+
+    def show(self, obj) -> None:
+        """/stats, /mem: a rich table on a terminal, plain lines otherwise."""
+        if self.plain:
+            sys.stdout.write("\n".join(obj.lines()) + "\n")
+            sys.stdout.flush()
+        else:
+            self.out.print(obj)
+
+    def error(self, e: Exception) -> None:
+        from rich.markup import escape
+
+        hint = getattr(e, "hint", None)
+        self.err.print(f"[bold red]error:[/] {escape(str(e))}" + (f" [dim]({escape(hint)})[/]" if hint else ""))
+
+    # --- commands ----------------------------------------------------------------------------------
+    def command(self, line: str) -> bool:
+        """Run a slash command; False means quit."""
+        from xqcli.engine import load_session, parse_setting, save_session
+        from xqcli.errors import InputError
+
+        cmd, _, arg = line.strip().partition(" ")
+        cmd, arg = cmd.lower(), arg.strip()
+        if cmd in ("/exit", "/quit", "/bye"):
+            return False
+        if cmd in ("/help", "/?"):
+            self.out.print(HELP.split("Commands:")[1].replace("\b", "").strip("\n"), markup=False, highlight=False)
+        elif cmd == "/stats":
+            self.show(self.engine.stats)
+        elif cmd == "/mem":
+            self.show(self.engine.memory())
+        elif cmd in ("/reset", "/clear"):
+            self.messages = [{"role": "system", "content": self.system}] if self.system else []
+            self.engine.reset()
+            self.say("conversation cleared")
+        elif cmd == "/system":
+            if not arg:
+                self.say(f"system prompt: {self.system!r}" if self.system else "no system prompt")
+            else:
+                self.system = arg
+                self.messages = [m for m in self.messages if m["role"] != "system"]
+                self.messages.insert(0, {"role": "system", "content": arg})
+                self.say("system prompt set (the cache is rebuilt on the next answer)")
+        elif cmd == "/set":
+            key, _, value = arg.partition(" ")
+            if not key:
+                self.say(", ".join(f"{k}={v}" for k, v in self.engine.sampling.as_dict().items()))
+            elif not value.strip():
+                raise InputError(f"/set {key} needs a value", hint="e.g. /set temperature 0.2")
+            else:
+                self.engine.sampling = self.engine.sampling.with_(**parse_setting(key, value))
+                self.say(", ".join(f"{k}={v}" for k, v in self.engine.sampling.as_dict().items()))
+        elif cmd == "/save":
+            if not arg:
+                raise InputError("/save needs a file name", hint="e.g. /save chat.safetensors")
+            save_session(Path(arg).expanduser(), self.engine, self.messages, self.source)
+            self.say(f"saved {len(self.engine.ids[0]):,} tokens and {len(self.messages)} messages to {arg}")
+        elif cmd == "/load":
+            if not arg:
+                raise InputError("/load needs a file name")
+            meta = load_session(Path(arg).expanduser(), self.engine, self.source)
+            self.messages = list(meta["messages"])
+            sys_msgs = [m["content"] for m in self.messages if m.get("role") == "system"]
+            self.system = sys_msgs[0] if sys_msgs else None
+            self.say(f"loaded {len(self.engine.ids[0]):,} tokens and {len(self.messages)} messages from {arg}")
+        else:
+            raise InputError(f"unknown command {cmd}", hint="/help lists the commands")
+        return True
+
+    # --- one answer ----------------------------------------------------------------------------------
+    def answer(self, text: str) -> None:
+        from xqcli.errors import XQError
+
+        self.messages.append({"role": "user", "content": text})
+        engine = self.engine
+        pieces: list[str] = []
+        sink = _PanelSink(self) if self.panel else _PlainSink(self)
+
+        def on_sigint(signum, frame):  # first Ctrl-C: finish this step and stop; second: abort now
+            if engine._stop:
+                raise KeyboardInterrupt
+            engine.request_stop()
+
+        old = signal.signal(signal.SIGINT, on_sigint)
+        interrupted = False
+        try:
+            with sink:
+                for step in engine.chat_turn(self.messages):
+                    pieces.append(step.text)
+                    sink.piece(step.text)
+        except KeyboardInterrupt:
+            interrupted = True
+        except XQError as e:
+            self.messages.pop()
+            self.error(e)
+            return
+        finally:
+            signal.signal(signal.SIGINT, old)
+        self.turns += 1
+        stats = engine.stats
+        if interrupted or "interrupted" in stats.finish:
+            self.say("[interrupted]")
+        self.messages.append({"role": "assistant", "content": "".join(pieces)})
+        mem = engine.memory()
+        self.say(f"{stats.generated_tokens} tokens, {stats.decode_tok_s:.1f} tok/s | context {mem.context_tokens:,} | "
+                 f"cache {_bytes(mem.cache.total)}, {mem.bytes_per_token:,.0f} B/token past the window "
+                 f"({mem.ratio:.2f}x vs fp16 KV)")
+
+    def run(self, read_line: Callable[[str], Optional[str]], prompt: str, more: str) -> None:
+        from xqcli.errors import XQError
+
+        while True:
+            try:
+                text = read_message(read_line, prompt, more)
+            except KeyboardInterrupt:
+                self.err.print()
+                self.say("(Ctrl-D or /exit quits)")
+                continue
+            if text is None:
+                return
+            if not text.strip():
+                continue
+            if text.lstrip().startswith("/") and text.split()[0].lower() in _COMMANDS:
+                try:
+                    if not self.command(text):
+                        return
+                except XQError as e:
+                    self.error(e)
+                continue
+            self.answer(text)
+
+
+class _PlainSink:
+    """Streams pieces straight to stdout."""
+
+    def __init__(self, session: ChatSession) -> None:
+        self.s = session
+
+    def __enter__(self):
+        return self
+
+    def piece(self, text: str) -> None:
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+    def __exit__(self, *exc) -> None:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+class _PanelSink:
+    """rich Live on stderr: the unfinished line of the answer above the memory panel; finished lines are
+    printed above the live area (rich's print-above-live), so the terminal keeps a clean transcript."""
+
+    REFRESH_S = 0.1
+
+    def __init__(self, session: ChatSession) -> None:
+        self.s = session
+        self.line = ""
+        self.last = 0.0
+        self.live = None
+
+    def __enter__(self):
+        from rich.live import Live
+
+        self.live = Live(self._render(), console=self.s.err, transient=True, auto_refresh=False,
+                         redirect_stdout=False, redirect_stderr=False)
+        self.live.start(refresh=True)  # the panel shows during the prefill too
+        return self
+
+    def _render(self):
+        from rich.console import Group
+        from rich.panel import Panel
+        from rich.text import Text
+
+        e = self.s.engine
+        mem, st = e.memory(), e.stats
+        c = mem.cache
+        rows = [
+            ("context", f"{mem.context_tokens:,} tokens ({mem.context_left:,} of {mem.capacity_tokens:,} left)"),
+            ("cache", (f"{_bytes(c.total)} = payload {_bytes(c.payload)} + scales {_bytes(c.scales)} + fp window "
+                       f"{_bytes(c.fp_window)} + CL workspace {_bytes(c.workspace)}")),
+            ("fp16 KV", (f"{_bytes(mem.kv_fp16_bytes)} for these tokens"
+                         + (f" ({mem.ratio_now:.2f}x now)" if mem.ratio_now else "")
+                         + f"; {mem.bytes_per_token:,.0f} B/token past the window: {mem.ratio:.2f}x")),
+        ]
+        if mem.allocated is not None:
+            rows.append(("device", (f"allocated {_bytes(mem.allocated)} / reserved {_bytes(mem.reserved)} / "
+                                    f"peak {_bytes(mem.peak)}")))
+        else:
+            rows.append(("device", f"{mem.device}: RSS {_bytes(mem.rss)} (peak {_bytes(mem.peak)})"))
+        if mem.tokens_left is not None:
+            rows.append(("budget", f"{mem.tokens_left:,} more tokens in {_bytes(mem.budget)} ({mem.budget_source})"))
+        rows.append(("speed", (f"prefill {st.prefill_tok_s:,.1f} tok/s, decode {st.decode_tok_s:,.1f} tok/s, "
+                               f"{st.generated_tokens} generated")))
+        from rich.table import Table
+
+        t = Table(show_header=False, box=None, pad_edge=False)
+        t.add_column(style="bold cyan", no_wrap=True)
+        t.add_column(overflow="fold")
+        for k, v in rows:
+            t.add_row(k, v)
+        panel = Panel(t, title=f"xq · {e.spec.name} · {mem.device}", title_align="left", border_style="dim")
+        return Group(Text(self.line), panel) if self.line else panel
+
+    def piece(self, text: str) -> None:
+        self.line += text
+        if "\n" in self.line:
+            done, self.line = self.line.rsplit("\n", 1)
+            self.live.console.print(done, markup=False, highlight=False, soft_wrap=True)
+        now = time.monotonic()
+        if now - self.last >= self.REFRESH_S:
+            self.last = now
+            self.live.update(self._render(), refresh=True)
+
+    def __exit__(self, *exc) -> None:
+        self.live.stop()
+        self.s.err.print(self.line, markup=False, highlight=False, soft_wrap=True)
+
+
+def _bytes(n) -> str:
+    from xqcli.engine import _b
+
+    return _b(n)
+
+
+def _esc(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command(help=HELP)
+    def chat(
+        model: str = typer.Argument(..., help="Bundle, model folder, .gguf file or HF id org/name[@revision]."),
+        cache: Optional[str] = typer.Option(
+            None, "--cache", "-c",
+            help="xquant, xquant-cl, kivi or kv (with --bits), or a full kind like xquant-4. "
+                 "Default: the bundle's cache settings, else xquant-4."),
+        bits: Optional[int] = opt.BITS,
+        window: Optional[int] = typer.Option(None, "--window", help="Newest tokens kept in full precision (default 128)."),
+        system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt."),
+        context: Optional[str] = CONTEXT,
+        max_tokens: int = typer.Option(512, "--max-tokens", "-n", help="Tokens per answer at most."),
+        temperature: Optional[float] = TEMPERATURE,
+        top_k: Optional[int] = TOP_K,
+        top_p: Optional[float] = TOP_P,
+        min_p: Optional[float] = MIN_P,
+        repeat_penalty: Optional[float] = REPEAT_PENALTY,
+        seed: Optional[int] = SEED,
+        stop: Optional[list[str]] = STOP,
+        chat_template: Optional[Path] = typer.Option(None, "--chat-template",
+                                                     help="Jinja chat template file (or chat_template.json)."),
+        budget: Optional[str] = typer.Option(None, "--budget",
+                                             help="Memory for the cache, e.g. 8GiB, for 'tokens left' (default: "
+                                                  "free GPU memory, or available RAM on CPU)."),
+        mem: bool = typer.Option(True, "--mem/--no-mem", help="The live memory panel (on a terminal only)."),
+        cuda_graph: bool = CUDA_GRAPH,
+        device: str = opt.DEVICE,
+        dtype: Optional[str] = opt.DTYPE,
+        revision: Optional[str] = opt.REVISION,
+    ) -> None:
+        from rich.console import Console
+
+        from xqcli.errors import InputError
+
+        spec_args = {"bits": bits} | ({"window": window} if window is not None else {})
+        params = sampling_from_options(CHAT_DEFAULTS | {"max_tokens": max_tokens}, temperature=temperature,
+                                       top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                                       seed=seed, stop=stop)
+        ctx = parse_context(context) if context is not None else None
+        from xqcli.plan import parse_bytes
+
+        budget_b = parse_bytes(budget) if budget else None
+        from xqcli.caches import CacheSpec
+
+        if cache is not None:
+            CacheSpec.parse(cache, **spec_args)  # fail on a bad kind before loading anything
+        err = Console(stderr=True, highlight=False)
+        out = Console(highlight=False)
+        with err.status(f"loading {model}"):
+            from xqcli.engine import Engine
+            from xqcli.loader import load
+
+            loaded = load(model, dtype=dtype, device=device, revision=revision)
+            tok = loaded.tokenizer()
+            if chat_template is not None:
+                tok.use_chat_template_file(chat_template)
+            if tok.chat_template is None:
+                raise InputError(f"{model} has no chat template", hint="pass --chat-template FILE")
+            spec = _pick_spec(cache, spec_args, loaded)
+            engine = Engine(loaded.model, tok, spec, context=ctx, cuda_graph=cuda_graph, sampling=params,
+                            budget=budget_b)
+        source = loaded.source.describe()
+        err.print(f"[bold]xq chat[/] [dim]· {_esc(source)} · cache {spec.name} (window {spec.window}) · "
+                  f"{engine.device} {str(loaded.model.dtype).removeprefix('torch.')} · context {engine.context:,} · "
+                  f"decode {engine.decode_mode} · /help for commands[/]")
+        interactive = sys.stdin.isatty() and sys.stdout.isatty()
+        panel = mem and out.is_terminal and err.is_terminal
+        if interactive:
+            try:
+                import readline  # noqa: F401  (line editing and history for input())
+            except ImportError:
+                pass
+        session = ChatSession(engine, source, system, panel=panel, out=out, err=err)
+
+        def read_line(prompt: str) -> Optional[str]:
+            try:
+                return input(prompt)
+            except EOFError:
+                return None
+
+        session.run(read_line, ">>> " if interactive else "", "... " if interactive else "")
+
+
+def _pick_spec(cache: Optional[str], spec_args: dict[str, Any], loaded):
+    """--cache/--bits/--window, else the bundle's `cache_defaults` (with --bits/--window on top), else xquant-4."""
+    from xqcli.caches import CacheSpec
+
+    if cache is not None:
+        return CacheSpec.parse(cache, **spec_args)
+    defaults = (loaded.bundle.manifest.get("cache_defaults") if loaded.bundle is not None else None) or {}
+    if defaults.get("cache"):
+        settings = {k: v for k, v in defaults.items() if k != "cache"}
+        settings |= {k: v for k, v in spec_args.items() if v is not None and k != "bits"}
+        base = CacheSpec.parse(defaults["cache"], **settings)
+        if spec_args.get("bits") is None:
+            return base
+        return CacheSpec.parse(base.method + ("+ch0" if base.fp16_channel0 else ""), bits=spec_args["bits"],
+                               **settings)
+    return CacheSpec.parse("xquant", **{"bits": 4} | {k: v for k, v in spec_args.items() if v is not None})
