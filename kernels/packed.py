@@ -41,7 +41,9 @@ class PackedStream:
     scale, zero: fp16, token axis (B, S, ceil(C / g)); channel axis (B, ceil(S / g), C), where a
             channel group is the tokens ``[j·g, (j+1)·g)`` of the row.
     spec:   the QuantSpec of the codes (bits, group_size, axis; clip does not matter to decode).
-    The stream's width C is the tail's last dimension (the tail may hold 0 tokens).
+    The stream's width C is the tail's last dimension (the tail may hold 0 tokens). Values are not
+    checked on the device (that would sync): a row's tail must hold seq_lens[b] − sealed[b] tokens,
+    and codes/scales must cover its sealed tokens (the references raise when they do not).
     """
 
     tail: Tensor

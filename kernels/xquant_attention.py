@@ -405,6 +405,8 @@ def xquant_attention(
         return res if out is None else out.copy_(res)
 
     s_max = _resolve_len(op, seq_lens, max_seq_len, cos.shape[0])
+    if k_ch0 is not None and k_ch0.shape[1] < s_max:
+        raise ValueError(f"{op}: k_ch0 holds {k_ch0.shape[1]} tokens but rows reach {s_max}")
     grp = n_heads // n_kv
     bg = max(16, next_pow2(grp))
     dh = hd // 2

@@ -208,3 +208,9 @@ def test_eval_json_rows(capsys, smollm2_dir):
     for m in ("kivi-4", "xquant-4", "xquant-cl-4", "xquant-2"):
         assert rows[m]["kl"] > 0 and rows[m]["compression"] > 3
     assert rows["xquant-2"]["kl"] > rows["xquant-4"]["kl"]
+
+
+def test_usage_error_is_one_line(capsys):
+    code, _, err = run(capsys, "plan", "--bogus")
+    assert code == 2
+    assert_one_line_error(err, "No such option: --bogus", "xq plan --help")

@@ -54,27 +54,20 @@ _register()
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script: maps every library error to one stderr line and an exit code."""
-    import click
-
     from xqcli.errors import XQError
 
     debug = os.environ.get("XQ_DEBUG") == "1"
     try:
         rv = app(args=argv, prog_name="xq", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
+        if code == 130:  # Typer turns Ctrl-C into a plain exit code 130
+            _error_line("interrupted", None)
     except XQError as e:
         if debug:
             raise
         _error_line(str(e), e.hint)
         code = e.exit_code
-    except click.exceptions.Exit as e:
-        code = e.exit_code
-    except click.ClickException as e:
-        if debug:
-            raise
-        e.show()
-        code = e.exit_code
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         _error_line("interrupted", None)
         code = 130
     except BrokenPipeError:
@@ -82,11 +75,26 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # the boundary: anything else is a bug, shown briefly unless XQ_DEBUG=1
         if debug:
             raise
-        _error_line(f"internal error: {type(e).__name__}: {e}", "run again with XQ_DEBUG=1 and report the traceback")
-        code = 1
+        if _is_usage_error(e):  # Typer's (vendored) click errors: bad options and arguments
+            ctx = getattr(e, "ctx", None)
+            where = ctx.command_path if ctx is not None else "xq"
+            _error_line(e.format_message(), f"see '{where} --help'")
+            code = e.exit_code
+        else:
+            _error_line(f"internal error: {type(e).__name__}: {e}", "run again with XQ_DEBUG=1 and report the traceback")
+            code = 1
+    return _finish(code, argv)
+
+
+def _finish(code: int, argv: list[str] | None) -> int:
     if argv is None:
         sys.exit(code)
     return code
+
+
+def _is_usage_error(e: Exception) -> bool:
+    """Click's ClickException interface, whichever copy of click raised it."""
+    return isinstance(getattr(e, "exit_code", None), int) and callable(getattr(e, "format_message", None))
 
 
 def _error_line(message: str, hint: str | None) -> None:
