@@ -10,7 +10,7 @@ from xqcli.errors import InputError
 from xqcli.kernels.quant import QuantSpec, fake_quantize
 from xqcli.plan import plan, shape_config
 
-KINDS_FP = ["kivi-fp", "xquant-fp", "xquant-cl-fp", "xquant-fp+ch0"]
+KINDS_FP = ["kivi-fp", "xquant-fp", "xquant-cl-fp", "xquant-fp+ch0", "xquant-fp+rot", "xquant-cl-fp+rot"]
 
 
 def stepped(model, spec, tokens: torch.Tensor, prefix: int) -> torch.Tensor:
@@ -201,3 +201,51 @@ def test_nbytes_of_a_filled_cache_matches_plan(smollm2):
         b = cache.nbytes()
         assert b.payload + b.scales == row.bytes_per_token * n, name
         assert b.fp_window == 0
+
+
+@pytest.mark.parametrize("kind", ["hadamard", "random"])
+def test_rotations_are_exact_algebra_and_help_per_token_quantization(tiny_models, kind):
+    """+rot with quantization off reproduces kv (random orthogonal too); on, it changes the codes."""
+    model = tiny_models["mha"]
+    model._xq_rotation = (kind, 7)
+    try:
+        tokens = torch.randint(0, model.config.vocab_size, (1, 30))
+        ref = model(tokens)
+        for name in ("xquant-fp+rot", "xquant-cl-fp+rot"):
+            assert (stepped(model, CacheSpec.parse(name, window=0), tokens, prefix=20) - ref).abs().max() <= 1e-4
+        plain = stepped(model, CacheSpec.parse("xquant-4", window=0, group_size=16), tokens, prefix=20)
+        rot = stepped(model, CacheSpec.parse("xquant-4+rot", window=0, group_size=16), tokens, prefix=20)
+        assert not torch.equal(plain, rot)
+    finally:
+        del model._xq_rotation
+
+
+def test_mixed_precision_plan_from_calibration(tiny_models):
+    from xqcli.caches import resolve
+    from xqcli.plan import measured_bytes_per_token, meta_model
+
+    model = tiny_models["llama"]
+    n = model.config.num_hidden_layers
+    spec = CacheSpec.parse("xquant-3+mix", window=0)
+    with pytest.raises(InputError, match="calibration"):
+        resolve(model, spec)
+    # layer 0 is much more sensitive than layer 1: it gets the bits
+    model._xq_calibration = {"layers": [{"attn_error": {"xquant": {"2": 1.0, "3": 0.5, "4": 0.25, "8": 0.01}}},
+                                        {"attn_error": {"xquant": {"2": 0.1, "3": 0.09, "4": 0.08, "8": 0.07}}}]}
+    try:
+        got = resolve(model, spec)
+        assert got.layer_bits == (4, 2) and sum(got.layer_bits) <= 3 * n
+        bpt = measured_bytes_per_token(meta_model(model.config), got)[0]
+        b2 = measured_bytes_per_token(meta_model(model.config), CacheSpec.parse("xquant-2"))[0]
+        b4 = measured_bytes_per_token(meta_model(model.config), CacheSpec.parse("xquant-4"))[0]
+        assert bpt == (b2 + b4) / 2
+        tokens = torch.randint(0, model.config.vocab_size, (1, 20))
+        assert stepped(model, spec, tokens, prefix=10).isfinite().all()
+    finally:
+        del model._xq_calibration
+
+
+@pytest.mark.parametrize("bad", ["xquant-1.5+mix", "kivi-3+mix", "kivi-4+rot", "xquant-2.5"])
+def test_bad_variants(bad):
+    with pytest.raises(InputError):
+        CacheSpec.parse(bad)

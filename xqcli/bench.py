@@ -707,29 +707,49 @@ def _hf_model(model: Transformer):
 
 def _measure_hf(hf, model: Transformer, context: int, batch: int, decode_tokens: int, warmup: int, reps: int,
                 timer_dev: torch.device, peak: PeakMemory, gen: torch.Generator) -> Row:
-    """Prefill = generate(1 new token); decode ms/token = (generate(1 + n) − generate(1)) / n, per rep."""
+    """One greedy generate of 1 + decode_tokens new tokens per rep; a logits processor stamps the time
+    (after a synchronize on GPUs) each time a forward has produced logits: the first stamp ends the
+    prefill, the rest are decode steps (generate's own per-step overhead included)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Stamps(LogitsProcessor):
+        def __init__(self) -> None:
+            self.t: list[float] = []
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            if timer_dev.type == "cuda":
+                torch.cuda.synchronize(timer_dev)
+            self.t.append(time.perf_counter())
+            return scores
+
     cfg = model.config
     row = Row(HF_KIND, "transformers", context, batch)
     ids = torch.randint(0, cfg.vocab_size, (batch, context), device=model.device, generator=gen)
     mask = torch.ones_like(ids)
+    n = 1 + decode_tokens
 
-    def run(n: int) -> float:
-        with Timer(timer_dev) as t:
-            hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                        do_sample=False, pad_token_id=0, eos_token_id=None, use_cache=True)
-        return t.seconds
+    def run() -> tuple[float, float]:
+        stamps = Stamps()
+        if timer_dev.type == "cuda":
+            torch.cuda.synchronize(timer_dev)
+        t0 = time.perf_counter()
+        hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                    pad_token_id=0, eos_token_id=None, use_cache=True,
+                    logits_processor=LogitsProcessorList([stamps]))
+        t = stamps.t
+        if len(t) != n:
+            raise RuntimeError(f"transformers' generate made {len(t)} steps, expected {n}")
+        return t[0] - t0, (t[-1] - t[0]) / decode_tokens * 1e3
 
     peak.start()
     with torch.inference_mode():
         for _ in range(warmup):
-            run(1)
-            run(1 + decode_tokens)
+            run()
         pre, dec = [], []
         for _ in range(reps):
-            t1 = run(1)
-            tn = run(1 + decode_tokens)
-            pre.append(t1)
-            dec.append(max(tn - t1, 0.0) / decode_tokens * 1e3)
+            p, d = run()
+            pre.append(p)
+            dec.append(d)
     row.peak_bytes = peak.stop()
     row.prefill_s = statistics.median(pre)
     row.prefill_tok_s = batch * context / row.prefill_s if row.prefill_s > 0 else None
@@ -985,8 +1005,8 @@ def verdicts(rows: list[Row], contexts: list[int]) -> list[Verdict]:
         parts = []
         if fastest:
             kv = next((r for r in timed if r.kind == "kv"), None)
-            vs = f", kv {kv.decode_ms:.3g}" if kv and kv is not fastest else ""
-            parts.append(f"fastest {fastest.kind} ({fastest.decode_ms:.3g} ms/token{vs})")
+            vs = f", kv {_ms(kv.decode_ms)}" if kv and kv is not fastest else ""
+            parts.append(f"fastest {fastest.kind} ({_ms(fastest.decode_ms)} ms/token{vs})")
         if longest:
             kv = next((r for r in fits if r.kind == "kv"), None)
             vs = f", kv {kv.max_context:,}" if kv and kv is not longest else ""
@@ -1008,6 +1028,10 @@ def _num(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.6g}"
     return str(v)
+
+
+def _ms(v: float) -> str:
+    return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
 
 
 def _ctx(n: int) -> str:

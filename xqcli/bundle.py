@@ -96,6 +96,10 @@ class Bundle:
 
         if self.has_projections:
             set_model_projections(model, self.projections())
+        model._xq_calibration = self.calibration()  # per-layer errors for `+mix` bit plans
+        rotation = self.manifest.get("rotation")
+        if rotation is not None:
+            model._xq_rotation = (rotation["kind"], int(rotation.get("seed", 0)))
 
 
 def sha256_file(path: Path) -> str:
@@ -149,6 +153,7 @@ def open_bundle(path: str | Path, verify: bool = False) -> Bundle:
     _check_projections(root, m, files, config)
     _check_optional_file(root, m, "calibration", CALIBRATION, files)
     _check_cache_defaults(root, m.get("cache_defaults"))
+    _check_rotation(root, m.get("rotation"), config)
     return Bundle(root, m, config, files)
 
 
@@ -342,3 +347,23 @@ def _check_cache_defaults(root: Path, section: Any) -> None:
         CacheSpec.parse(section["cache"], **settings)
     except (XQError, AttributeError, KeyError, TypeError) as e:
         raise BundleError(f"{root / MANIFEST}: bad 'cache_defaults' ({e})") from None
+
+
+def rotation_widths(cfg: ModelConfig) -> list[int]:
+    """Widths `+rot` caches rotate: X (d), the latent X·U_v (d_kv) and the CL latent X·U_kv (2·d_kv)."""
+    return [cfg.hidden_size, cfg.kv_dim, 2 * cfg.kv_dim]
+
+
+def _check_rotation(root: Path, section: Any, cfg: ModelConfig) -> None:
+    """The rotation chosen at convert time must be one xq knows and be made for this model's widths."""
+    if section is None:
+        return
+    from xqcli.rotation import KINDS
+
+    where = root / MANIFEST
+    if not isinstance(section, dict) or section.get("kind") not in KINDS or \
+            not isinstance(section.get("seed", 0), int) or isinstance(section.get("seed", 0), bool):
+        raise BundleError(f"{where}: 'rotation' must be {{kind: {'|'.join(KINDS)}, seed: int, widths: [...]}}")
+    if section.get("widths") != rotation_widths(cfg):
+        raise BundleError(f"{where}: the rotation (widths {section.get('widths')}) does not match the model "
+                          f"(widths {rotation_widths(cfg)})", hint="convert the model again")

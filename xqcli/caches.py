@@ -34,23 +34,25 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Callable
 
 import torch
+import torch.nn.functional as F
 
 from xqcli.cache import CacheBytes, KVCache, ModelCache, state_tensor, tensor_bytes
 from xqcli.errors import InputError
 from xqcli.kernels.quant import QTensor, QuantSpec, dequantize, fake_quantize, packed_width, quantize
 from xqcli.projections import model_projections
+from xqcli.rotation import Rotation
 
 if TYPE_CHECKING:
     from xqcli.model import Transformer
 
 METHODS = ("kv", "kivi", "xquant", "xquant-cl")
 BITS = (2, 3, 4, 8)
-VARIANTS = ("ch0",)
-_NAME = re.compile(r"^(kv|kivi|xquant|xquant-cl)(?:-(\d+|fp))?((?:\+[a-z0-9]+)*)$")
+VARIANTS = ("ch0", "rot", "mix")
+_NAME = re.compile(r"^(kv|kivi|xquant|xquant-cl)(?:-(\d+(?:\.\d+)?|fp))?((?:\+[a-z0-9]+)*)$")
 
 
 @dataclass(frozen=True)
@@ -67,13 +69,17 @@ class CacheSpec:
     quantize_partial: bool = False
     clip: float = 1.0
     clips: tuple[float, ...] | None = None  # per-layer clip ratios (calibration); None: `clip` everywhere
+    rotate: bool = False  # `+rot`: per-token streams hold X·R (R orthogonal, folded into the weights)
+    mix: float | None = None  # `+mix`: average bits of a calibrated per-layer plan (xquant only)
+    layer_bits: tuple[int, ...] | None = None  # the per-layer plan, resolved from the bundle (`resolve`)
 
     @property
     def name(self) -> str:
         if self.method == "kv":
             return "kv"
-        return (f"{self.method}-{self.bits if self.bits else 'fp'}" + ("+ch0" if self.fp16_channel0 else "")
-                + (" (cal)" if self.clips is not None else ""))
+        bits = f"{self.mix:g}" if self.mix is not None else (self.bits or "fp")
+        flags = [f for f, on in (("ch0", self.fp16_channel0), ("rot", self.rotate), ("mix", self.mix is not None)) if on]
+        return f"{self.method}-{bits}" + "".join("+" + f for f in flags) + (" (cal)" if self.clips is not None else "")
 
     @classmethod
     def parse(cls, name: str, **settings) -> "CacheSpec":
@@ -83,7 +89,15 @@ class CacheSpec:
             raise InputError(f"unknown cache kind {name!r}",
                              hint="use kv, kivi-B, xquant-B or xquant-cl-B with B in 2, 3, 4, 8 (e.g. xquant-4)")
         method, bits_s, variants = m.group(1), m.group(2), m.group(3)
+        flags = [v for v in variants.split("+") if v]
+        unknown = [v for v in flags if v not in VARIANTS]
+        if unknown:
+            raise InputError(f"{name!r}: unknown variant +{unknown[0]} (known: {', '.join('+' + v for v in VARIANTS)})")
         bits = settings.pop("bits", None)
+        if "mix" in flags:
+            return cls._parse_mix(name, method, bits_s if bits_s is not None else bits, flags, settings)
+        if bits_s is not None and "." in bits_s:
+            raise InputError(f"{name!r}: bits must be one of 2, 3, 4, 8 (fractional averages need +mix)")
         if bits_s is not None:
             bits = None if bits_s == "fp" else int(bits_s)
         elif method != "kv" and bits is None:
@@ -94,13 +108,32 @@ class CacheSpec:
             bits = None
         elif bits is not None and bits not in BITS:
             raise InputError(f"{name!r}: bits must be one of 2, 3, 4, 8 (got {bits})")
-        flags = [v for v in variants.split("+") if v]
-        unknown = [v for v in flags if v not in VARIANTS]
-        if unknown:
-            raise InputError(f"{name!r}: unknown variant +{unknown[0]} (known: {', '.join('+' + v for v in VARIANTS)})")
-        spec = cls(method=method, bits=bits, fp16_channel0="ch0" in flags, **settings)
+        if "rot" in flags and method not in ("xquant", "xquant-cl"):
+            raise InputError(f"{name!r}: +rot applies to xquant and xquant-cl (K carries RoPE, X does not)")
+        spec = cls(method=method, bits=bits, fp16_channel0="ch0" in flags, rotate="rot" in flags, **settings)
         spec.check()
         return spec
+
+    @classmethod
+    def _parse_mix(cls, name: str, method: str, avg: str | float | None, flags: list[str], settings) -> "CacheSpec":
+        """`xquant-3+mix`, `xquant-2.5+mix`: per-layer bits from the bundle's calibration, averaging at most B."""
+        if method != "xquant":
+            raise InputError(f"{name!r}: +mix (calibrated bits per layer) applies to xquant")
+        try:
+            target = float(avg) if avg not in (None, "fp") else None
+        except ValueError:
+            target = None
+        if target is None or not BITS[0] <= target <= BITS[-1]:
+            raise InputError(f"{name!r}: no per-layer plan can average {avg} bits (choose 2 to 8)",
+                             hint="e.g. xquant-3+mix or xquant-2.5+mix")
+        spec = cls(method=method, bits=BITS[-1], fp16_channel0="ch0" in flags, rotate="rot" in flags, mix=target,
+                   **settings)
+        spec.check()
+        return spec
+
+    def bits_for(self, layer: int) -> int | None:
+        """This layer's bit width: the per-layer plan when one is resolved, else `bits`."""
+        return self.layer_bits[layer] if self.layer_bits is not None else self.bits
 
     def check(self) -> None:
         if self.group_size < 1:
@@ -117,7 +150,7 @@ class CacheSpec:
 
     def quant(self, axis: str, bits: int | None = None, layer: int | None = None) -> QuantSpec | None:
         """The stream quantizer; `layer` selects that layer's clip ratio when `clips` is set."""
-        bits = self.bits if bits is None else bits
+        bits = (self.bits_for(layer) if layer is not None else self.bits) if bits is None else bits
         clip = self.clips[layer] if self.clips is not None and layer is not None else self.clip
         return None if bits is None else QuantSpec(bits, self.group_size, axis, clip)
 
@@ -303,6 +336,26 @@ class StreamCache(ModelCache):
             rows.append(torch.nn.functional.pad(r, (0, 0, 0, s - r.shape[0])))
         return torch.stack(rows)
 
+    def folded(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """A weight derived once per model (rotations folded into projections), computed in float64."""
+        memo = self.model.__dict__.setdefault("_xq_folded", {})
+        k = (key, self.dtype, self.device)
+        if k not in memo:
+            memo[k] = make().to(device=self.device, dtype=self.dtype)
+        return memo[k]
+
+    def rotation(self, width: int) -> tuple[Rotation, torch.Tensor] | None:
+        """(R, its matrix) for `+rot` caches: the model's choice (a bundle's), else a (block) Hadamard."""
+        if not self.spec.rotate:
+            return None
+        kind, seed = getattr(self.model, "_xq_rotation", ("hadamard", 0))
+        rot = Rotation(kind, width, seed)
+        return rot, self.folded(("R", width), lambda: rot.matrix(torch.float64))
+
+    def rotate(self, t: torch.Tensor, r: tuple[Rotation, torch.Tensor] | None) -> torch.Tensor:
+        """t·R for a new token's values (fast Walsh-Hadamard transform when R is a Hadamard)."""
+        return t if r is None else r[0].apply(t, r[1])
+
     def all_positions(self) -> torch.Tensor:
         s = self.step_total()
         return torch.arange(s, device=self.device).expand(self.batch, s)
@@ -337,7 +390,8 @@ class StreamCache(ModelCache):
 
     def spec_settings(self) -> dict:
         settings = asdict(self.spec)
-        settings["clips"] = list(settings["clips"]) if settings["clips"] is not None else None
+        for key in ("clips", "layer_bits"):  # tuples become JSON lists: compare like with like
+            settings[key] = list(settings[key]) if settings[key] is not None else None
         return {"name": self.spec.name} | settings
 
     def _state_meta(self) -> dict:
@@ -387,7 +441,7 @@ class XQuantCache(StreamCache):
     def __init__(self, model, spec, batch, max_len, device=None) -> None:
         super().__init__(model, spec, batch, max_len, device)
         self.latent = uses_latents(self.cfg)
-        self.streams = [self.layer_streams(spec.bits, i) for i in range(self.cfg.num_hidden_layers)]
+        self.streams = [self.layer_streams(spec.bits_for(i), i) for i in range(self.cfg.num_hidden_layers)]
 
     def layer_streams(self, bits: int | None, layer: int) -> list[Stream]:
         cfg, spec = self.cfg, self.spec
@@ -405,11 +459,18 @@ class XQuantCache(StreamCache):
         attn = self.model.layers[layer].self_attn
         streams = self.streams[layer]
         if not self.latent:
-            self.append(streams[0], x)
-            xh = self.fetch(streams[0])
-            return attn.k_proj(xh), attn.v_proj(xh)
+            r = self.rotation(self.cfg.hidden_size)
+            self.append(streams[0], self.rotate(x, r))
+            xh = self.fetch(streams[0])  # X̂·R under +rot: R folded into W_k, W_v below
+            if r is None:
+                return attn.k_proj(xh), attn.v_proj(xh)
+            wk = self.folded(("wk", layer), lambda: attn.k_proj.weight.double() @ r[1].double())
+            wv = self.folded(("wv", layer), lambda: attn.v_proj.weight.double() @ r[1].double())
+            return F.linear(xh, wk, attn.k_proj.bias), F.linear(xh, wv, attn.v_proj.bias)
         p = model_projections(self.model)[layer]
-        lat_k, lat_v = x @ p.k.u, x @ p.v.u
+        r = self.rotation(self.cfg.kv_dim)  # +rot: only the per-token latent X·U_v is rotated
+        lat_k, lat_v = x @ p.k.u, self.rotate(x @ p.v.u, r)
+        m_v = p.v.m if r is None else self.folded(("mv", layer), lambda: r[1].double().T @ p.v.m.double())
         if self.spec.fp16_channel0:
             self.append(streams[2], lat_k[..., :1])
             lat_k = lat_k[..., 1:]
@@ -419,7 +480,7 @@ class XQuantCache(StreamCache):
         if self.spec.fp16_channel0:
             lk = torch.cat([self.fetch(streams[2]).to(lk.dtype), lk], dim=-1)
         k = lk @ p.k.m
-        v = self.fetch(streams[1]) @ p.v.m
+        v = self.fetch(streams[1]) @ m_v
         if attn.k_proj.bias is not None:
             k, v = k + attn.k_proj.bias, v + attn.v_proj.bias
         return k, v
@@ -454,9 +515,19 @@ class XQuantCLCache(XQuantCache):
         attn = self.model.layers[layer].self_attn
         stream = self.streams[layer][0]
         seed = layer == self.base - 1
-        u = model_projections(self.model)[layer].kv.u if self.latent else None
-        down = (lambda t: t @ u) if u is not None else (lambda t: t)  # noqa: E731
-        up = (lambda t: t @ u.T) if u is not None else (lambda t: t)  # noqa: E731
+        if self.latent:  # +rot folds R into the basis: U_kv·R still has orthonormal columns
+            u = model_projections(self.model)[layer].kv.u
+            r = self.rotation(2 * self.cfg.kv_dim)
+            if r is not None:
+                u = self.folded(("ukv", layer), lambda: u.double() @ r[1].double())
+            down, up = (lambda t: t @ u), (lambda t: t @ u.T)  # noqa: E731
+            w_kv = torch.cat([attn.k_proj.weight, attn.v_proj.weight])
+        else:  # +rot: the accumulator lives in the rotated space, R folded into W_kv
+            r = self.rotation(self.cfg.hidden_size)
+            down, up = (lambda t: self.rotate(t, r)), (lambda t: t)  # noqa: E731
+            w_kv = torch.cat([attn.k_proj.weight, attn.v_proj.weight])
+            if r is not None:
+                w_kv = self.folded(("wkv", layer), lambda: w_kv.double() @ r[1].double())
         prev = self.acc
 
         def delta(b: int, start: int, raw: torch.Tensor) -> torch.Tensor:
@@ -476,8 +547,7 @@ class XQuantCLCache(XQuantCache):
             acc[b, :n + t] = d if seed else prev[b, :n + t] + d
         self.acc = acc
         self._acc_bytes = max(self._acc_bytes, tensor_bytes(acc))
-        w_kv = torch.cat([attn.k_proj.weight, attn.v_proj.weight])
-        k, v = torch.nn.functional.linear(acc, w_kv).split(self.cfg.kv_dim, dim=-1)
+        k, v = F.linear(acc, w_kv).split(self.cfg.kv_dim, dim=-1)
         if attn.k_proj.bias is not None:
             k, v = k + attn.k_proj.bias, v + attn.v_proj.bias
         return self.finish_kv(k, v)
@@ -507,8 +577,28 @@ def make_cache(model: "Transformer", spec: CacheSpec | str, batch: int, max_len:
     """Build a cache of any kind for `batch` rows of up to `max_len` tokens."""
     if isinstance(spec, str):
         spec = CacheSpec.parse(spec)
+    spec = resolve(model, spec)
     if spec.method == "kv":
         return KVCache(model, batch, max_len, device=device)
     cls = {"kivi": KiviCache, "xquant": XQuantCache, "xquant-cl": XQuantCLCache}[spec.method]
     return cls(model, spec, batch, max_len, device)
 
+
+
+def resolve(model: "Transformer", spec: CacheSpec) -> CacheSpec:
+    """Fill in what a spec takes from the model's bundle: the per-layer bits of `+mix`."""
+    if spec.mix is None or spec.layer_bits is not None:
+        return spec
+    from xqcli.calibrate import bit_plan
+
+    cal = getattr(model, "_xq_calibration", None)
+    if not cal:
+        raise InputError(f"{spec.name} needs a bundle with a calibration (per-layer errors)",
+                         hint="make one with: xq convert MODEL, then use the bundle")
+    errors = [{int(b): e for b, e in layer["attn_error"]["xquant"].items()} for layer in cal["layers"]]
+    if len(errors) != model.config.num_hidden_layers:
+        raise InputError(f"the calibration has {len(errors)} layers, the model {model.config.num_hidden_layers}")
+    plan = bit_plan(errors, spec.mix)
+    if sum(plan) > spec.mix * len(plan) + 1e-9:
+        raise InputError(f"no per-layer plan averages {spec.mix:g} bits", hint="the lowest is 2 bits everywhere")
+    return replace(spec, layer_bits=tuple(plan))

@@ -24,6 +24,7 @@ import torch
 
 from xqcli import __version__
 from xqcli.bundle import (
+    rotation_widths,
     CALIBRATION,
     MANIFEST,
     PROJECTIONS,
@@ -35,11 +36,12 @@ from xqcli.bundle import (
     write_json,
 )
 from xqcli.caches import CacheSpec, uses_latents
-from xqcli.calibrate import DEFAULT_TOKENS, builtin_text, calibrate
+from xqcli.calibrate import DEFAULT_TOKENS, bit_plan, builtin_text, calibrate
 from xqcli.config import ModelConfig
 from xqcli.errors import InputError
 from xqcli.hub import ALLOW_PATTERNS, Source, resolve
 from xqcli.projections import layer_projections, set_model_projections
+from xqcli.rotation import Rotation
 from xqcli.weights import build_model, check_model_folder, parse_dtype, read_safetensors, shard_files
 
 DEFAULT_SHARD_SIZE = 2 * 10**9
@@ -69,7 +71,8 @@ def default_out_dir(src: str) -> Path:
 def convert(src: str | Path, out_dir: str | Path | None = None, *, dtype: str | torch.dtype = "bfloat16",
             revision: str | None = None, token: str | None = None, offline: bool | None = None,
             force: bool = False, calib: str | Path | None = None, calib_tokens: int = DEFAULT_TOKENS,
-            shard_size: int = DEFAULT_SHARD_SIZE, progress: Callable[[str], None] | None = None) -> Path:
+            shard_size: int = DEFAULT_SHARD_SIZE, rotation: str = "hadamard", rotation_seed: int = 0,
+            budget_bits: float | None = None, progress: Callable[[str], None] | None = None) -> Path:
     """Write the bundle of `src` and return its folder. `progress` receives one line per stage."""
     say = progress or (lambda _msg: None)
     out_dt = parse_dtype(dtype)
@@ -77,6 +80,10 @@ def convert(src: str | Path, out_dir: str | Path | None = None, *, dtype: str | 
         raise InputError(f"shard size must be positive (got {shard_size})")
     if calib_tokens < 16:
         raise InputError(f"--calib-tokens must be at least 16 (got {calib_tokens})")
+    Rotation(rotation, 1, rotation_seed)  # an unknown kind fails before any work
+    if budget_bits is not None and not 2 <= budget_bits <= 8:
+        raise InputError(f"--budget-bits {budget_bits:g}: no per-layer plan of 2/3/4/8 bits averages that",
+                         hint="choose an average between 2 and 8")
     out = Path(out_dir).expanduser() if out_dir is not None else default_out_dir(str(src))
     _refuse_existing(out, force)
     text, text_label = (builtin_text(), "pydoc_data.topics (Python documentation)") if calib is None else \
@@ -116,6 +123,9 @@ def convert(src: str | Path, out_dir: str | Path | None = None, *, dtype: str | 
 
         tokens = Tokenizer.from_folder(tmp).encode(text, add_special_tokens=False)[:calib_tokens]
         calibration = calibrate(model, tokens, text=text_label)
+        if budget_bits is not None:  # the user's target joins the default plans (2.5, 3, 3.5)
+            errors = [{int(b): e for b, e in layer["attn_error"]["xquant"].items()} for layer in calibration["layers"]]
+            calibration["bit_plans"][f"{budget_bits:g}"] = bit_plan(errors, budget_bits)
         write_json(tmp / CALIBRATION, calibration)
         written.append(CALIBRATION)
         defaults = CacheSpec.parse("xquant-4")
@@ -126,6 +136,7 @@ def convert(src: str | Path, out_dir: str | Path | None = None, *, dtype: str | 
                                "window": defaults.window, "base_layers": defaults.base_layers,
                                "base_bits": defaults.base_bits},
             "calibration": _calibration_summary(calibration),
+            "rotation": {"kind": rotation, "seed": rotation_seed, "widths": rotation_widths(cfg)},
             "files": [file_entry(tmp, name) for name in sorted(written)],
         }
         write_json(tmp / MANIFEST, manifest)

@@ -85,6 +85,9 @@ def evaluate(model: Transformer, tokens: list[int], methods: list[CacheSpec], *,
 
     if protocol not in ("paper", "decode"):
         raise InputError(f"unknown protocol {protocol!r} (paper or decode)")
+    from xqcli.caches import resolve
+
+    methods = [resolve(model, s) for s in methods]  # +mix: per-layer bits from the bundle
     wins = windows(tokens, seq_len, max_tokens)
     prefix = seq_len // 2 if prefix is None else prefix
     if not 1 <= prefix <= seq_len:

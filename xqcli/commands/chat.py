@@ -61,10 +61,6 @@ Commands:
   /exit            quit (alias /quit, /bye)
 """
 
-_COMMANDS = ("/help", "/stats", "/mem", "/reset", "/clear", "/system", "/set", "/save", "/load", "/exit", "/quit",
-             "/bye", "/?")
-
-
 def parse_context(text: str) -> int:
     """'4096' -> 4096, '32k' -> 32000, '32K' -> 32768 (vLLM's convention)."""
     from xqcli.errors import InputError
@@ -257,7 +253,8 @@ class ChatSession:
                 return
             if not text.strip():
                 continue
-            if text.lstrip().startswith("/") and text.split()[0].lower() in _COMMANDS:
+            word = text.split()[0]
+            if word.startswith("/") and "/" not in word[1:]:  # a command; "/etc/hosts ..." is a message
                 try:
                     if not self.command(text):
                         return
@@ -415,7 +412,7 @@ def register(app: typer.Typer) -> None:
 
         if cache is not None:
             CacheSpec.parse(cache, **spec_args)  # fail on a bad kind before loading anything
-        err = Console(stderr=True, highlight=False)
+        err = Console(stderr=True, highlight=False, soft_wrap=True)
         out = Console(highlight=False)
         with err.status(f"loading {model}"):
             from xqcli.engine import Engine

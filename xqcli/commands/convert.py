@@ -33,6 +33,15 @@ def register(app: typer.Typer) -> None:
                                          help="Calibration tokens (the first N of the text)."),
         shard_size: str = typer.Option("2GB", "--shard-size",
                                        help="Largest weight file before sharding (2GB, 500MB)."),
+        rotation: str = typer.Option("hadamard", "--rotation",
+                                     help="Rotation for +rot cache kinds: hadamard (block Hadamard) or random."),
+        rotation_seed: int = typer.Option(0, "--rotation-seed", help="Seed of --rotation random."),
+        budget_bits: Optional[float] = typer.Option(None, "--budget-bits",
+                                                    help="Also store a per-layer bit plan averaging this many bits "
+                                                    "(use it as xquant-B+mix)."),
+        budget: Optional[str] = typer.Option(None, "--budget",
+                                             help="Cache memory budget (e.g. 6GiB) at --context: sets --budget-bits."),
+        context: Optional[int] = typer.Option(None, "--context", help="Target context (tokens) for --budget."),
         as_json: bool = opt.JSON,
     ) -> None:
         """Write a bundle: HF-shaped weights in --dtype, the SVD projections of every layer, a calibration
@@ -42,10 +51,13 @@ def register(app: typer.Typer) -> None:
         from xqcli.convert import convert as run
         from xqcli.plan import parse_bytes
 
+        if budget is not None:
+            budget_bits = _bits_for_budget(src, parse_bytes(budget), context)
         err = Console(stderr=True, highlight=False)
         t0 = time.monotonic()
         folder = run(src, out, dtype=dtype, revision=revision, token=token, offline=offline, force=force,
                      calib=calib, calib_tokens=calib_tokens, shard_size=parse_bytes(shard_size),
+                     rotation=rotation, rotation_seed=rotation_seed, budget_bits=budget_bits,
                      progress=lambda msg: err.print(f"[dim]{time.monotonic() - t0:6.1f}s[/] {msg}"))
         from xqcli.bundle import open_bundle
 
@@ -56,3 +68,27 @@ def register(app: typer.Typer) -> None:
             return
         typer.echo(f"{folder} ({len(report['files'])} files, {report['total_bytes'] / 2**20:,.1f} MiB); "
                    f"inspect it with: xq inspect {folder}")
+
+
+def _bits_for_budget(src: str, budget: int, context: int | None) -> float:
+    """The average xquant bits whose cache (payload + fp16 scale/zero per 128) fits `budget` at `context`."""
+    from xqcli.errors import InputError
+    from xqcli.hub import resolve
+    from xqcli.plan import paper_bytes_per_token
+    from xqcli.caches import CacheSpec
+    from xqcli.config import ModelConfig
+
+    if not context or context < 1:
+        raise InputError("--budget needs --context N (the context the budget must hold)")
+    source = resolve(src)
+    if source.kind == "gguf":
+        raise InputError("--budget with a .gguf source: convert once, then use --budget-bits")
+    cfg = ModelConfig.from_file(source.path / "config.json")
+    per_bit = paper_bytes_per_token(cfg, CacheSpec.parse("xquant-3")) - paper_bytes_per_token(
+        cfg, CacheSpec.parse("xquant-2"))
+    at2 = paper_bytes_per_token(cfg, CacheSpec.parse("xquant-2"))
+    bits = 2 + (budget / context - at2) / per_bit
+    if bits < 2:
+        raise InputError(f"no plan fits {budget / 2**30:.2f} GiB at {context} tokens: even 2 bits everywhere needs "
+                         f"{at2 * context / 2**30:.2f} GiB", hint="raise --budget or lower --context")
+    return min(8.0, round(bits, 2))

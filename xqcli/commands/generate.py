@@ -93,7 +93,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
 
         c = mem.cache
-        Console(stderr=True, highlight=False).print(
+        Console(stderr=True, highlight=False, soft_wrap=True).print(
             f"[dim]{stats.prompt_tokens} prompt + {stats.generated_tokens} generated tokens ({finish}) | "
             f"prefill {stats.prefill_tok_s:.1f} tok/s, decode {stats.decode_tok_s:.1f} tok/s | "
             f"cache {spec.name}: {c.total / 1024:.1f} KiB (fp16 KV would be {mem.kv_fp16_bytes / 1024:.1f} KiB), "
