@@ -13,6 +13,7 @@ when its module is imported; so ``INTERPRET`` is read once, at import, and ``tes
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +37,7 @@ __all__ = [
     "jit",
     "next_pow2",
     "num_sms",
+    "on_device",
     "tl",
     "tl_dtype",
     "triton",
@@ -105,6 +107,11 @@ def tl_dtype(dtype: torch.dtype):
     if not HAS_TRITON or name not in _TL_DTYPES:
         raise ValueError(f"no Triton dtype for {dtype}")
     return getattr(tl, _TL_DTYPES[name])
+
+
+def on_device(device: torch.device):
+    """Context that makes ``device`` current for a launch (Triton launches on the current CUDA device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def cdiv(a: int, b: int) -> int:

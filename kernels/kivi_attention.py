@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from xqcli.kernels._triton import INTERPRET, check_device, jit, next_pow2, tl, use_triton
+from xqcli.kernels._triton import INTERPRET, check_device, jit, next_pow2, on_device, tl, use_triton
 from xqcli.kernels.packed import PackedStream, _load_tile, plan_splits
 from xqcli.kernels.xquant_attention import _resolve_len, _rotate_half, check_query
 
@@ -232,27 +232,28 @@ def kivi_attention(
     acc = torch.empty(bsz, n_heads, n_splits, hd, **f32)
     ml = torch.empty(bsz, n_heads, n_splits, 2, **f32)
     bd = max(16, next_pow2(hd))
-    _kivi_split_kernel[(bsz, n_kv, n_splits)](
-        q, q.stride(0), q.stride(1),
-        *k.args(), *k.strides(),
-        *v.args(), *v.strides(),
-        seq_lens,
-        cos, sin, cos.stride(0),
-        acc, acc.stride(0), acc.stride(1), acc.stride(2),
-        ml, ml.stride(0), ml.stride(1),
-        split, scale * 1.4426950408889634,
-        G=grp, BG=bg, D=hd, DH=dh, BDH=max(16, next_pow2(dh)), BD=bd, BT=bt,
-        LOWP=lowp,
-        **k.meta(bt, dh, "K_"), **v.meta(bt, hd, "V_"),
-        num_warps=8, num_stages=2,
-    )
-    res = out if out is not None else torch.empty_like(q)
-    _kivi_reduce_kernel[(bsz, n_kv)](
-        acc, acc.stride(0), acc.stride(1), acc.stride(2),
-        ml, ml.stride(0), ml.stride(1),
-        res, res.stride(0), res.stride(1),
-        n_splits,
-        G=grp, BG=bg, D=hd, BD=bd,
-        num_warps=4,
-    )
+    with on_device(device):
+        _kivi_split_kernel[(bsz, n_kv, n_splits)](
+            q, q.stride(0), q.stride(1),
+            *k.args(), *k.strides(),
+            *v.args(), *v.strides(),
+            seq_lens,
+            cos, sin, cos.stride(0),
+            acc, acc.stride(0), acc.stride(1), acc.stride(2),
+            ml, ml.stride(0), ml.stride(1),
+            split, scale * 1.4426950408889634,
+            G=grp, BG=bg, D=hd, DH=dh, BDH=max(16, next_pow2(dh)), BD=bd, BT=bt,
+            LOWP=lowp,
+            **k.meta(bt, dh, "K_"), **v.meta(bt, hd, "V_"),
+            num_warps=8, num_stages=2,
+        )
+        res = out if out is not None else torch.empty_like(q)
+        _kivi_reduce_kernel[(bsz, n_kv)](
+            acc, acc.stride(0), acc.stride(1), acc.stride(2),
+            ml, ml.stride(0), ml.stride(1),
+            res, res.stride(0), res.stride(1),
+            n_splits,
+            G=grp, BG=bg, D=hd, BD=bd,
+            num_warps=4,
+        )
     return res

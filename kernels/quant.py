@@ -66,7 +66,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from xqcli.kernels._triton import INTERPRET, cdiv, jit, next_pow2, tl, use_triton
+from xqcli.kernels._triton import INTERPRET, cdiv, jit, next_pow2, on_device, tl, use_triton
 
 __all__ = [
     "QBytes",
@@ -475,27 +475,28 @@ def quantize_pack_triton(x: Tensor, spec: QuantSpec, *, out: tuple[Tensor, Tenso
     xc = x.reshape(n, t, c).contiguous()
     clip_w = float(torch.tensor((1.0 - spec.clip) / 2.0, dtype=torch.float32))
     levels = spec.levels
-    if spec.axis == "token":
-        ng = -(-c // g)
-        gp = next_pow2(g)
-        ngb = max(1, min(next_pow2(ng), 1024 // gp))
-        br = 16 if INTERPRET else 4
-        bu = max(1, min(next_pow2(n_units), 1024 // per_unit))
-        rows = n * t
-        _quant_token_kernel[(cdiv(rows, br),)](
-            xc, packed, scale, zero, rows, c, ng, n_units, c, pw, ng, clip_w,
-            BITS=bits, LEVELS=levels, G=g, GP=gp, NGB=ngb, BR=br, PU=per_unit, UB=unit_bytes, BU=bu,
-            enable_fp_fusion=False, num_warps=4,
-        )
-    else:
-        nb = -(-t // g)
-        gt = next_pow2(min(g, t) if INTERPRET else g)  # on a GPU one variant per g, not per short T
-        bu = max(1, min(next_pow2(n_units), 8192 // (gt * per_unit)))
-        _quant_channel_kernel[(n * nb, cdiv(n_units, bu))](
-            xc, packed, scale, zero, t, c, nb, n_units, t * c, c, t * pw, pw, nb * c, c, clip_w,
-            BITS=bits, LEVELS=levels, G=g, GT=gt, PU=per_unit, UB=unit_bytes, BU=bu,
-            enable_fp_fusion=False, num_warps=4,
-        )
+    with on_device(x.device):
+        if spec.axis == "token":
+            ng = -(-c // g)
+            gp = next_pow2(g)
+            ngb = max(1, min(next_pow2(ng), 1024 // gp))
+            br = 16 if INTERPRET else 4
+            bu = max(1, min(next_pow2(n_units), 1024 // per_unit))
+            rows = n * t
+            _quant_token_kernel[(cdiv(rows, br),)](
+                xc, packed, scale, zero, rows, c, ng, n_units, c, pw, ng, clip_w,
+                BITS=bits, LEVELS=levels, G=g, GP=gp, NGB=ngb, BR=br, PU=per_unit, UB=unit_bytes, BU=bu,
+                enable_fp_fusion=False, num_warps=4,
+            )
+        else:
+            nb = -(-t // g)
+            gt = next_pow2(min(g, t) if INTERPRET else g)  # on a GPU one variant per g, not per short T
+            bu = max(1, min(next_pow2(n_units), 8192 // (gt * per_unit)))
+            _quant_channel_kernel[(n * nb, cdiv(n_units, bu))](
+                xc, packed, scale, zero, t, c, nb, n_units, t * c, c, t * pw, pw, nb * c, c, clip_w,
+                BITS=bits, LEVELS=levels, G=g, GT=gt, PU=per_unit, UB=unit_bytes, BU=bu,
+                enable_fp_fusion=False, num_warps=4,
+            )
     return QTensor(packed=packed, scale=scale, zero=zero, spec=spec, shape=x.shape, dtype=x.dtype)
 
 

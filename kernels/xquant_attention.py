@@ -36,7 +36,7 @@ import math
 import torch
 from torch import Tensor
 
-from xqcli.kernels._triton import INTERPRET, check_device, jit, next_pow2, tl, use_triton
+from xqcli.kernels._triton import INTERPRET, check_device, jit, next_pow2, on_device, tl, use_triton
 from xqcli.kernels.packed import PackedStream, _load_tile, plan_splits
 
 __all__ = ["xquant_attention", "xquant_attention_ref"]
@@ -426,46 +426,47 @@ def xquant_attention(
     kc, ks, kz, kt, ksealed = k.args()
     m_k_main, mk0 = (m_k[1:], m_k[0]) if k_ch0 is not None else (m_k, m_k)
     ch0 = k_ch0 if k_ch0 is not None else q
-    _xq_scores_kernel[(bsz, n_kv, n_splits)](
-        q, q.stride(0), q.stride(1),
-        kc, ks, kz, kt, ksealed, *k.strides(),
-        seq_lens,
-        m_k_main, m_k_main.stride(0), m_k_main.stride(1),
-        b_k if b_k is not None else q,
-        ch0, ch0.stride(0), mk0,
-        cos, sin, cos.stride(0),
-        logits, logits.stride(0), logits.stride(1),
-        ml, ml.stride(0), ml.stride(1),
-        k.c, split, qk_scale,
-        G=grp, BG=bg, D=hd, DH=dh, BDH=bdh, BT=bt, BC=bc,
-        HAS_BIAS=b_k is not None, HAS_CH0=k_ch0 is not None, LOWP=lowp, **k.meta(bt, bc),
-        num_warps=8, num_stages=2,
-    )
-    c_v = v.c
-    bcv = min(256 if INTERPRET else 128, max(16, next_pow2(c_v)))
-    nvc = -(-c_v // bcv)
-    acc = torch.empty(bsz, n_heads, n_splits, c_v, **f32)
-    vc, vs, vz, vt, vsealed = v.args()
-    _xq_pv_kernel[(bsz, n_kv, n_splits * nvc)](
-        vc, vs, vz, vt, vsealed, *v.strides(),
-        seq_lens,
-        logits, logits.stride(0), logits.stride(1),
-        ml, ml.stride(0), ml.stride(1),
-        acc, acc.stride(0), acc.stride(1), acc.stride(2),
-        c_v, split, nvc,
-        G=grp, BG=bg, BT=bt, BCV=bcv, LOWP=lowp, **v.meta(bt, bcv),
-        num_warps=8, num_stages=2,
-    )
-    res = out if out is not None else torch.empty_like(q)
-    _xq_reduce_kernel[(bsz, n_kv)](
-        acc, acc.stride(0), acc.stride(1), acc.stride(2),
-        ml, ml.stride(0), ml.stride(1),
-        m_v, m_v.stride(0), m_v.stride(1),
-        b_v if b_v is not None else q,
-        res, res.stride(0), res.stride(1),
-        c_v, n_splits,
-        G=grp, BG=bg, D=hd, BD=max(16, next_pow2(hd)), BC=256 if INTERPRET else (64 if lowp else 32),
-        HAS_BIAS=b_v is not None, LOWP=lowp,
-        num_warps=4,
-    )
+    with on_device(device):
+        _xq_scores_kernel[(bsz, n_kv, n_splits)](
+            q, q.stride(0), q.stride(1),
+            kc, ks, kz, kt, ksealed, *k.strides(),
+            seq_lens,
+            m_k_main, m_k_main.stride(0), m_k_main.stride(1),
+            b_k if b_k is not None else q,
+            ch0, ch0.stride(0), mk0,
+            cos, sin, cos.stride(0),
+            logits, logits.stride(0), logits.stride(1),
+            ml, ml.stride(0), ml.stride(1),
+            k.c, split, qk_scale,
+            G=grp, BG=bg, D=hd, DH=dh, BDH=bdh, BT=bt, BC=bc,
+            HAS_BIAS=b_k is not None, HAS_CH0=k_ch0 is not None, LOWP=lowp, **k.meta(bt, bc),
+            num_warps=8, num_stages=2,
+        )
+        c_v = v.c
+        bcv = min(256 if INTERPRET else 128, max(16, next_pow2(c_v)))
+        nvc = -(-c_v // bcv)
+        acc = torch.empty(bsz, n_heads, n_splits, c_v, **f32)
+        vc, vs, vz, vt, vsealed = v.args()
+        _xq_pv_kernel[(bsz, n_kv, n_splits * nvc)](
+            vc, vs, vz, vt, vsealed, *v.strides(),
+            seq_lens,
+            logits, logits.stride(0), logits.stride(1),
+            ml, ml.stride(0), ml.stride(1),
+            acc, acc.stride(0), acc.stride(1), acc.stride(2),
+            c_v, split, nvc,
+            G=grp, BG=bg, BT=bt, BCV=bcv, LOWP=lowp, **v.meta(bt, bcv),
+            num_warps=8, num_stages=2,
+        )
+        res = out if out is not None else torch.empty_like(q)
+        _xq_reduce_kernel[(bsz, n_kv)](
+            acc, acc.stride(0), acc.stride(1), acc.stride(2),
+            ml, ml.stride(0), ml.stride(1),
+            m_v, m_v.stride(0), m_v.stride(1),
+            b_v if b_v is not None else q,
+            res, res.stride(0), res.stride(1),
+            c_v, n_splits,
+            G=grp, BG=bg, D=hd, BD=max(16, next_pow2(hd)), BC=256 if INTERPRET else (64 if lowp else 32),
+            HAS_BIAS=b_v is not None, LOWP=lowp,
+            num_warps=4,
+        )
     return res

@@ -26,9 +26,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from xqcli.kernels._triton import INTERPRET, cdiv, check_device, jit, next_pow2, tl, use_triton
+from xqcli.kernels._triton import INTERPRET, cdiv, check_device, jit, next_pow2, on_device, tl, use_triton
 from xqcli.kernels.packed import PackedStream, _load_tile
-from xqcli.kernels.quant import QTensor, dequantize_ref
 from xqcli.kernels.xquant_attention import xquant_attention, xquant_attention_ref
 
 __all__ = ["xquant_cl_attention", "xquant_cl_attention_ref", "xquant_cl_update", "xquant_cl_update_ref"]
@@ -154,18 +153,19 @@ def xquant_cl_update(
     bn = min(256 if INTERPRET else 64, max(16, next_pow2(d)))
     bc = 128 if INTERPRET else 64
     u = u_kv if u_kv is not None else acc
-    _cl_update_kernel[(bsz, cdiv(s_max, bt), cdiv(d, bn))](
-        acc, acc.stride(0), acc.stride(1),
-        *delta.args(), *delta.strides(),
-        seq_lens,
-        u, u.stride(0), u.stride(1),
-        d, delta.c,
-        BT=bt, BN=bn, BC=bc,
-        HAS_U=u_kv is not None, SEED=seed,
-        LOWP=lowp,
-        **delta.meta(bt, bc if u_kv is not None else bn),
-        num_warps=8, num_stages=2,
-    )
+    with on_device(device):
+        _cl_update_kernel[(bsz, cdiv(s_max, bt), cdiv(d, bn))](
+            acc, acc.stride(0), acc.stride(1),
+            *delta.args(), *delta.strides(),
+            seq_lens,
+            u, u.stride(0), u.stride(1),
+            d, delta.c,
+            BT=bt, BN=bn, BC=bc,
+            HAS_U=u_kv is not None, SEED=seed,
+            LOWP=lowp,
+            **delta.meta(bt, bc if u_kv is not None else bn),
+            num_warps=8, num_stages=2,
+        )
     return acc
 
 

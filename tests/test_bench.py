@@ -360,6 +360,12 @@ def test_cli_refuses_up_front(capsys, args, needle):
     assert "building" not in err  # refused before the model was built
 
 
+def test_cli_shape_as_argument(capsys):
+    base = [a for a in SMOL if a not in ("--shape", "smollm2-135m")]
+    code, _, err = run(capsys, "bench", "smollm2-135m", *base, "--budget", "100MiB")
+    assert code == 7 and "--budget" in err  # read as --shape (refused by the budget before any download)
+
+
 def test_cli_refuses_hours(capsys):
     code, _, err = run(capsys, "bench", "--shape", "llama-3.1-8b", "--context", "32k", "--device", "cpu",
                        "--budget", "1TiB")

@@ -179,10 +179,10 @@ def test_chat_plain_mode(capsys, monkeypatch, tmp_path, tiny_gguf):
                          "-n", "5", "--context", "512")
     assert code == 0, err
     assert ">>>" not in out and "\x1b[" not in out
-    assert re.search(r"^prompt: \d+ tokens prefilled, 0 reused from the cache$", out, re.M)
-    assert re.search(r"^generated: 5 tokens, finish max_tokens$", out, re.M)
+    assert re.search(r"^prompt: \d+ tokens prefilled, 0 reused from the cache$", out, re.MULTILINE)
+    assert re.search(r"^generated: 5 tokens, finish max_tokens$", out, re.MULTILINE)
     assert re.search(r"^per token past the window: [\d,]+ B/token \(payload\+scales\) vs fp16 KV [\d,]+ B/token: "
-                     r"ratio [\d.]+x$", out, re.M)
+                     r"ratio [\d.]+x$", out, re.MULTILINE)
     assert "error: top-p must be in (0, 1] (got 2.0)" in err and "temperature=0.5" in err
     assert "error: unknown command /frobnicate" in err and "/nonexistent.safetensors does not exist" in err
     assert "saved" in err and session.is_file()

@@ -11,8 +11,22 @@ import torch
 
 from xqcli.cache import KVCache
 from xqcli.caches import CacheSpec, make_cache
-from xqcli.engine import (Engine, SamplingParams, _RowText, apply_repeat_penalty, collect, load_session, mask_min_p,
-                          mask_top_k, mask_top_p, parse_setting, sample, save_session)
+from xqcli.engine import (
+    Engine,
+    SamplingParams,
+    StaticKVCache,
+    _RowText,
+    _StaticRope,
+    apply_repeat_penalty,
+    collect,
+    load_session,
+    mask_min_p,
+    mask_top_k,
+    mask_top_p,
+    parse_setting,
+    sample,
+    save_session,
+)
 from xqcli.errors import InputError, ResourceError
 from xqcli.plan import plan
 
@@ -82,10 +96,10 @@ def test_sampling_follows_the_distribution_and_the_seed():
 
 
 @pytest.mark.parametrize("bad,needle", [
-    (dict(top_p=1.5), "top-p must be in (0, 1] (got 1.5)"), (dict(top_p=0.0), "top-p"),
-    (dict(temperature=-1.0), "temperature"), (dict(min_p=1.0), "min-p"), (dict(top_k=-1), "top-k"),
-    (dict(repeat_penalty=0.0), "repeat penalty"), (dict(max_tokens=0), "max tokens"), (dict(stop=("",)), "stop"),
-    (dict(temperature=math.nan), "temperature"),
+    ({"top_p": 1.5}, "top-p must be in (0, 1] (got 1.5)"), ({"top_p": 0.0}, "top-p"),
+    ({"temperature": -1.0}, "temperature"), ({"min_p": 1.0}, "min-p"), ({"top_k": -1}, "top-k"),
+    ({"repeat_penalty": 0.0}, "repeat penalty"), ({"max_tokens": 0}, "max tokens"), ({"stop": ("",)}, "stop"),
+    ({"temperature": math.nan}, "temperature"),
 ])
 def test_sampling_params_are_checked(bad, needle):
     with pytest.raises(InputError, match=None) as info:
@@ -376,6 +390,38 @@ def test_session_file_round_trip_and_mismatches(tmp_path, tiny_chat, tiny_models
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(InputError, match="not a session file"):
         load_session(tmp_path / "junk.safetensors", e2, "tiny")
+
+
+# -------------------------------------------------------------------- the GPU-only static decode path
+
+
+def test_cpu_never_takes_the_cuda_graph_path(tiny_models):
+    e = Engine(tiny_models["llama"], None, "kv", context=32, cuda_graph=True)
+    assert e.decode_mode == "eager" and e._graph is None and type(e.cache) is KVCache
+    assert Engine(tiny_models["llama"], None, "xquant-4", context=32, cuda_graph=True).decode_mode == "eager"
+
+
+def test_static_kv_cache_math_matches_kv_on_cpu(tiny_models):
+    """The static-shape step the CUDA graph captures (full-length K/V, length mask, device-side scatter),
+    run eagerly: same logits as the KV cache, including a finished row that no longer grows."""
+    model = tiny_models["qwen2"]
+    ref, st = KVCache(model, 2, 40), StaticKVCache(model, 2, 40)
+    tokens, n = torch.randint(0, 256, (2, 9)), torch.tensor([9, 4])
+    assert torch.equal(model(tokens, ref, n), model(tokens, st, n))  # prefill: the ordinary code
+    saved, lengths = model._rope, st.lengths
+    model._rope = _StaticRope(model.rope, 40)
+    try:
+        for i in range(12):
+            n_new = torch.tensor([1, 1 if i < 6 else 0])
+            tok = torch.randint(0, 256, (2, 1))
+            want = model(tok, ref, n_new)
+            st.static = True
+            got = model(tok, st, n_new)
+            st.static = False
+            assert (got - want)[n_new.bool()].abs().max() <= 1e-5
+        assert st.lengths is lengths and st.lengths.tolist() == ref.lengths.tolist() == [21, 10]
+    finally:
+        model._rope = saved
 
 
 # ------------------------------------------------------------------------------------------- readouts

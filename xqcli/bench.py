@@ -825,10 +825,10 @@ def estimate_run(cfg: ModelConfig, specs: list[CacheSpec], contexts: list[int], 
         if hf:
             kvb = batch * (n + decode_tokens + 1) * L * 2 * cfg.kv_dim * el
             worst = max(worst, kvb + act + weights)  # + a random-init copy of the weights while building
-            runs = warmup + reps
+            runs = warmup + reps  # one generate (a prefill and decode_tokens steps) per run
             pf, df = prefill_flops(cfg, None, n, batch), decode_flops(cfg, None, n, batch)
-            flops += runs * (2 * pf + decode_tokens * df)
-            seconds += runs * (2 * (pf / flop_rate + wread / byte_rate)
+            flops += runs * (pf + decode_tokens * df)
+            seconds += runs * (pf / flop_rate + wread / byte_rate
                                + decode_tokens * (df / flop_rate + (wread + kvb) / byte_rate))
     return {"weights_bytes": weights, "memory_bytes": weights + worst, "flops": flops, "seconds": seconds}
 
@@ -848,11 +848,13 @@ def run_bench(src: str | Path | None = None, *, shape: str | None = None,
     unless `force`. `prefill_chunk` prefills in chunks of that many tokens (bounds attention memory at long
     contexts; the default is one forward of the whole context)."""
     from xqcli.loader import default_dtype, load, pick_device
-    from xqcli.plan import config_for, meta_model, parse_bytes, plan, shape_config
+    from xqcli.plan import SHAPES, config_for, meta_model, parse_bytes, plan, shape_config
     from xqcli.weights import parse_dtype
 
     t_start = time.perf_counter()
     say = progress or (lambda _msg: None)
+    if shape is None and src is not None and str(src).lower() in SHAPES and not Path(src).exists():
+        shape, src = str(src), None  # `xq bench llama-3.1-8b` as `xq plan` takes it
     if (src is None) == (shape is None):
         raise InputError("give a model source (folder, bundle, .gguf, HF id) or --shape NAME, not both")
     ctxs = parse_contexts(contexts) if isinstance(contexts, str) else list(contexts)
@@ -969,9 +971,8 @@ def run_bench(src: str | Path | None = None, *, shape: str | None = None,
             rows.append(row)
     if any(r.bytes_per_token is None and r.error is None for r in rows):
         notes.append("some contexts are shorter than the full-precision window plus a 128-token block: "
-                     "nothing was quantized yet, so bytes/token and ratio are not measured there (max "
-                     "context "
-                     "uses plan)")
+                     "nothing was quantized yet, so bytes/token and ratio are not measured there "
+                     "(max context uses the plan number)")
     if peak.source is None:
         notes.append("peak memory is not measurable here (no CUDA, no /proc/self/clear_refs)")
     params = sum(p.numel() for p in model.parameters())

@@ -129,6 +129,11 @@ class ModelCache:
     def update_and_fetch(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def fused_attention(self, layer: int, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor | None:
+        """Append X and return attention output (B, H, 1, hd) from a fused decode kernel, or None when
+        this cache, device or step has none (then `update_and_fetch` and SDPA run instead)."""
+        return None
+
     def nbytes(self) -> CacheBytes:
         """Bytes held now, itemized."""
         raise NotImplementedError

@@ -318,6 +318,7 @@ class StreamCache(ModelCache):
         self.cfg = model.config
         self.dtype = model.dtype
         self.streams: list[list[Stream]] = []
+        self.kernels = "auto"  # "auto": fused decode kernels on CUDA; "triton": forced (interpreter tests); "off"
 
     def stream(self, width: int, qspec: QuantSpec | None) -> Stream:
         return Stream(self.batch, self.max_len, width, qspec, self.spec.window, self.dtype, self.device,
@@ -355,6 +356,32 @@ class StreamCache(ModelCache):
     def rotate(self, t: torch.Tensor, r: tuple[Rotation, torch.Tensor] | None) -> torch.Tensor:
         """t·R for a new token's values (fast Walsh-Hadamard transform when R is a Hadamard)."""
         return t if r is None else r[0].apply(t, r[1])
+
+    # --- fused decode kernels (xqcli.kernels) --------------------------------------------------------
+    def fused_ready(self) -> bool:
+        """A one-token decode step on CUDA (or forced) outside the paper protocol."""
+        if self.kernels == "off" or self.spec.quantize_partial or self.positions.shape[1] != 1:
+            return False
+        if self.kernels == "triton":
+            return True
+        from xqcli.kernels._triton import HAS_TRITON
+
+        return HAS_TRITON and self.device.type == "cuda"
+
+    def packed(self, st: Stream):
+        """The kernels' view of a stream: codes, scales and tail as stored, no copy."""
+        from xqcli.kernels.packed import PackedStream
+
+        if st.spec is None:
+            return PackedStream.dense(st.full)
+        sealed = torch.tensor(st.sealed, dtype=torch.int32, device=self.device)
+        return PackedStream(tail=st.tail, sealed=sealed, codes=st.codes, scale=st.scale, zero=st.zero, spec=st.spec)
+
+    def kernel_inputs(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """(q (B, H, D), cos, sin, seq_lens int32, max length) for one decode step."""
+        s = self.step_total()
+        cos, sin = self.model.rope.tables(s)
+        return q[:, :, 0], cos, sin, (self.lengths + self.n_new).to(torch.int32), s
 
     def all_positions(self) -> torch.Tensor:
         s = self.step_total()
@@ -434,6 +461,19 @@ class KiviCache(StreamCache):
         self.append(vs, attn.v_proj(x))
         return self.finish_kv(self.fetch(ks), self.fetch(vs))
 
+    def fused_attention(self, layer: int, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor | None:
+        if not self.fused_ready():
+            return None
+        from xqcli.kernels.kivi_attention import kivi_attention
+
+        attn = self.model.layers[layer].self_attn
+        ks, vs = self.streams[layer]
+        self.append(ks, attn.k_proj(x))
+        self.append(vs, attn.v_proj(x))
+        qq, cos, sin, seq, s = self.kernel_inputs(q)
+        out = kivi_attention(qq, self.packed(ks), self.packed(vs), cos, sin, seq, max_seq_len=s, backend="triton")
+        return out[:, :, None]
+
 
 class XQuantCache(StreamCache):
     """XQuant: X (MHA-like) or the SVD latents X·U_k, X·U_v (GQA), rebuilt into K and V every step."""
@@ -454,19 +494,18 @@ class XQuantCache(StreamCache):
             return [k, v, Stream(self.batch, self.max_len, 1, None, 0, self.dtype, self.device)]
         return [k, v]
 
-    def rebuild(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append this step's X of one layer and rebuild pre-RoPE K, V (B, S, d_kv) for all tokens."""
+    def append_layer(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this step's X of one layer; returns (m_k, m_v) with K = values_k·m_k, V = values_v·m_v."""
         attn = self.model.layers[layer].self_attn
         streams = self.streams[layer]
         if not self.latent:
             r = self.rotation(self.cfg.hidden_size)
-            self.append(streams[0], self.rotate(x, r))
-            xh = self.fetch(streams[0])  # X̂·R under +rot: R folded into W_k, W_v below
+            self.append(streams[0], self.rotate(x, r))  # X̂·R under +rot: R folded into W_k, W_v
             if r is None:
-                return attn.k_proj(xh), attn.v_proj(xh)
+                return attn.k_proj.weight.T, attn.v_proj.weight.T
             wk = self.folded(("wk", layer), lambda: attn.k_proj.weight.double() @ r[1].double())
             wv = self.folded(("wv", layer), lambda: attn.v_proj.weight.double() @ r[1].double())
-            return F.linear(xh, wk, attn.k_proj.bias), F.linear(xh, wv, attn.v_proj.bias)
+            return wk.T, wv.T
         p = model_projections(self.model)[layer]
         r = self.rotation(self.cfg.kv_dim)  # +rot: only the per-token latent X·U_v is rotated
         lat_k, lat_v = x @ p.k.u, self.rotate(x @ p.v.u, r)
@@ -476,17 +515,41 @@ class XQuantCache(StreamCache):
             lat_k = lat_k[..., 1:]
         self.append(streams[0], lat_k)
         self.append(streams[1], lat_v)
-        lk = self.fetch(streams[0])
-        if self.spec.fp16_channel0:
-            lk = torch.cat([self.fetch(streams[2]).to(lk.dtype), lk], dim=-1)
-        k = lk @ p.k.m
-        v = self.fetch(streams[1]) @ m_v
+        return p.k.m, m_v
+
+    def rebuild(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this step's X of one layer and rebuild pre-RoPE K, V (B, S, d_kv) for all tokens."""
+        attn = self.model.layers[layer].self_attn
+        streams = self.streams[layer]
+        m_k, m_v = self.append_layer(layer, x)
+        vals_k = self.fetch(streams[0])
+        vals_v = vals_k if not self.latent else self.fetch(streams[1])
+        if self.latent and self.spec.fp16_channel0:
+            vals_k = torch.cat([self.fetch(streams[2]).to(vals_k.dtype), vals_k], dim=-1)
+        k, v = vals_k @ m_k, vals_v @ m_v
         if attn.k_proj.bias is not None:
             k, v = k + attn.k_proj.bias, v + attn.v_proj.bias
         return k, v
 
     def update_and_fetch(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.finish_kv(*self.rebuild(layer, x))
+
+    def fused_attention(self, layer: int, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor | None:
+        """Dequantize -> rebuild K -> RoPE -> attention with V absorbed, in the kernels (K/V never stored)."""
+        if not self.fused_ready():
+            return None
+        from xqcli.kernels.xquant_attention import xquant_attention
+
+        attn = self.model.layers[layer].self_attn
+        streams = self.streams[layer]
+        m_k, m_v = self.append_layer(layer, x)
+        ks = self.packed(streams[0])
+        vs = ks if not self.latent else self.packed(streams[1])
+        ch0 = streams[2].full if self.latent and self.spec.fp16_channel0 else None
+        qq, cos, sin, seq, s = self.kernel_inputs(q)
+        out = xquant_attention(qq, ks, vs, m_k, m_v, cos, sin, seq, b_k=attn.k_proj.bias, b_v=attn.v_proj.bias,
+                               k_ch0=ch0, max_seq_len=s, backend="triton")
+        return out[:, :, None]
 
 
 class XQuantCLCache(XQuantCache):
@@ -508,6 +571,11 @@ class XQuantCLCache(XQuantCache):
                 self.streams.append([self.stream(2 * cfg.kv_dim, spec.quant("token", bits))])
             else:
                 self.streams.append([self.stream(cfg.hidden_size, spec.quant("token", bits))])
+
+    def fused_attention(self, layer: int, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor | None:
+        # Base layers decode with the XQuant kernel; delta layers with the reference path (the CL
+        # update/attention kernels in xqcli.kernels.xquant_cl are tested but not wired in yet).
+        return super().fused_attention(layer, x, q) if layer < self.base - 1 else None
 
     def update_and_fetch(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if layer < self.base - 1:
@@ -573,15 +641,20 @@ class XQuantCLCache(XQuantCache):
 
 
 def make_cache(model: "Transformer", spec: CacheSpec | str, batch: int, max_len: int,
-               device: torch.device | None = None) -> ModelCache:
-    """Build a cache of any kind for `batch` rows of up to `max_len` tokens."""
+               device: torch.device | None = None, kernels: str = "auto") -> ModelCache:
+    """Build a cache of any kind for `batch` rows of up to `max_len` tokens.
+
+    `kernels`: "auto" uses the fused Triton decode kernels on CUDA tensors, "triton" forces them (CPU
+    tests under TRITON_INTERPRET=1), "off" keeps the pure-torch reference path."""
     if isinstance(spec, str):
         spec = CacheSpec.parse(spec)
     spec = resolve(model, spec)
     if spec.method == "kv":
         return KVCache(model, batch, max_len, device=device)
     cls = {"kivi": KiviCache, "xquant": XQuantCache, "xquant-cl": XQuantCLCache}[spec.method]
-    return cls(model, spec, batch, max_len, device)
+    cache = cls(model, spec, batch, max_len, device)
+    cache.kernels = kernels
+    return cache
 
 
 

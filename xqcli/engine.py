@@ -474,16 +474,18 @@ class _GraphedDecode:
         b = cache.batch
         self.tokens = torch.zeros(b, 1, dtype=torch.long, device=cache.device)
         self.n_new = torch.ones(b, dtype=torch.long, device=cache.device)
+        self.rope = _StaticRope(model.rope, cache.max_len)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
         self.warm = 0
 
     def _step(self) -> torch.Tensor:
-        self.cache.static = True
+        # Static cache and sync-free RoPE only while this step runs (or is captured): replays need no Python.
+        self.cache.static, saved, self.model._rope = True, self.model._rope, self.rope
         try:
             return self.model(self.tokens, self.cache, self.n_new)[:, -1]
         finally:
-            self.cache.static = False
+            self.cache.static, self.model._rope = False, saved
 
     def __call__(self, tokens: torch.Tensor, n_new: torch.Tensor) -> torch.Tensor:
         self.tokens.copy_(tokens)
@@ -556,7 +558,6 @@ class Engine:
         _warm_projections(model, self.spec)
         self._graph: _GraphedDecode | None = None
         if graph:
-            model._rope = _StaticRope(model.rope, self.context)
             self._graph = _GraphedDecode(model, self.cache)
         self.generator = torch.Generator(device=self.device)
         self.generator.seed()
@@ -857,6 +858,8 @@ def model_identity(model: Transformer, source: str, spec: CacheSpec | None = Non
         for t in (p.k.u[:8], p.v.u[:8], p.kv.u[:8]):
             ph.update(t.detach().double().cpu().contiguous().numpy().tobytes())
         ident["projections_sha256"] = ph.hexdigest()
+    if spec is not None and spec.rotate:  # +rot: which rotation the stored codes were taken in
+        ident["rotation"] = repr(getattr(model, "_xq_rotation", ("hadamard", 0)))
     return ident
 
 
@@ -913,7 +916,7 @@ def load_session(path: str | Path, engine: Engine, source: str) -> dict[str, Any
         raise InputError(f"{path}: corrupt session metadata ({e})") from None
     here = model_identity(engine.model, source, engine.spec)
     labels = {"config_sha256": "model config", "weights_sha256": "model weights", "dtype": "dtype",
-              "projections_sha256": "SVD projections"}
+              "projections_sha256": "SVD projections", "rotation": "rotation"}
     diff = [f"{labels[k]} ({saved_model.get(k, 'none')[:12]} saved, {here.get(k, 'none')[:12]} here)"
             for k in labels if saved_model.get(k) != here.get(k)]
     if diff:

@@ -57,10 +57,13 @@ class Attention(nn.Module):
                 mask: torch.Tensor | None) -> torch.Tensor:
         cfg = self.cfg
         q = rope.apply(self.split_heads(self.q_proj(x), cfg.num_attention_heads), cache.positions)
+        b, _, t, _ = q.shape
+        fused = cache.fused_attention(layer, x, q)  # decode kernels: K/V never materialized
+        if fused is not None:
+            return self.o_proj(fused.reshape(b, t, cfg.q_dim).to(x.dtype))
         k, v = cache.update_and_fetch(layer, x)
         out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
                                              is_causal=mask is None, enable_gqa=cfg.is_gqa)
-        b, _, t, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(b, t, cfg.q_dim))
 
 

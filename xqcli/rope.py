@@ -50,6 +50,11 @@ class Rope:
         emb = torch.cat((freqs, freqs), dim=-1)
         self._cos, self._sin = emb.cos(), emb.sin()
 
+    def tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for positions 0..n-1, (n, head_dim) float32: what the fused decode kernels read."""
+        self._ensure(n)
+        return self._cos[:n], self._sin[:n]
+
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape (B, 1, T, D) for integer positions (B, T)."""
         self._ensure(int(positions.max()) + 1 if positions.numel() else 1)

@@ -118,7 +118,7 @@ def read_message(read_line: Callable[[str], Optional[str]], prompt: str, more: s
 class ChatSession:
     """The REPL: conversation, slash commands, streaming and the live panel."""
 
-    def __init__(self, engine: "Engine", source: str, system: str | None, *, panel: bool, out, err) -> None:
+    def __init__(self, engine: Engine, source: str, system: str | None, *, panel: bool, out, err) -> None:
         self.engine, self.source = engine, source
         self.system = system
         self.messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []

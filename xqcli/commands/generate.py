@@ -10,8 +10,19 @@ from typing import Optional
 import typer
 
 from xqcli.commands import _options as opt
-from xqcli.commands.chat import (CONTEXT, CUDA_GRAPH, MIN_P, REPEAT_PENALTY, SEED, STOP, TEMPERATURE, TOP_K, TOP_P,
-                                 parse_context, sampling_from_options)
+from xqcli.commands.chat import (
+    CONTEXT,
+    CUDA_GRAPH,
+    MIN_P,
+    REPEAT_PENALTY,
+    SEED,
+    STOP,
+    TEMPERATURE,
+    TOP_K,
+    TOP_P,
+    parse_context,
+    sampling_from_options,
+)
 
 SCHEMA_VERSION = 1
 
