@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from xqcli.cache import CacheBytes, KVCache, ModelCache
+from xqcli.projections import model_projections
 from xqcli.caches import CacheSpec, make_cache, uses_latents
 from xqcli.errors import InputError, ResourceError
 
@@ -550,12 +551,13 @@ class Engine:
             with torch.inference_mode():
                 self.cache: ModelCache = (StaticKVCache(model, batch, self.context) if graph
                                           else make_cache(model, self.spec, batch, self.context))
-        except (torch.OutOfMemoryError, RuntimeError) as e:
+        except RuntimeError as e:  # torch.cuda.OutOfMemoryError and the CPU allocator error are RuntimeErrors
             if "memory" not in str(e).lower():
                 raise
             raise ResourceError(f"cannot allocate a {self.spec.name} cache for {batch} x {self.context:,} tokens: "
                                 f"{str(e).splitlines()[0]}", hint="lower --context") from None
-        _warm_projections(model, self.spec)
+        if self.spec.method in ("xquant", "xquant-cl") and uses_latents(model.config):
+            model_projections(model)  # SVDs now, not inside the first timed prefill
         self._graph: _GraphedDecode | None = None
         if graph:
             self._graph = _GraphedDecode(model, self.cache)
@@ -800,24 +802,6 @@ class Engine:
         if rep.budget is not None:
             rep.tokens_left = max(0, int((rep.budget - nb.total) // max(bpt + ws, 1e-9)))
         return rep
-
-
-def _warm_projections(model: Transformer, spec: CacheSpec) -> None:
-    """Compute a GQA model's SVD projections now, single-threaded, rather than inside the first prefill.
-
-    LAPACK's SVD under OpenMP spins when the cores are busy: on a shared 2-core machine SmolLM2's 90
-    small SVDs took 63 s with 2 threads and well under a second with 1 (measured).
-    """
-    if spec.method not in ("xquant", "xquant-cl") or not uses_latents(model.config):
-        return
-    from xqcli.projections import model_projections
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model_projections(model)
-    finally:
-        torch.set_num_threads(n)
 
 
 def collect(steps: Iterator[Step]) -> dict[int, dict[str, Any]]:

@@ -61,7 +61,14 @@ def model_projections(model, dtype: torch.dtype | None = None) -> list[LayerProj
     """Factors for every layer, computed once per model (or set from a bundle) and kept on it."""
     cached = getattr(model, "_xq_projections", None)
     if cached is None:
-        cached = [layer_projections(l.self_attn.k_proj.weight, l.self_attn.v_proj.weight) for l in model.layers]
+        # Single-threaded: LAPACK's small SVDs spin under OpenMP on busy cores (63 s instead of <1 s for
+        # SmolLM2's 90 SVDs on a shared 2-core machine).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            cached = [layer_projections(l.self_attn.k_proj.weight, l.self_attn.v_proj.weight) for l in model.layers]
+        finally:
+            torch.set_num_threads(threads)
         model._xq_projections = cached
     dtype = dtype or model.dtype
     key = (dtype, model.device)
