@@ -351,7 +351,7 @@ class StreamCache(ModelCache):
             return None
         kind, seed = getattr(self.model, "_xq_rotation", ("hadamard", 0))
         rot = Rotation(kind, width, seed)
-        return rot, self.folded(("R", width), lambda: rot.matrix(torch.float64))
+        return rot, self.folded(("R", rot), lambda: rot.matrix(torch.float64))
 
     def rotate(self, t: torch.Tensor, r: tuple[Rotation, torch.Tensor] | None) -> torch.Tensor:
         """t·R for a new token's values (fast Walsh-Hadamard transform when R is a Hadamard)."""
@@ -503,13 +503,13 @@ class XQuantCache(StreamCache):
             self.append(streams[0], self.rotate(x, r))  # X̂·R under +rot: R folded into W_k, W_v
             if r is None:
                 return attn.k_proj.weight.T, attn.v_proj.weight.T
-            wk = self.folded(("wk", layer), lambda: attn.k_proj.weight.double() @ r[1].double())
-            wv = self.folded(("wv", layer), lambda: attn.v_proj.weight.double() @ r[1].double())
+            wk = self.folded(("wk", layer, r[0]), lambda: attn.k_proj.weight.double() @ r[1].double())
+            wv = self.folded(("wv", layer, r[0]), lambda: attn.v_proj.weight.double() @ r[1].double())
             return wk.T, wv.T
         p = model_projections(self.model)[layer]
         r = self.rotation(self.cfg.kv_dim)  # +rot: only the per-token latent X·U_v is rotated
         lat_k, lat_v = x @ p.k.u, self.rotate(x @ p.v.u, r)
-        m_v = p.v.m if r is None else self.folded(("mv", layer), lambda: r[1].double().T @ p.v.m.double())
+        m_v = p.v.m if r is None else self.folded(("mv", layer, r[0]), lambda: r[1].double().T @ p.v.m.double())
         if self.spec.fp16_channel0:
             self.append(streams[2], lat_k[..., :1])
             lat_k = lat_k[..., 1:]
@@ -583,24 +583,24 @@ class XQuantCLCache(XQuantCache):
         attn = self.model.layers[layer].self_attn
         stream = self.streams[layer][0]
         seed = layer == self.base - 1
+        w_kv = torch.cat([attn.k_proj.weight, attn.v_proj.weight])
         if self.latent:  # +rot folds R into the basis: U_kv·R still has orthonormal columns
             u = model_projections(self.model)[layer].kv.u
             r = self.rotation(2 * self.cfg.kv_dim)
             if r is not None:
-                u = self.folded(("ukv", layer), lambda: u.double() @ r[1].double())
+                u = self.folded(("ukv", layer, r[0]), lambda: u.double() @ r[1].double())
             down, up = (lambda t: t @ u), (lambda t: t @ u.T)  # noqa: E731
-            w_kv = torch.cat([attn.k_proj.weight, attn.v_proj.weight])
+            prev_down = down  # the accumulator lives in X's space
         else:  # +rot: the accumulator lives in the rotated space, R folded into W_kv
             r = self.rotation(self.cfg.hidden_size)
-            down, up = (lambda t: self.rotate(t, r)), (lambda t: t)  # noqa: E731
-            w_kv = torch.cat([attn.k_proj.weight, attn.v_proj.weight])
+            down, up, prev_down = (lambda t: self.rotate(t, r)), (lambda t: t), (lambda t: t)  # noqa: E731
             if r is not None:
-                w_kv = self.folded(("wkv", layer), lambda: w_kv.double() @ r[1].double())
+                w_kv = self.folded(("wkv", layer, r[0]), lambda: w_kv.double() @ r[1].double())
         prev = self.acc
 
         def delta(b: int, start: int, raw: torch.Tensor) -> torch.Tensor:
             """What layer i quantizes: (X_i − X̂_{i−1})·U_kv, formed against the accumulator right now."""
-            return raw if seed else raw - down(prev[b, start:start + raw.shape[0]])
+            return raw if seed else raw - prev_down(prev[b, start:start + raw.shape[0]])
 
         # The stream holds X·U_kv (GQA) or X (MHA); deltas are formed when tokens are sealed.
         self.append(stream, down(x), delta)

@@ -29,7 +29,14 @@ class SVDFactors:
 def svd_factors(weight: torch.Tensor, *, keep_m: bool = True) -> SVDFactors:
     """Factor an nn.Linear weight (out × d, out <= d) as described in the module docstring."""
     w = weight.detach().to(torch.float64)
-    u_, s, vh = torch.linalg.svd(w, full_matrices=False)  # w = u_ diag(s) vh
+    # Single-threaded, always: the same factors whoever computes them (convert or load), and LAPACK's small
+    # SVDs spin under OpenMP on busy cores (63 s instead of <1 s for SmolLM2's 90 on a shared 2-core machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        u_, s, vh = torch.linalg.svd(w, full_matrices=False)  # w = u_ diag(s) vh
+    finally:
+        torch.set_num_threads(threads)
     u = vh.T  # (d, r)
     idx = u.abs().argmax(dim=0)
     signs = torch.sign(u[idx, torch.arange(u.shape[1])])
@@ -61,14 +68,7 @@ def model_projections(model, dtype: torch.dtype | None = None) -> list[LayerProj
     """Factors for every layer, computed once per model (or set from a bundle) and kept on it."""
     cached = getattr(model, "_xq_projections", None)
     if cached is None:
-        # Single-threaded: LAPACK's small SVDs spin under OpenMP on busy cores (63 s instead of <1 s for
-        # SmolLM2's 90 SVDs on a shared 2-core machine).
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            cached = [layer_projections(l.self_attn.k_proj.weight, l.self_attn.v_proj.weight) for l in model.layers]
-        finally:
-            torch.set_num_threads(threads)
+        cached = [layer_projections(l.self_attn.k_proj.weight, l.self_attn.v_proj.weight) for l in model.layers]
         model._xq_projections = cached
     dtype = dtype or model.dtype
     key = (dtype, model.device)
