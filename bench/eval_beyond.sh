@@ -10,7 +10,9 @@ GQA="${GQA_BUNDLE:-out/smollm2-xq}"
 MHA="${MHA_BUNDLE:-out/smollm2-mha-xq}"
 NEW="kv,xquant-4+rot,xquant-3+rot,xquant-2+rot,xquant-cl-3+rot,xquant-cl-2+rot,xquant-3+mix,xquant-2.5+mix"
 ALL="kv,kivi-4,kivi-3,kivi-2,xquant-4,xquant-3,xquant-2,xquant-cl-3,xquant-cl-2,${NEW#kv,}"
-for m in GQA MHA; do
+for m in MHA GQA; do
   "$XQ" eval "${!m}" --text wiki --seq-len 2048 --max-tokens 18432 --methods "$NEW" --json > "$OUT/beyond-$m-wiki.json"
-  "$XQ" eval "${!m}" --text news --seq-len 2048 --max-tokens 8192 --methods "$ALL" --json > "$OUT/beyond-$m-news.json"
+done
+for m in MHA GQA; do
+  "$XQ" eval "${!m}" --text news --seq-len 2048 --max-tokens 4096 --methods "$ALL" --json > "$OUT/beyond-$m-news.json"
 done
