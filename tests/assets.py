@@ -9,10 +9,7 @@ where pip put them, without importing the packages. This module imports no pytes
 
 from __future__ import annotations
 
-import bz2
 import fcntl
-import hashlib
-import html
 import importlib.util
 import json
 import math
@@ -20,13 +17,14 @@ import os
 import re
 import shutil
 import tempfile
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from xqcli.bundle import sha256_file
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -97,14 +95,6 @@ def _package_dir(package: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------- SmolLM2
 
 
@@ -121,7 +111,7 @@ def smollm2_gguf() -> Path:
             return path
     except (OSError, ValueError):
         pass
-    digest = _sha256(path)
+    digest = sha256_file(path)
     if digest != SMOLLM2_SHA256:
         raise RuntimeError(f"{path} has sha256 {digest}, expected {SMOLLM2_SHA256}; reinstall: {INSTALL_HINT}")
     cache_dir().mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,6 @@ The `gguf` package still supplies the tensor type table and the dequantizers (an
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import mmap
@@ -22,6 +21,7 @@ from typing import Any
 
 import torch
 
+from xqcli.bundle import sha256_file
 from xqcli.errors import GGUFError, MissingDependencyError, UnsupportedModelError
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
@@ -117,7 +117,7 @@ def load_gguf(path: str | Path) -> GGUFModel:
             MemoryError) as e:
         # Every check above should come first; this keeps a missed one a clean error, not a traceback.
         raise GGUFError(f"{path}: malformed GGUF file ({type(e).__name__}: {_one_line(e)})") from None
-    return GGUFModel(config, tensors, tokenizer_json, tokenizer_config, generation_config, _sha256(path))
+    return GGUFModel(config, tensors, tokenizer_json, tokenizer_config, generation_config, sha256_file(path))
 
 
 def write_hf_folder(model: GGUFModel, out_dir: Path, dtype: torch.dtype = torch.float32) -> None:
@@ -694,10 +694,3 @@ def _add_tokens(tk: Any, tokens: list[str], types: list[int], keep: Callable[[st
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
