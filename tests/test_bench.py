@@ -20,7 +20,7 @@ import torch
 from xqcli import bench
 from xqcli.caches import CacheSpec, make_cache
 from xqcli.cli import main
-from xqcli.errors import InputError
+from xqcli.errors import InputError, ResourceError
 from xqcli.plan import SHAPES, plan, shape_config
 
 SCHEMA = json.loads((Path(__file__).parent.parent / "docs" / "bench.schema.json").read_text())
@@ -370,6 +370,14 @@ def test_cli_refuses_hours(capsys):
     code, _, err = run(capsys, "bench", "--shape", "llama-3.1-8b", "--context", "32k", "--device", "cpu",
                        "--budget", "1TiB")
     assert code == 7 and "would take about" in err and "h " in err
+
+
+def test_refuses_after_calibration(monkeypatch):
+    """The second check: once built, a device whose short decode step is slow refuses the run."""
+    monkeypatch.setattr(bench, "_calibrate_step", lambda model, device: 600.0)
+    with pytest.raises(ResourceError, match="one decode step takes 600,000.0 ms"):
+        bench.run_bench(shape="smollm2-135m", contexts=[256], kinds=["kv"], decode_tokens=2, reps=2, warmup=0,
+                        device="cpu", dtype="float32")
 
 
 @pytest.mark.parametrize("args,code,needle", [

@@ -792,12 +792,43 @@ def reference_traffic(cfg: ModelConfig, spec: CacheSpec | None, n: int, batch: i
     return 2 * batch * n * cfg.num_hidden_layers * elem * width[spec.method]
 
 
+def _problems(est: dict[str, Any], limit: int | None, is_budget: bool, longest: int,
+              peaks: Peaks) -> list[str]:
+    problems = []
+    if limit is not None and est["memory_bytes"] > limit:
+        problems.append(f"needs about {est['memory_bytes'] / 2**30:.2f} GiB (weights "
+                        f"{est['weights_bytes'] / 2**30:.2f} GiB + cache and activations at context "
+                        f"{longest:,}) but {'--budget' if is_budget else 'free memory'} is "
+                        f"{limit / 2**30:.2f} GiB")
+    if est["seconds"] > MAX_SECONDS:
+        problems.append(f"would take about {_duration(est['seconds'])} ({est['flops'] / 1e12:,.1f} TFLOP at "
+                        f"{EFFICIENCY:.0%} of the measured {peaks.tflop_s * 1e3:,.1f} GFLOP/s and "
+                        f"{peaks.bandwidth_gb_s:,.1f} GB/s; refused above {MAX_SECONDS // 60} min)")
+    return problems
+
+
+def _calibrate_step(model: Transformer, device: torch.device, n: int = 8) -> float:
+    """Seconds of one decode step at a short context (best of 2), after an untimed n-token prefill."""
+    cache = KVCache(model, 1, n + 3)
+    tokens = (torch.arange(n, device=model.device) % model.config.vocab_size)[None]
+    best = math.inf
+    with torch.inference_mode():
+        tok = _last_logits(model, tokens, cache).argmax(-1, keepdim=True)
+        for _ in range(2):
+            with Timer(device) as t:
+                tok = _last_logits(model, tok, cache).argmax(-1, keepdim=True)
+            best = min(best, t.seconds)
+    return best
+
+
 def estimate_run(cfg: ModelConfig, specs: list[CacheSpec], contexts: list[int], *, batch: int,
                  decode_tokens: int, warmup: int, reps: int, dtype: torch.dtype, peaks: Peaks, hf: bool,
-                 prefill_chunk: int | None = None) -> dict[str, Any]:
+                 prefill_chunk: int | None = None, step_floor_s: float | None = None) -> dict[str, Any]:
     """Peak memory (weights + largest cache + prefill activations) and seconds (FLOPs and bytes at
-    EFFICIENCY times the measured peaks, plus the reference path's dequantize/rebuild traffic). Rough: on
-    busy or small CPUs the pure-torch caches' per-layer overheads can make real runs several times longer."""
+    EFFICIENCY times the measured peaks, plus the reference path's dequantize/rebuild traffic). Every
+    forward takes at least `step_floor_s` (a measured short-context decode step, once the model is built:
+    it catches per-layer overheads the rates miss). Rough: on busy CPUs the pure-torch caches' per-row
+    loops can make real runs several times longer still."""
     from xqcli.plan import meta_model
 
     el = _elem(dtype)
@@ -805,6 +836,7 @@ def estimate_run(cfg: ModelConfig, specs: list[CacheSpec], contexts: list[int], 
     weights = sum(p.numel() * p.element_size() for p in meta.parameters())
     flop_rate, byte_rate = peaks.tflop_s * 1e12 * EFFICIENCY, peaks.bandwidth_gb_s * 1e9 * EFFICIENCY
     wread = weights_read_bytes(cfg, dtype)
+    floor = step_floor_s or 0.0
     d, inter, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
     worst, seconds, flops = 0, 0.0, 0
     for n in contexts:
@@ -820,17 +852,18 @@ def estimate_run(cfg: ModelConfig, specs: list[CacheSpec], contexts: list[int], 
             n_pre = 1 + (warmup > 0)
             flops += n_pre * pf + steps * df
             extra = reference_traffic(cfg, spec, n, batch, el)
-            seconds += n_pre * (pf / flop_rate + (wread + extra) / byte_rate)
-            seconds += steps * (df / flop_rate + (wread + c.total + extra) / byte_rate)
+            seconds += n_pre * max(floor, pf / flop_rate + (wread + extra) / byte_rate)
+            seconds += steps * max(floor, df / flop_rate + (wread + c.total + extra) / byte_rate)
         if hf:
             kvb = batch * (n + decode_tokens + 1) * L * 2 * cfg.kv_dim * el
             worst = max(worst, kvb + act + weights)  # + a random-init copy of the weights while building
             runs = warmup + reps  # one generate (a prefill and decode_tokens steps) per run
             pf, df = prefill_flops(cfg, None, n, batch), decode_flops(cfg, None, n, batch)
             flops += runs * (pf + decode_tokens * df)
-            seconds += runs * (pf / flop_rate + wread / byte_rate
-                               + decode_tokens * (df / flop_rate + (wread + kvb) / byte_rate))
-    return {"weights_bytes": weights, "memory_bytes": weights + worst, "flops": flops, "seconds": seconds}
+            seconds += runs * (max(floor, pf / flop_rate + wread / byte_rate)
+                               + decode_tokens * max(floor, df / flop_rate + (wread + kvb) / byte_rate))
+    return {"weights_bytes": weights, "memory_bytes": weights + worst, "flops": flops, "seconds": seconds,
+            "step_floor_s": step_floor_s}
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -893,17 +926,7 @@ def run_bench(src: str | Path | None = None, *, shape: str | None = None,
         free += est["weights_bytes"]  # already resident
     limit = budget_b if budget_b is not None else free
     est["limit_bytes"], est["limit_source"] = limit, ("budget" if budget_b is not None else free_source)
-    problems = []
-    if limit is not None and est["memory_bytes"] > limit:
-        problems.append(f"needs about {est['memory_bytes'] / 2**30:.2f} GiB (weights "
-                        f"{est['weights_bytes'] / 2**30:.2f} GiB + cache and activations at context "
-                        f"{max(ctxs):,}) but "
-                        f"{'--budget' if budget_b is not None else 'free memory'} is {limit / 2**30:.2f} GiB")
-    if est["seconds"] > MAX_SECONDS:
-        problems.append(f"would take about {_duration(est['seconds'])} ({est['flops'] / 1e12:,.1f} TFLOP at "
-                        f"{EFFICIENCY:.0%} of the measured {peaks.tflop_s * 1e3:,.1f} GFLOP/s and "
-                        f"{peaks.bandwidth_gb_s:,.1f} GB/s; "
-                        f"refused above {MAX_SECONDS // 60} min)")
+    problems = _problems(est, limit, budget_b is not None, max(ctxs), peaks)
     if problems and not force:
         raise ResourceError("xq bench refused: it " + "; it ".join(problems),
                             hint="shorten --context, lower --reps/--decode-tokens/--batch, or pass --force")
@@ -927,6 +950,19 @@ def run_bench(src: str | Path | None = None, *, shape: str | None = None,
     free_after, free_source = device_free_bytes(dev)
     cache_budget = _cache_budget(budget_b, weights, free_after)
     peak = PeakMemory(dev)
+
+    # A short untimed forward pages the weights in and runs lazy initializations; its decode step is the
+    # floor of every later forward, which re-checks the time estimate before anything is measured.
+    floor = _calibrate_step(model, dev)
+    est = estimate_run(cfg, specs, ctxs, batch=batch, decode_tokens=decode_tokens, warmup=warmup, reps=reps,
+                       dtype=dt, peaks=peaks, hf=hf, prefill_chunk=prefill_chunk, step_floor_s=floor)
+    est["limit_bytes"], est["limit_source"] = limit, ("budget" if budget_b is not None else free_source)
+    if est["seconds"] > MAX_SECONDS and not force:
+        raise ResourceError(f"xq bench refused: one decode step takes {floor * 1e3:,.1f} ms here even at a "
+                            f"short context, so the run would take about {_duration(est['seconds'])} "
+                            f"(refused above {MAX_SECONDS // 60} min)",
+                            hint="shorten --context, lower --reps/--decode-tokens/--batch, or pass --force")
+    say(f"calibrated: a short decode step takes {floor * 1e3:,.1f} ms; estimate {_duration(est['seconds'])}")
 
     plan_rows = {r.kind: r for r in plan(cfg, names, dtype=dt)}
     meta = meta_model(cfg, dt)

@@ -46,11 +46,10 @@ def _root(
 
 
 def _register() -> None:
-    from xqcli.commands import chat, convert, doctor, eval_cmd, generate, inspect_cmd, plan
+    from xqcli.commands import bench, chat, convert, doctor, eval_cmd, generate, inspect_cmd, plan
 
-    for mod in (convert, chat, doctor, generate, eval_cmd, plan, inspect_cmd):
+    for mod in (convert, chat, generate, eval_cmd, bench, plan, inspect_cmd, doctor):
         mod.register(app)
-    from xqcli.commands import bench; bench.register(app)  # noqa: E702 (additive; fold into the tuple above)
 
 
 _register()
