@@ -356,3 +356,43 @@ def test_per_layer_clips(gqa_bundle):
         make_cache(model, CacheSpec.parse("kivi-2", clips=(0.9,)), 1, 8)
     with pytest.raises(InputError, match="clip ratio"):
         CacheSpec.parse("kivi-2", clips=(0.9, 1.5))
+
+
+# ------------------------------------------------------------------------------------ beyond the paper
+
+
+def test_rotation_recorded_and_checked(bundle_copy, capsys):
+    from xqcli.loader import load
+
+    m = json.loads((bundle_copy / MANIFEST).read_text())
+    assert m["rotation"]["kind"] == "hadamard"
+    model = load(bundle_copy).model
+    assert model._xq_rotation == ("hadamard", 0)
+    edit_manifest(bundle_copy, lambda m: m["rotation"].update(widths=[999, 1, 2]))
+    code, _, err = run_cli(capsys, "inspect", str(bundle_copy))
+    assert code == 4 and "does not match the model" in err and len(err.strip().splitlines()) == 1
+    edit_manifest(bundle_copy, lambda m: m["rotation"].update(kind="spiral"))
+    code, _, err = run_cli(capsys, "inspect", str(bundle_copy))
+    assert code == 4 and "rotation" in err
+
+
+def test_budget_no_plan_can_meet(gqa_dir, gqa_bundle, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "convert", str(gqa_dir), "-o", str(tmp_path / "b"), "--budget-bits", "1.5")
+    assert code == 2 and "no per-layer plan" in err and not (tmp_path / "b").exists()
+    code, _, err = run_cli(capsys, "convert", str(gqa_dir), "-o", str(tmp_path / "b"), "--budget", "1KiB",
+                           "--context", "100000")
+    assert code == 2 and "no plan fits" in err and not (tmp_path / "b").exists()
+    code, _, err = run_cli(capsys, "convert", str(gqa_dir), "-o", str(tmp_path / "b"), "--rotation", "spiral")
+    assert code == 2 and "unknown rotation" in err
+    code, _, err = run_cli(capsys, "eval", str(gqa_bundle), "--text", "news", "-m", "xquant-1.5+mix")
+    assert code == 2 and "no per-layer plan can average" in err
+
+
+def test_mix_plan_from_bundle(gqa_bundle):
+    from xqcli.caches import CacheSpec, resolve
+    from xqcli.loader import load
+
+    model = load(gqa_bundle).model
+    spec = resolve(model, CacheSpec.parse("xquant-3+mix"))
+    assert spec.layer_bits is not None and len(spec.layer_bits) == model.config.num_hidden_layers
+    assert sum(spec.layer_bits) <= 3 * len(spec.layer_bits) and set(spec.layer_bits) <= {2, 3, 4, 8}
