@@ -16,3 +16,6 @@ done
 for m in MHA GQA; do
   "$XQ" eval "${!m}" --text news --seq-len 2048 --max-tokens 4096 --methods "$ALL" --json > "$OUT/beyond-$m-news.json"
 done
+# Calibrated bits per layer on rotated X (MHA variant).
+"$XQ" eval "$MHA" --text wiki --seq-len 2048 --max-tokens 18432 --methods kv,xquant-3+mix+rot,xquant-2.5+mix+rot \
+  --json > "$OUT/beyond-MHA-wiki-mixrot.json"
