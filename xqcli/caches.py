@@ -583,7 +583,7 @@ class XQuantCLCache(XQuantCache):
         attn = self.model.layers[layer].self_attn
         stream = self.streams[layer][0]
         seed = layer == self.base - 1
-        w_kv = torch.cat([attn.k_proj.weight, attn.v_proj.weight])
+        w_k, w_v = attn.k_proj.weight, attn.v_proj.weight
         if self.latent:  # +rot folds R into the basis: U_kv·R still has orthonormal columns
             u = model_projections(self.model)[layer].kv.u
             r = self.rotation(2 * self.cfg.kv_dim)
@@ -594,8 +594,9 @@ class XQuantCLCache(XQuantCache):
         else:  # +rot: the accumulator lives in the rotated space, R folded into W_kv
             r = self.rotation(self.cfg.hidden_size)
             down, up, prev_down = (lambda t: self.rotate(t, r)), (lambda t: t), (lambda t: t)  # noqa: E731
-            if r is not None:
-                w_kv = self.folded(("wkv", layer, r[0]), lambda: w_kv.double() @ r[1].double())
+            if r is not None:  # the same folded weights as plain XQuant's rotated X
+                w_k = self.folded(("wk", layer, r[0]), lambda: w_k.double() @ r[1].double())
+                w_v = self.folded(("wv", layer, r[0]), lambda: w_v.double() @ r[1].double())
         prev = self.acc
 
         def delta(b: int, start: int, raw: torch.Tensor) -> torch.Tensor:
@@ -615,7 +616,7 @@ class XQuantCLCache(XQuantCache):
             acc[b, :n + t] = d if seed else prev[b, :n + t] + d
         self.acc = acc
         self._acc_bytes = max(self._acc_bytes, tensor_bytes(acc))
-        k, v = F.linear(acc, w_kv).split(self.cfg.kv_dim, dim=-1)
+        k, v = F.linear(acc, w_k), F.linear(acc, w_v)  # no per-step concatenation of the weights
         if attn.k_proj.bias is not None:
             k, v = k + attn.k_proj.bias, v + attn.v_proj.bias
         return self.finish_kv(k, v)

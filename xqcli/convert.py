@@ -42,6 +42,7 @@ from xqcli.errors import InputError
 from xqcli.hub import ALLOW_PATTERNS, Source, resolve
 from xqcli.projections import layer_projections, set_model_projections
 from xqcli.rotation import Rotation
+from xqcli.texts import read_user_text
 from xqcli.weights import build_model, check_model_folder, parse_dtype, read_safetensors, shard_files
 
 DEFAULT_SHARD_SIZE = 2 * 10**9
@@ -87,7 +88,7 @@ def convert(src: str | Path, out_dir: str | Path | None = None, *, dtype: str | 
     out = Path(out_dir).expanduser() if out_dir is not None else default_out_dir(str(src))
     _refuse_existing(out, force)
     text, text_label = (builtin_text(), "pydoc_data.topics (Python documentation)") if calib is None else \
-        (_read_calib(Path(calib)), Path(calib).name)
+        (read_user_text(Path(calib), "--calib"), Path(calib).name)
     source = resolve(str(src), revision=revision, token=token, offline=offline, progress=sys.stderr.isatty())
     say(f"reading {source.describe()}")
     sm = _read_source(source)
@@ -151,16 +152,6 @@ def convert(src: str | Path, out_dir: str | Path | None = None, *, dtype: str | 
 def _refuse_existing(out: Path, force: bool) -> None:
     if os.path.lexists(out) and not force:
         raise InputError(f"{out} already exists", hint="pass --force to replace it, or choose another --out")
-
-
-def _read_calib(path: Path) -> str:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"--calib {path}: cannot read it as UTF-8 text ({e})") from None
-    if not text.strip():
-        raise InputError(f"--calib {path}: the file is empty")
-    return text
 
 
 def _read_source(source: Source) -> _SourceModel:

@@ -98,10 +98,15 @@ def load_text(name: str) -> str:
     p = Path(name)
     if not p.is_file():
         raise InputError(f"--text {name}: not 'wiki', 'news' or an existing file")
+    return read_user_text(p, "--text")
+
+
+def read_user_text(path: Path, option: str) -> str:
+    """A user's UTF-8 text file (eval text, calibration text), refused when unreadable or empty."""
     try:
-        text = p.read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"--text {name}: cannot read it as UTF-8 ({e})") from None
+        raise InputError(f"{option} {path}: cannot read it as UTF-8 text ({e})") from None
     if not text.strip():
-        raise InputError(f"--text {name}: the file is empty")
+        raise InputError(f"{option} {path}: the file is empty")
     return text
