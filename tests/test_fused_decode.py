@@ -32,22 +32,29 @@ def latent_model() -> Transformer:
     return model.eval()
 
 
-def decode(model, kind: str, kernels: str, tokens: torch.Tensor, prefix: int) -> tuple[torch.Tensor, list[int]]:
+def decode(model, kind, kernels: str, tokens: torch.Tensor, prefix: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """Prefill row b with its first prefix[b] tokens, then decode the rest one token per step.
+
+    Returns the decode steps' logits (B, steps, vocab) and row 0's greedy picks."""
     cache = make_cache(model, kind, tokens.shape[0], tokens.shape[1] + 4, kernels=kernels)
     cache.spec.check()
-    logits = [model(tokens[:, :prefix], cache)]
-    logits += [model(tokens[:, i:i + 1], cache) for i in range(prefix, tokens.shape[1])]
-    out = torch.cat(logits, 1)
-    return out, out[0, prefix - 1:].argmax(-1).tolist()
+    p = max(prefix)
+    model(tokens[:, :p], cache, torch.tensor(prefix))
+    steps = [model(torch.stack([tokens[b, n + i] for b, n in enumerate(prefix)])[:, None], cache)
+             for i in range(tokens.shape[1] - p)]
+    out = torch.cat(steps, 1)
+    return out, out[0].argmax(-1).tolist()
 
 
 def count_kernel_calls(monkeypatch) -> dict[str, int]:
     """Wrap the kernel entry points so a test can tell that the fused path really ran."""
     import xqcli.kernels.kivi_attention as kivi
     import xqcli.kernels.xquant_attention as xq
+    import xqcli.kernels.xquant_cl as cl
 
-    calls = {"xquant": 0, "kivi": 0}
-    for mod, name, key in ((xq, "xquant_attention", "xquant"), (kivi, "kivi_attention", "kivi")):
+    calls = {"xquant": 0, "kivi": 0, "cl_update": 0, "cl_attention": 0}
+    for mod, name, key in ((xq, "xquant_attention", "xquant"), (kivi, "kivi_attention", "kivi"),
+                           (cl, "xquant_cl_update", "cl_update"), (cl, "xquant_cl_attention", "cl_attention")):
         fn = getattr(mod, name)
 
         def wrapped(*a, _fn=fn, _key=key, **k):
@@ -58,19 +65,32 @@ def count_kernel_calls(monkeypatch) -> dict[str, int]:
     return calls
 
 
+# (kind, base_layers, kernel calls per decode step): the tiny models have 2 layers. XQuant-CL with
+# 3 base layers runs layer 0 as plain XQuant and seeds X̂ at layer 1; with 1 it seeds at layer 0 and
+# layer 1 is a delta layer (dequantize deltas, update X̂ in place, attention over X̂).
+KINDS = [("xquant-4", 3, {"xquant": 2}), ("xquant-2+ch0", 3, {"xquant": 2}), ("xquant-3+rot", 3, {"xquant": 2}),
+         ("kivi-4", 3, {"kivi": 2}), ("xquant-fp", 3, {"xquant": 2}),
+         ("xquant-cl-3", 3, {"xquant": 1, "cl_update": 1, "cl_attention": 1}),
+         ("xquant-cl-3", 1, {"cl_update": 2, "cl_attention": 2}),
+         ("xquant-cl-2+rot", 1, {"cl_update": 2, "cl_attention": 2}),
+         ("xquant-cl-8", 2, {"xquant": 1, "cl_update": 1, "cl_attention": 1})]
+
+
 @needs_triton
-@pytest.mark.parametrize("kind", ["xquant-4", "xquant-2+ch0", "xquant-3+rot", "kivi-4", "xquant-cl-3", "xquant-fp"])
+@pytest.mark.parametrize(("kind", "base", "per_step"), KINDS, ids=[f"{k}-base{b}" for k, b, _ in KINDS])
 @pytest.mark.parametrize("which", ["latent", "mha"])
-def test_fused_kernels_match_reference(tiny_models, kind, which, monkeypatch):
+def test_fused_kernels_match_reference(tiny_models, kind, base, per_step, which, monkeypatch):
     model = latent_model() if which == "latent" else tiny_models["mha"]
-    tokens = torch.randint(0, model.config.vocab_size, (2, 21))
+    torch.manual_seed(1)
+    tokens = torch.randint(0, model.config.vocab_size, (3, 21))
+    prefix = [17, 10, 14]  # rows of different lengths: 4 decode steps each
     from xqcli.caches import CacheSpec
 
-    spec = CacheSpec.parse(kind, window=4, group_size=8)
-    ref, ref_tokens = decode(model, spec, "off", tokens, prefix=17)
+    spec = CacheSpec.parse(kind, window=4, group_size=8, base_layers=base)
+    ref, ref_tokens = decode(model, spec, "off", tokens, prefix)
     calls = count_kernel_calls(monkeypatch)
-    got, got_tokens = decode(model, spec, "triton", tokens, prefix=17)
-    assert sum(calls.values()) == (4 if kind.startswith("xquant-cl") else 2 * 4)  # decode steps × layers that fuse
+    got, got_tokens = decode(model, spec, "triton", tokens, prefix)
+    assert calls == {k: 4 * per_step.get(k, 0) for k in calls}  # 4 decode steps
     assert (got - ref).abs().max() <= 2e-3  # fp32 kernels vs fp32 reference: summation order only
     assert got_tokens == ref_tokens
 

@@ -552,6 +552,20 @@ class XQuantCache(StreamCache):
         return out[:, :, None]
 
 
+@dataclass
+class DeltaLayer:
+    """One XQuant-CL seed/delta layer in this step: its stream, delta rule and (folded) weights."""
+
+    stream: Stream
+    seed: bool  # the first layer of the chain: X̂ = Δ
+    delta: Callable[[int, int, torch.Tensor], torch.Tensor]  # (row, first token, raw values) -> deltas
+    w_k: torch.Tensor  # (d_kv, d), R folded in under +rot (MHA)
+    w_v: torch.Tensor
+    u: torch.Tensor | None  # U_kv (d, 2·d_kv) for GQA, None for MHA
+    b_k: torch.Tensor | None
+    b_v: torch.Tensor | None
+
+
 class XQuantCLCache(XQuantCache):
     """XQuant-CL: base layers plain XQuant, then closed-loop deltas against a running accumulator X̂."""
 
@@ -561,6 +575,7 @@ class XQuantCLCache(XQuantCache):
         self.latent = uses_latents(cfg)
         self.base = min(spec.base_layers, cfg.num_hidden_layers)
         self.acc: torch.Tensor | None = None  # X̂_{i-1} for every token of every row: (B, S, d)
+        self._acc_buf: torch.Tensor | None = None  # the fused path's accumulator, (B, max_len, d), kept
         self._acc_bytes = 0
         self.streams = []
         for i in range(cfg.num_hidden_layers):
@@ -572,28 +587,22 @@ class XQuantCLCache(XQuantCache):
             else:
                 self.streams.append([self.stream(cfg.hidden_size, spec.quant("token", bits))])
 
-    def fused_attention(self, layer: int, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor | None:
-        # Base layers decode with the XQuant kernel; delta layers with the reference path (the CL
-        # update/attention kernels in xqcli.kernels.xquant_cl are tested but not wired in yet).
-        return super().fused_attention(layer, x, q) if layer < self.base - 1 else None
-
-    def update_and_fetch(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer < self.base - 1:
-            return super().update_and_fetch(layer, x)
+    def append_delta_layer(self, layer: int, x: torch.Tensor) -> DeltaLayer:
+        """Append this step's X of a seed/delta layer (its deltas are formed as tokens are sealed)."""
         attn = self.model.layers[layer].self_attn
         stream = self.streams[layer][0]
         seed = layer == self.base - 1
         w_k, w_v = attn.k_proj.weight, attn.v_proj.weight
+        u = None
         if self.latent:  # +rot folds R into the basis: U_kv·R still has orthonormal columns
             u = model_projections(self.model)[layer].kv.u
             r = self.rotation(2 * self.cfg.kv_dim)
             if r is not None:
                 u = self.folded(("ukv", layer, r[0]), lambda: u.double() @ r[1].double())
-            down, up = (lambda t: t @ u), (lambda t: t @ u.T)  # noqa: E731
-            prev_down = down  # the accumulator lives in X's space
+            down = prev_down = (lambda t: t @ u)  # noqa: E731  (the accumulator lives in X's space)
         else:  # +rot: the accumulator lives in the rotated space, R folded into W_kv
             r = self.rotation(self.cfg.hidden_size)
-            down, up, prev_down = (lambda t: self.rotate(t, r)), (lambda t: t), (lambda t: t)  # noqa: E731
+            down, prev_down = (lambda t: self.rotate(t, r)), (lambda t: t)  # noqa: E731
             if r is not None:  # the same folded weights as plain XQuant's rotated X
                 w_k = self.folded(("wk", layer, r[0]), lambda: w_k.double() @ r[1].double())
                 w_v = self.folded(("wv", layer, r[0]), lambda: w_v.double() @ r[1].double())
@@ -605,21 +614,65 @@ class XQuantCLCache(XQuantCache):
 
         # The stream holds X·U_kv (GQA) or X (MHA); deltas are formed when tokens are sealed.
         self.append(stream, down(x), delta)
-        s = self.step_total()
-        acc = torch.zeros(self.batch, s, self.cfg.hidden_size, dtype=self.dtype, device=self.device)
+        return DeltaLayer(stream, seed, delta, w_k, w_v, u, attn.k_proj.bias, attn.v_proj.bias)
+
+    def tail_deltas(self, dl: DeltaLayer, b: int) -> torch.Tensor:
+        """Row b's waiting tokens as deltas against the accumulator of this moment."""
+        st = dl.stream
+        if st.spec is None:  # unquantized: the stream already holds deltas, nothing waits
+            return st.full.new_zeros(0, st.width)
+        n, t = st.sealed[b], st.tail_len[b]
+        d_tail = dl.delta(b, n, st.tail[b, :t])
+        if self.spec.quantize_partial and t:
+            d_tail = fake_quantize(d_tail, st.spec)  # paper protocol: the waiting tokens too
+        return d_tail
+
+    def update_and_fetch(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer < self.base - 1:
+            return super().update_and_fetch(layer, x)
+        dl = self.append_delta_layer(layer, x)
+        prev, st = self.acc, dl.stream
+        acc = torch.zeros(self.batch, self.step_total(), self.cfg.hidden_size, dtype=self.dtype, device=self.device)
         for b in range(self.batch):
-            n, t = stream.sealed[b], stream.tail_len[b]
-            d_tail = delta(b, n, stream.tail[b, :t]) if stream.spec is not None else stream.sealed_values(b)[:0]
-            if self.spec.quantize_partial and t:
-                d_tail = fake_quantize(d_tail, stream.spec)  # paper protocol: the waiting tokens too
-            d = up(torch.cat([stream.sealed_values(b), d_tail]))
-            acc[b, :n + t] = d if seed else prev[b, :n + t] + d
+            d = torch.cat([st.sealed_values(b), self.tail_deltas(dl, b)])
+            if dl.u is not None:
+                d = d @ dl.u.T
+            n = d.shape[0]
+            acc[b, :n] = d if dl.seed else prev[b, :n] + d
         self.acc = acc
         self._acc_bytes = max(self._acc_bytes, tensor_bytes(acc))
-        k, v = F.linear(acc, w_k), F.linear(acc, w_v)  # no per-step concatenation of the weights
-        if attn.k_proj.bias is not None:
-            k, v = k + attn.k_proj.bias, v + attn.v_proj.bias
+        k, v = F.linear(acc, dl.w_k, dl.b_k), F.linear(acc, dl.w_v, dl.b_v)  # no per-step weight concatenation
         return self.finish_kv(k, v)
+
+    def fused_attention(self, layer: int, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor | None:
+        """Base layers: the XQuant kernel. Seed and delta layers: the CL update kernel (dequantize the
+        deltas, X̂ += Δ(·U_kvᵀ) in place on a persistent accumulator), then attention over X̂ with K
+        rebuilt per tile and V absorbed (K and V never stored)."""
+        if layer < self.base - 1:
+            return super().fused_attention(layer, x, q)
+        if not self.fused_ready():
+            return None
+        from xqcli.kernels.xquant_cl import xquant_cl_attention, xquant_cl_update
+
+        qq, cos, sin, seq, s = self.kernel_inputs(q)
+        if layer == self.base - 1:  # the seed overwrites: the buffer's old contents do not matter
+            if self._acc_buf is None:
+                self._acc_buf = torch.empty(self.batch, self.max_len, self.cfg.hidden_size, dtype=self.dtype,
+                                            device=self.device)
+            self.acc = self._acc_buf[:, :s]
+        dl = self.append_delta_layer(layer, x)  # seals against X̂_{i−1}: before the in-place update
+        packed = self.packed(dl.stream)
+        if dl.stream.spec is not None and not dl.seed:
+            tail = torch.zeros_like(dl.stream.tail)
+            for b in range(self.batch):
+                d = self.tail_deltas(dl, b)
+                tail[b, :d.shape[0]] = d
+            packed = replace(packed, tail=tail)
+        xquant_cl_update(self.acc, packed, seq, u_kv=dl.u, seed=dl.seed, max_seq_len=s, backend="triton")
+        self._acc_bytes = max(self._acc_bytes, tensor_bytes(self.acc))
+        out = xquant_cl_attention(qq, self.acc, dl.w_k, dl.w_v, cos, sin, seq, b_k=dl.b_k, b_v=dl.b_v,
+                                  max_seq_len=s, backend="triton")
+        return out[:, :, None]
 
     def end(self) -> None:
         super().end()
