@@ -599,10 +599,10 @@ class XQuantCLCache(XQuantCache):
             r = self.rotation(2 * self.cfg.kv_dim)
             if r is not None:
                 u = self.folded(("ukv", layer, r[0]), lambda: u.double() @ r[1].double())
-            down = prev_down = (lambda t: t @ u)  # noqa: E731  (the accumulator lives in X's space)
+            down = prev_down = (lambda t: t @ u)  # the accumulator lives in X's space
         else:  # +rot: the accumulator lives in the rotated space, R folded into W_kv
             r = self.rotation(self.cfg.hidden_size)
-            down, prev_down = (lambda t: self.rotate(t, r)), (lambda t: t)  # noqa: E731
+            down, prev_down = (lambda t: self.rotate(t, r)), (lambda t: t)
             if r is not None:  # the same folded weights as plain XQuant's rotated X
                 w_k = self.folded(("wk", layer, r[0]), lambda: w_k.double() @ r[1].double())
                 w_v = self.folded(("wv", layer, r[0]), lambda: w_v.double() @ r[1].double())
