@@ -22,7 +22,7 @@ from torch import Tensor
 
 from xqcli.kernels._triton import INTERPRET, check_device, jit, next_pow2, on_device, tl, use_triton
 from xqcli.kernels.packed import PackedStream, _load_tile, plan_splits
-from xqcli.kernels.xquant_attention import _resolve_len, _rotate_half, check_query
+from xqcli.kernels.xquant_attention import _load_query, _resolve_len, _rope_scores, _rotate_half, check_query
 
 __all__ = ["kivi_attention", "kivi_attention_ref"]
 
@@ -90,15 +90,7 @@ def _kivi_split_kernel(
     t_lo = i_s * SPLIT
     t_hi = tl.minimum(t_lo + SPLIT, seq)
 
-    o_g = tl.arange(0, BG)
-    m_g = o_g < G
-    o_h = i_hk * G + o_g
-    o_d = tl.arange(0, BDH)
-    m_d = o_d < DH
-    m_gd = m_g[:, None] & m_d[None, :]
-    p_q = Q + i_b * s_qb + o_h[:, None] * s_qh + o_d[None, :]
-    b_q1 = tl.load(p_q, mask=m_gd, other=0.0).to(tl.float32) * qk_scale
-    b_q2 = tl.load(p_q + DH, mask=m_gd, other=0.0).to(tl.float32) * qk_scale
+    m_g, o_h, o_d, m_d, b_q1, b_q2 = _load_query(Q + i_b * s_qb, s_qh, i_hk, qk_scale, G, BG, DH, BDH)
     o_c1 = i_hk * D + o_d  # the head's channels, first rotate-half
     o_dv = tl.arange(0, BD)
     m_dv = o_dv < D
@@ -116,21 +108,7 @@ def _kivi_split_kernel(
                           t0, i_hk * D, K_BITS, K_GS, K_PER_CHANNEL, K_HAS_CODES, K_ALIGNED)
         b_k2 = _load_tile(p_kc, s_kct, p_ks, p_kz, s_kst, p_kt, s_ktt, o_t, o_c1 + DH, m_qk, m_fk, m_d, k_sealed,
                           t0, i_hk * D + DH, K_BITS, K_GS, K_PER_CHANNEL, K_HAS_CODES, K_ALIGNED)
-        p_r = o_t[:, None] * s_rope + o_d[None, :]
-        m_r = m_t[:, None] & m_d[None, :]
-        b_cos1 = tl.load(COS + p_r, mask=m_r, other=0.0).to(tl.float32)
-        b_cos2 = tl.load(COS + DH + p_r, mask=m_r, other=0.0).to(tl.float32)
-        b_sin1 = tl.load(SIN + p_r, mask=m_r, other=0.0).to(tl.float32)
-        b_sin2 = tl.load(SIN + DH + p_r, mask=m_r, other=0.0).to(tl.float32)
-        b_r1 = b_k1 * b_cos1 - b_k2 * b_sin1
-        b_r2 = b_k2 * b_cos2 + b_k1 * b_sin2
-        if LOWP:
-            b_s = tl.dot(b_q1, tl.trans(b_r1), input_precision="tf32")
-            b_s = tl.dot(b_q2, tl.trans(b_r2), b_s, input_precision="tf32")
-        else:
-            b_s = tl.dot(b_q1, tl.trans(b_r1), input_precision="ieee")
-            b_s = tl.dot(b_q2, tl.trans(b_r2), b_s, input_precision="ieee")
-        b_s = tl.where(m_t[None, :], b_s, float("-inf"))  # (BG, BT)
+        b_s = _rope_scores(b_q1, b_q2, b_k1, b_k2, COS, SIN, s_rope, o_t, m_t, o_d, m_d, DH, LOWP)  # (BG, BT)
         b_mn = tl.maximum(b_m, tl.max(b_s, 1))
         b_alpha = tl.exp2(b_m - b_mn)
         b_p = tl.exp2(b_s - b_mn[:, None])

@@ -105,6 +105,49 @@ def xquant_attention_ref(
 # ----------------------------------------------------------------------------- kernels
 
 
+@jit
+def _load_query(p_q, s_qh, i_hk, qk_scale, G: tl.constexpr, BG: tl.constexpr, DH: tl.constexpr,
+                BDH: tl.constexpr):
+    """The G query heads of kv head i_hk, pre-scaled, as their two rotate-half halves (BG, BDH).
+
+    Returns (m_g, o_h, o_d, m_d, q1, q2): the mask of the group lanes, their query heads, half-dim
+    lanes and their mask, and the halves. p_q points at this row's q (H, D) with head stride s_qh.
+    """
+    o_g = tl.arange(0, BG)
+    m_g = o_g < G
+    o_h = i_hk * G + o_g
+    o_d = tl.arange(0, BDH)
+    m_d = o_d < DH
+    m_gd = m_g[:, None] & m_d[None, :]
+    p = p_q + o_h[:, None] * s_qh + o_d[None, :]
+    b_q1 = tl.load(p, mask=m_gd, other=0.0).to(tl.float32) * qk_scale
+    b_q2 = tl.load(p + DH, mask=m_gd, other=0.0).to(tl.float32) * qk_scale
+    return m_g, o_h, o_d, m_d, b_q1, b_q2
+
+
+@jit
+def _rope_scores(b_q1, b_q2, b_k1, b_k2, COS, SIN, s_rope, o_t, m_t, o_d, m_d, DH: tl.constexpr,
+                 LOWP: tl.constexpr):
+    """Scores (BG, BT) of the query halves against a key tile's halves after RoPE at each token's
+    position; -inf for the tile's tokens outside m_t. Rotate-half RoPE:
+    (k1, k2) -> (k1 cos1 - k2 sin1, k2 cos2 + k1 sin2)."""
+    p_r = o_t[:, None] * s_rope + o_d[None, :]
+    m_r = m_t[:, None] & m_d[None, :]
+    b_cos1 = tl.load(COS + p_r, mask=m_r, other=0.0).to(tl.float32)
+    b_cos2 = tl.load(COS + DH + p_r, mask=m_r, other=0.0).to(tl.float32)
+    b_sin1 = tl.load(SIN + p_r, mask=m_r, other=0.0).to(tl.float32)
+    b_sin2 = tl.load(SIN + DH + p_r, mask=m_r, other=0.0).to(tl.float32)
+    b_r1 = b_k1 * b_cos1 - b_k2 * b_sin1
+    b_r2 = b_k2 * b_cos2 + b_k1 * b_sin2
+    if LOWP:
+        b_s = tl.dot(b_q1, tl.trans(b_r1), input_precision="tf32")
+        b_s = tl.dot(b_q2, tl.trans(b_r2), b_s, input_precision="tf32")
+    else:
+        b_s = tl.dot(b_q1, tl.trans(b_r1), input_precision="ieee")
+        b_s = tl.dot(b_q2, tl.trans(b_r2), b_s, input_precision="ieee")
+    return tl.where(m_t[None, :], b_s, float("-inf"))
+
+
 @jit(do_not_specialize=["SPLIT", "s_mlb", "s_mlh"])
 def _xq_scores_kernel(
     Q, s_qb, s_qh,  # q (B, H, D)
@@ -131,15 +174,7 @@ def _xq_scores_kernel(
     t_lo = i_s * SPLIT
     t_hi = tl.minimum(t_lo + SPLIT, seq)
 
-    o_g = tl.arange(0, BG)
-    m_g = o_g < G
-    o_h = i_hk * G + o_g
-    o_d = tl.arange(0, BDH)
-    m_d = o_d < DH
-    m_gd = m_g[:, None] & m_d[None, :]
-    p_q = Q + i_b * s_qb + o_h[:, None] * s_qh + o_d[None, :]
-    b_q1 = tl.load(p_q, mask=m_gd, other=0.0).to(tl.float32) * qk_scale
-    b_q2 = tl.load(p_q + DH, mask=m_gd, other=0.0).to(tl.float32) * qk_scale
+    m_g, o_h, o_d, m_d, b_q1, b_q2 = _load_query(Q + i_b * s_qb, s_qh, i_hk, qk_scale, G, BG, DH, BDH)
     o_n = i_hk * D + o_d  # M_k columns of the head's first rotate-half
 
     p_kc, p_ks, p_kz, p_kt = KC + i_b * s_kcb, KS + i_b * s_ksb, KZ + i_b * s_ksb, KT + i_b * s_ktb
@@ -175,22 +210,7 @@ def _xq_scores_kernel(
         if HAS_BIAS:
             b_k1 += tl.load(BK + o_n, mask=m_d, other=0.0).to(tl.float32)[None, :]
             b_k2 += tl.load(BK + DH + o_n, mask=m_d, other=0.0).to(tl.float32)[None, :]
-        # RoPE, rotate-half: (k1, k2) -> (k1 cos1 - k2 sin1, k2 cos2 + k1 sin2)
-        p_r = o_t[:, None] * s_rope + o_d[None, :]
-        m_r = m_t[:, None] & m_d[None, :]
-        b_cos1 = tl.load(COS + p_r, mask=m_r, other=0.0).to(tl.float32)
-        b_cos2 = tl.load(COS + DH + p_r, mask=m_r, other=0.0).to(tl.float32)
-        b_sin1 = tl.load(SIN + p_r, mask=m_r, other=0.0).to(tl.float32)
-        b_sin2 = tl.load(SIN + DH + p_r, mask=m_r, other=0.0).to(tl.float32)
-        b_r1 = b_k1 * b_cos1 - b_k2 * b_sin1
-        b_r2 = b_k2 * b_cos2 + b_k1 * b_sin2
-        if LOWP:
-            b_s = tl.dot(b_q1, tl.trans(b_r1), input_precision="tf32")
-            b_s = tl.dot(b_q2, tl.trans(b_r2), b_s, input_precision="tf32")
-        else:
-            b_s = tl.dot(b_q1, tl.trans(b_r1), input_precision="ieee")
-            b_s = tl.dot(b_q2, tl.trans(b_r2), b_s, input_precision="ieee")
-        b_s = tl.where(m_t[None, :], b_s, float("-inf"))  # (BG, BT)
+        b_s = _rope_scores(b_q1, b_q2, b_k1, b_k2, COS, SIN, s_rope, o_t, m_t, o_d, m_d, DH, LOWP)
         tl.store(SC + i_b * s_scb + o_h[:, None] * s_sch + o_t[None, :], b_s, mask=m_g[:, None] & m_t[None, :])
         b_mn = tl.maximum(b_m, tl.max(b_s, 1))
         b_l = b_l * tl.exp2(b_m - b_mn) + tl.sum(tl.exp2(b_s - b_mn[:, None]), 1)
