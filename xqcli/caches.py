@@ -15,7 +15,8 @@ channel 0 of X·U_k unquantized in the model dtype (the paper's appendix B: fp16
   and X̂_i = X̂_{i−1} + deq(...). For GQA the delta is projected on U_kv (2·d_kv wide) and
   X̂_i = X̂_{i−1} + deq(Q(ΔX_i·U_kv))·U_kvᵀ, [K|V] = X̂_i·[W_k|W_v].
   Choices (spec UNSPECIFIED, ours): deltas are quantized per-token; the running accumulator is kept in
-  the model dtype, rebuilt every step from the base layer, and counted as `workspace`; on GQA the base
+  the model dtype, rebuilt every step from the base layer, and counted as `workspace` (the fused decode
+  path keeps it in one (B, max_len, d) buffer that the CL kernel updates in place, layer after layer); on GQA the base
   layer stores Q4(X·U_kv) (KV-sized, like the paper's Table 4 sizes) and seeds X̂ = deq(...)·U_kvᵀ; the
   current token's own K/V come from X̂ like every other token's.
 
