@@ -27,6 +27,14 @@ C_v·bits/8 bytes of codes per token) rather than fused into one loop.
 Precision: everything is float32 under the interpreter and for float32 weights. With bf16/fp16
 weights on a GPU the K rebuild runs on tensor cores in the weights' dtype (latent tile cast to it)
 and the small QKᵀ, PV and M_v products in tf32; accumulation is float32 throughout.
+
+Scales and zeros (a choice, ours): they are applied in registers (``code * scale + zero``, one FMA
+per element, in ``packed._load_tile``) rather than folded into the dot products. Folding K's
+per-channel scales into M_k (C·diag(s)M_k + 1·zᵀM_k) costs a BC x D row scaling per chunk, the same
+count of FMAs as scaling the BT x BC code tile at BT = D = 64; folding V's per-token scales into the
+probabilities saves one FMA per code element in a pass whose cost is reading and unpacking those
+codes. Both pay off only with codes fed to the tensor cores directly (an fp8 path: 2/3/4-bit codes
+are exact in e4m3), which does not exist yet.
 """
 
 from __future__ import annotations
