@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -112,3 +114,72 @@ def test_config_round_trip_and_rope_parameters():
     cfg = ModelConfig.from_dict(raw)
     assert cfg.rope_theta == 5e5 and cfg.rope_scaling.rope_type == "llama3" and cfg.head_dim == 16
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def mistral_with_window(tmp_path, window: int):
+    """The tiny Mistral with a `sliding_window` in its config.json."""
+    import assets
+
+    folder = tmp_path / f"mistral-w{window}"
+    shutil.copytree(assets.tiny_hf("mistral"), folder)
+    cfg = json.loads((folder / "config.json").read_text()) | {"sliding_window": window}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def test_mistral_sliding_window_matches_transformers(tmp_path):
+    """Mistral's window (8 tokens here) in prefill, token-by-token decode and rows of different lengths."""
+    import assets
+
+    folder = mistral_with_window(tmp_path, 8)
+    ours, full = load_hf_folder(folder), load_hf_folder(assets.tiny_hf("mistral"))
+    assert ours.config.sliding_window == 8 and full.config.sliding_window is None
+    tokens = torch.randint(0, 256, (2, 40))
+    with torch.no_grad():
+        ref = hf_model(folder)(tokens).logits.float()
+    prefill = ours(tokens)
+    assert (prefill - ref).abs().max() <= 1e-4
+    assert (full(tokens) - ref)[:, 8:].abs().amax(-1).min() > 1e-3  # the window changes every later position
+    assert (decode_logits(ours, tokens, prefix=5) - prefill).abs().max() <= 1e-4
+    cache = KVCache(ours, 2, 40)  # row 1 is 23 tokens long: right-padded prefill, then one step for both
+    lens = torch.tensor([30, 23])
+    first = ours(tokens[:, :30], cache, lens)
+    step = ours(torch.stack([tokens[0, 30], tokens[1, 23]])[:, None], cache)
+    assert (first[0] - ref[0, :30]).abs().max() <= 1e-4 and (step[0, 0] - ref[0, 30]).abs().max() <= 1e-4
+    with torch.no_grad():
+        ref1 = hf_model(folder)(tokens[1:, :24]).logits.float()[0]
+    assert (first[1, :23] - ref1[:23]).abs().max() <= 1e-4 and (step[1, 0] - ref1[23]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["xquant-fp", "xquant-cl-fp", "kivi-fp", "xquant-4"])
+def test_sliding_window_through_the_caches(tmp_path, kind):
+    """Every cache kind masks to the window; past it the fused kernels step aside for the masked path."""
+    from xqcli.caches import CacheSpec, make_cache
+
+    model = load_hf_folder(mistral_with_window(tmp_path, 8))
+    tokens = torch.randint(0, 256, (1, 20))
+    spec = CacheSpec.parse(kind, window=2, group_size=4)
+    runs = {}
+    for kernels in ("off", "triton"):
+        cache = make_cache(model, spec, 1, 20, kernels=kernels)
+        outs = [model(tokens[:, :4], cache)] + [model(tokens[:, i:i + 1], cache) for i in range(4, 20)]
+        runs[kernels] = torch.cat(outs, 1)
+    if kind.endswith("-fp"):  # quantization off: the same logits as the plain model
+        assert (runs["off"] - model(tokens)).abs().max() <= 1e-4
+    assert (runs["triton"] - runs["off"]).abs().max() <= 2e-3
+
+
+def test_sliding_window_configs():
+    base = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "vocab_size": 128}
+    assert ModelConfig.from_dict(base | {"model_type": "llama", "sliding_window": 8}).sliding_window is None
+    assert ModelConfig.from_dict(base | {"model_type": "qwen2", "sliding_window": 8}).sliding_window is None
+    with pytest.raises(UnsupportedModelError, match="use_sliding_window"):
+        ModelConfig.from_dict(base | {"model_type": "qwen2", "sliding_window": 8, "use_sliding_window": True})
+    from xqcli.errors import ModelError
+
+    with pytest.raises(ModelError, match="sliding_window"):
+        ModelConfig.from_dict(base | {"model_type": "mistral", "sliding_window": 0})
+    cfg = ModelConfig.from_dict(base | {"model_type": "mistral", "sliding_window": 8})
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    assert "sliding_window" not in ModelConfig.from_dict(base | {"model_type": "mistral"}).to_dict()

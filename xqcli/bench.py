@@ -685,6 +685,8 @@ def _hf_model(model: Transformer):
         kwargs.pop("rope_scaling", None)
     if cfg.model_type == "qwen2":
         kwargs.pop("attention_bias", None)
+    if cfg.model_type == "mistral":  # MistralConfig defaults to a 4096-token window: say ours, even if none
+        kwargs["sliding_window"] = cfg.sliding_window
     hf_cfg = AutoConfig.for_model(cfg.model_type, **kwargs)
     hf_cfg._attn_implementation = "sdpa"
     prev = torch.get_default_dtype()

@@ -52,6 +52,15 @@ def tensor_bytes(*ts: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
+def causal_mask(positions: torch.Tensor, n_keys: int, window: int | None = None) -> torch.Tensor:
+    """Boolean (..., T, n_keys): the query at position p sees key j iff j <= p, and j > p - window
+    when there is a sliding window (HF's rule: the window counts the query's own token)."""
+    j = torch.arange(n_keys, device=positions.device)
+    p = positions[..., None]
+    mask = j <= p
+    return mask & (j > p - window) if window is not None else mask
+
+
 class ModelCache:
     """Base class: row lengths, step bookkeeping and the attention mask. Subclasses store data."""
 
@@ -101,17 +110,28 @@ class ModelCache:
         """Longest row after this step: the S of the K/V returned by update_and_fetch."""
         return int((self.lengths + self.n_new).max())
 
-    def attention_mask(self) -> torch.Tensor | None:
-        """Boolean (B, 1, T, S): query i of row b sees key j iff j <= lengths[b] + i.
+    @property
+    def attention_window(self) -> int | None:
+        """The model's sliding attention window (Mistral), None for full causal attention."""
+        return self.model.config.sliding_window if self.model is not None else None
 
-        None when every row starts empty with the same number of new tokens: plain causal attention,
-        which SDPA runs without materializing a mask (`is_causal`)."""
-        if not bool(self.lengths.any()) and bool((self.n_new == self.positions.shape[1]).all()):
+    def window_applies(self) -> bool:
+        """Whether this step has a query that must not see every earlier key."""
+        w = self.attention_window
+        return w is not None and self.step_total() > w
+
+    def attention_mask(self) -> torch.Tensor | None:
+        """Boolean (B, 1, T, S): query i of row b sees key j iff j <= lengths[b] + i (and, with a
+        sliding window W, j > lengths[b] + i - W).
+
+        None when every row starts empty with the same number of new tokens and no window cuts in:
+        plain causal attention, which SDPA runs without materializing a mask (`is_causal`)."""
+        if (not bool(self.lengths.any()) and bool((self.n_new == self.positions.shape[1]).all())
+                and not self.window_applies()):
             return None
         s = self.step_total()
-        j = torch.arange(s, device=self.device)
         limit = self.positions.clamp(max=s - 1)  # padded queries see everything valid: no all-masked rows
-        return (j[None, None, :] <= limit[:, :, None]).unsqueeze(1)
+        return causal_mask(limit, s, self.attention_window).unsqueeze(1)
 
     def rows_scatter(self, buf: torch.Tensor, new: torch.Tensor, token_dim: int) -> None:
         """Write the valid new tokens of every row into `buf` at that row's current length."""

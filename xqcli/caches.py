@@ -363,6 +363,8 @@ class StreamCache(ModelCache):
         """A one-token decode step on CUDA (or forced) outside the paper protocol."""
         if self.kernels == "off" or self.spec.quantize_partial or self.positions.shape[1] != 1:
             return False
+        if self.window_applies():  # the kernels attend to every cached token: the masked path does the window
+            return False
         if self.kernels == "triton":
             return True
         from xqcli.kernels._triton import HAS_TRITON

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from xqcli.cache import causal_mask
 from xqcli.caches import BITS, CacheSpec, uses_latents
 from xqcli.errors import BundleError, InputError
 from xqcli.kernels.quant import QuantSpec, fake_quantize
@@ -140,7 +141,12 @@ def _attention(model: Transformer, i: int, q: torch.Tensor, k: torch.Tensor, v: 
         k, v = k + attn.k_proj.bias, v + attn.v_proj.bias
     kh = model.rope.apply(attn.split_heads(k[None], cfg.num_key_value_heads), _positions(k))
     vh = attn.split_heads(v[None], cfg.num_key_value_heads)
-    out = F.scaled_dot_product_attention(q, kh, vh, is_causal=True, enable_gqa=cfg.is_gqa)  # (1, H, T, hd)
+    t = k.shape[0]
+    if cfg.sliding_window is not None and t > cfg.sliding_window:
+        mask = causal_mask(_positions(k)[0], t, cfg.sliding_window)
+        out = F.scaled_dot_product_attention(q, kh, vh, attn_mask=mask, enable_gqa=cfg.is_gqa)
+    else:
+        out = F.scaled_dot_product_attention(q, kh, vh, is_causal=True, enable_gqa=cfg.is_gqa)  # (1, H, T, hd)
     return attn.o_proj(out.transpose(1, 2).reshape(k.shape[0], cfg.q_dim))
 
 

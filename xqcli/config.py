@@ -49,6 +49,7 @@ class ModelConfig:
     attention_bias: bool = False
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
+    sliding_window: int | None = None  # Mistral: a query sees only the newest `sliding_window` keys
 
     @property
     def n_rep(self) -> int:
@@ -101,6 +102,7 @@ class ModelConfig:
                 attention_bias=bool(raw.get("attention_bias", model_type == "qwen2")),
                 bos_token_id=raw.get("bos_token_id"),
                 eos_token_id=_as_list(raw.get("eos_token_id")),
+                sliding_window=_sliding_window(raw, model_type, source),
             )
         except KeyError as e:
             raise ModelError(f"{source}: required key {e.args[0]!r} is missing") from None
@@ -143,11 +145,15 @@ class ModelConfig:
             raise ModelError(f"{source}: head_dim {self.head_dim} must be even for RoPE")
         if not (self.rms_norm_eps > 0 and self.rope_theta > 0 and math.isfinite(self.rope_theta)):
             raise ModelError(f"{source}: rms_norm_eps and rope_theta must be positive")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ModelError(f"{source}: sliding_window must be a positive number of tokens or null")
 
     def to_dict(self) -> dict[str, Any]:
         """HF-compatible dict (round-trips through `from_dict`)."""
         d = asdict(self)
         d["rope_scaling"] = None if self.rope_scaling.rope_type == "default" else asdict(self.rope_scaling)
+        if self.sliding_window is None:  # absent, as in bundles written before the key existed
+            del d["sliding_window"]
         return d
 
 
@@ -155,6 +161,20 @@ def _as_list(v: Any) -> list[int]:
     if v is None:
         return []
     return [int(x) for x in v] if isinstance(v, (list, tuple)) else [int(v)]
+
+
+def _sliding_window(raw: dict[str, Any], model_type: str, source: str) -> int | None:
+    """Mistral's attention window as HF applies it: every layer, when `sliding_window` is set.
+
+    Llama has none. Qwen2 configs carry a `sliding_window` that HF ignores unless `use_sliding_window`
+    is true, and then only for layers >= `max_window_layers`: that mixed form is refused."""
+    if model_type == "mistral":
+        w = raw.get("sliding_window")
+        return None if w is None else int(w)
+    if model_type == "qwen2" and raw.get("use_sliding_window"):
+        raise UnsupportedModelError(f"{source}: Qwen2 sliding-window attention (use_sliding_window: true) "
+                                    "is not supported", hint="released Qwen2/2.5 models have it off")
+    return None
 
 
 def _rope_theta(raw: dict[str, Any]) -> float:

@@ -41,10 +41,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from xqcli.cache import CacheBytes, KVCache, ModelCache
-from xqcli.projections import model_projections
+from xqcli.cache import CacheBytes, KVCache, ModelCache, causal_mask
 from xqcli.caches import CacheSpec, make_cache, uses_latents
 from xqcli.errors import InputError, ResourceError
+from xqcli.projections import model_projections
 
 if TYPE_CHECKING:
     from xqcli.model import Transformer
@@ -431,8 +431,7 @@ class StaticKVCache(KVCache):
     def attention_mask(self) -> torch.Tensor:
         if not self.static:
             return super().attention_mask()
-        j = torch.arange(self.max_len, device=self.device)
-        return (j[None, None, :] <= self._positions[:, :, None]).unsqueeze(1)
+        return causal_mask(self._positions, self.max_len, self.attention_window).unsqueeze(1)
 
     def update_and_fetch(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.static:
