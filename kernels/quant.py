@@ -265,7 +265,7 @@ def _quantize_last(x: Tensor, bits: int, g: int, clip: float) -> tuple[Tensor, T
     xg = xg.float().clamp(-FP16_MAX, FP16_MAX)
     mn = xg.amin(-1)  # (..., G)
     mx = xg.amax(-1)
-    w = (mx - mn) * torch.tensor((1.0 - clip) / 2.0, dtype=torch.float32, device=x.device)
+    w = (mx - mn) * torch.full((), (1.0 - clip) / 2.0, dtype=torch.float32, device=x.device)  # no host copy
     mn = mn + w
     mx = mx - w
     zero = _fp16_round_down(mn)

@@ -7,11 +7,15 @@ models keep the interpreter fast. On a GPU the SmolLM2 test runs them compiled.
 from __future__ import annotations
 
 import os
+import random
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from xqcli.caches import make_cache
+import xqcli
+from xqcli.caches import CacheSpec, Stream, make_cache
 from xqcli.config import ModelConfig
 from xqcli.model import Transformer
 
@@ -84,8 +88,6 @@ def test_fused_kernels_match_reference(tiny_models, kind, base, per_step, which,
     torch.manual_seed(1)
     tokens = torch.randint(0, model.config.vocab_size, (3, 21))
     prefix = [17, 10, 14]  # rows of different lengths: 4 decode steps each
-    from xqcli.caches import CacheSpec
-
     spec = CacheSpec.parse(kind, window=4, group_size=8, base_layers=base)
     ref, ref_tokens = decode(model, spec, "off", tokens, prefix)
     calls = count_kernel_calls(monkeypatch)
@@ -93,6 +95,72 @@ def test_fused_kernels_match_reference(tiny_models, kind, base, per_step, which,
     assert calls == {k: 4 * per_step.get(k, 0) for k in calls}  # 4 decode steps
     assert (got - ref).abs().max() <= 2e-3  # fp32 kernels vs fp32 reference: summation order only
     assert got_tokens == ref_tokens
+
+
+@pytest.mark.parametrize("axis", ["token", "channel"])
+def test_sealed_counts_on_the_device_follow_the_host(axis):
+    """The kernels get each stream's sealed counts computed on the device from the row lengths; they
+    must be the host's counts after any sequence of appends (prefill chunks, decode steps, idle rows)."""
+    from xqcli.kernels.quant import QuantSpec
+
+    rng = random.Random(0)
+    st = Stream(3, 400, 8, QuantSpec(4, 8, axis), window=5, dtype=torch.float32, device=torch.device("cpu"))
+    lengths = [0, 0, 0]
+    for _ in range(60):
+        for b in range(3):
+            n = rng.choice([0, 1, 1, 1, 2, 7, 13])
+            st.append(b, torch.randn(n, 8))
+            lengths[b] += n
+        assert st.sealed_counts(torch.tensor(lengths)).tolist() == st.sealed
+        assert [s + t for s, t in zip(st.sealed, st.tail_len)] == lengths
+
+
+READ_BACKS = ("tolist", "item", "__int__", "__float__", "__bool__", "__index__")
+
+
+def spy_read_backs(monkeypatch) -> list[str]:
+    """Record every read-back of a tensor's values made by xq's own code (not torch's or Triton's).
+
+    On a GPU each one waits for all queued work; torch.tensor(host data) on a device is the other
+    direction, an implicit copy (recorded too)."""
+    ours = (str(Path(xqcli.__file__).parent), str(Path(xqcli.kernels.__path__[0]).resolve()))
+    seen: list[str] = []
+
+    def where() -> str | None:
+        f = sys._getframe(2)
+        return f"{f.f_code.co_filename}:{f.f_lineno}" if f.f_code.co_filename.startswith(ours) else None
+
+    def spy(name, orig):
+        def wrapped(*a, **k):
+            if (w := where()) is not None:
+                seen.append(f"{name} at {w}")
+            return orig(*a, **k)
+        return wrapped
+
+    for name in READ_BACKS:
+        monkeypatch.setattr(torch.Tensor, name, spy(name, getattr(torch.Tensor, name)))
+    monkeypatch.setattr(torch, "tensor", spy("torch.tensor", torch.tensor))
+    return seen
+
+
+@needs_triton
+@pytest.mark.parametrize("kernels", ["triton", "off"])
+@pytest.mark.parametrize(("kind", "base"), [("xquant-4+ch0", 3), ("xquant-3+rot", 3), ("kivi-2", 3),
+                                            ("xquant-cl-3", 1), ("xquant-fp", 3), ("kv", 3)])
+@pytest.mark.parametrize("which", ["latent", "mha"])
+def test_decode_step_reads_nothing_back(tiny_models, kind, base, which, kernels, monkeypatch):
+    """A decode step, through the fused kernels or the reference path, never reads a device tensor
+    back (lengths and sealed counts are mirrored on the host, RoPE bounds come from them): on a GPU
+    each read-back would stall the step, once per layer."""
+    model = latent_model() if which == "latent" else tiny_models["mha"]
+    cache = make_cache(model, CacheSpec.parse(kind, window=4, group_size=8, base_layers=base), 2, 40,
+                       kernels=kernels)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 30))
+    model(tokens[:, :20], cache, [20, 13])
+    seen = spy_read_backs(monkeypatch)
+    for i in range(3):
+        model(tokens[:, 20 + i:21 + i], cache, [1, 1])
+    assert seen == []
 
 
 def greedy_tokens(model, spec, kernels: str, prompt: list[int], n: int) -> list[int]:
@@ -120,7 +188,6 @@ def test_smollm2_greedy_tokens_with_kernels(smollm2_dir, kind, per_step, monkeyp
     """32 greedy tokens of a real text's continuation: the kernels pick the reference path's tokens."""
     import assets
 
-    from xqcli.caches import CacheSpec
     from xqcli.tokenizer import Tokenizer
     from xqcli.weights import load_hf_folder
 

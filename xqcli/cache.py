@@ -75,25 +75,53 @@ class ModelCache:
         self.device = torch.device(device)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
         self._n_new: torch.Tensor | None = None
+        self._n_new_host: list[int] = []
+        self._step_total = 0
         self._positions: torch.Tensor | None = None
 
+    # Row lengths live on the device (positions, masks and kernels read them there) and are mirrored
+    # on the host, so a decode step never reads them back: on a GPU every read-back waits for all
+    # queued work, once per layer it would serialize the step. Setting `lengths` from outside (a
+    # restored snapshot) drops the mirror; it is then read back once, when next needed.
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self._lengths
+
+    @lengths.setter
+    def lengths(self, value: torch.Tensor) -> None:
+        self._lengths = value
+        self._host_lengths: list[int] | None = None
+
+    @property
+    def host_lengths(self) -> list[int]:
+        """Tokens per row, on the host."""
+        if self._host_lengths is None:
+            self._host_lengths = [int(n) for n in self._lengths.tolist()]
+        return self._host_lengths
+
+    def _set_lengths(self, value: torch.Tensor, host: list[int]) -> None:
+        self.lengths = value
+        self._host_lengths = host
+
     # --- step protocol -------------------------------------------------------------------------
-    def begin(self, n_new: torch.Tensor, width: int) -> torch.Tensor:
-        """Start a step of `width` new (right-padded) tokens per row; returns positions (B, width)."""
-        n_new = n_new.to(self.device, torch.long)
-        if int((self.lengths + n_new).max()) > self.max_len:
-            raise ResourceError(
-                f"context full: {int((self.lengths + n_new).max())} tokens > cache capacity {self.max_len}",
-                hint="start a new conversation (/reset) or raise --context",
-            )
-        self._n_new = n_new
+    def begin(self, n_new: torch.Tensor | list[int], width: int) -> torch.Tensor:
+        """Start a step of `width` new (right-padded) tokens per row; returns positions (B, width).
+
+        `n_new` (valid new tokens per row) as a list, or a tensor read back once here."""
+        host = [int(n) for n in (n_new if isinstance(n_new, list) else n_new.tolist())]
+        total = max(n + k for n, k in zip(self.host_lengths, host))
+        if total > self.max_len:
+            raise ResourceError(f"context full: {total} tokens > cache capacity {self.max_len}",
+                                hint="start a new conversation (/reset) or raise --context")
+        self._n_new = torch.as_tensor(n_new, dtype=torch.long).to(self.device)
+        self._n_new_host, self._step_total = host, total
         ar = torch.arange(width, device=self.device)
         self._positions = self.lengths[:, None] + ar[None, :]
         return self._positions
 
     def end(self) -> None:
         assert self._n_new is not None, "end() without begin()"
-        self.lengths = self.lengths + self._n_new
+        self._set_lengths(self.lengths + self._n_new, [n + k for n, k in zip(self.host_lengths, self._n_new_host)])
         self._n_new = self._positions = None
 
     @property
@@ -106,9 +134,15 @@ class ModelCache:
         assert self._n_new is not None
         return self._n_new
 
+    @property
+    def n_new_host(self) -> list[int]:
+        """This step's new tokens per row, on the host."""
+        assert self._n_new is not None
+        return self._n_new_host
+
     def step_total(self) -> int:
         """Longest row after this step: the S of the K/V returned by update_and_fetch."""
-        return int((self.lengths + self.n_new).max())
+        return self._step_total
 
     @property
     def attention_window(self) -> int | None:
@@ -126,8 +160,8 @@ class ModelCache:
 
         None when every row starts empty with the same number of new tokens and no window cuts in:
         plain causal attention, which SDPA runs without materializing a mask (`is_causal`)."""
-        if (not bool(self.lengths.any()) and bool((self.n_new == self.positions.shape[1]).all())
-                and not self.window_applies()):
+        width = self.positions.shape[1]
+        if not any(self.host_lengths) and all(n == width for n in self.n_new_host) and not self.window_applies():
             return None
         s = self.step_total()
         limit = self.positions.clamp(max=s - 1)  # padded queries see everything valid: no all-masked rows
@@ -135,7 +169,7 @@ class ModelCache:
 
     def rows_scatter(self, buf: torch.Tensor, new: torch.Tensor, token_dim: int) -> None:
         """Write the valid new tokens of every row into `buf` at that row's current length."""
-        lens, n = self.lengths.tolist(), self.n_new.tolist()
+        lens, n = self.host_lengths, self.n_new_host
         if len(set(lens)) == 1 and len(set(n)) == 1:
             idx = [slice(None)] * buf.dim()
             idx[token_dim] = slice(lens[0], lens[0] + n[0])
@@ -162,7 +196,7 @@ class ModelCache:
         """Forget every token (storage is kept)."""
         # A new tensor, not zero_(): after a forward `lengths` is an inference tensor, which cannot be
         # changed in place outside torch.inference_mode().
-        self.lengths = torch.zeros_like(self.lengths)
+        self._set_lengths(torch.zeros_like(self.lengths), [0] * self.batch)
 
     # --- state (session files: `xq chat` /save and /load) -----------------------------------------
     def spec_settings(self) -> dict:
@@ -177,7 +211,7 @@ class ModelCache:
         order, because a loaded row restarts at position 0 exactly as it was written.
         """
         return {"meta": {"kind": self.kind, "spec": self.spec_settings(), "batch": self.batch,
-                         "lengths": [int(n) for n in self.lengths.tolist()]} | self._state_meta(),
+                         "lengths": list(self.host_lengths)} | self._state_meta(),
                 "tensors": self._state_tensors()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -197,8 +231,8 @@ class ModelCache:
                                 f"{self.max_len}", hint="raise --context")
         self.reset()
         self._load_state(meta, tensors, lengths)
-        self.lengths = torch.tensor(lengths + [0] * (self.batch - len(lengths)), dtype=torch.long,
-                                    device=self.device)
+        host = lengths + [0] * (self.batch - len(lengths))
+        self._set_lengths(torch.tensor(host, dtype=torch.long, device=self.device), host)
 
     def _state_meta(self) -> dict:
         return {}
@@ -238,7 +272,7 @@ class KVCache(ModelCache):
     def update_and_fetch(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         attn = self.model.layers[layer].self_attn
         k, v = attn.project_kv(x)  # (B, n_kv, T, hd), pre-RoPE
-        k = self.model.rope.apply(k, self.positions)
+        k = self.model.rope.apply(k, self.positions, self.step_total())
         self.rows_scatter(self.k[layer], k, token_dim=2)
         self.rows_scatter(self.v[layer], v, token_dim=2)
         s = self.step_total()
@@ -246,7 +280,7 @@ class KVCache(ModelCache):
 
     def nbytes(self) -> CacheBytes:
         per_token = tensor_bytes(self.k, self.v) // self.max_len // self.batch
-        return CacheBytes(payload=per_token * int(self.lengths.sum()))
+        return CacheBytes(payload=per_token * sum(self.host_lengths))
 
     def allocated(self) -> CacheBytes:
         return CacheBytes(payload=tensor_bytes(self.k, self.v))
@@ -254,7 +288,7 @@ class KVCache(ModelCache):
     def _state_tensors(self) -> dict[str, torch.Tensor]:
         # K is stored post-RoPE; a loaded row restarts at position 0, so its positions are the same.
         out = {}
-        for b, n in enumerate(self.lengths.tolist()):
+        for b, n in enumerate(self.host_lengths):
             out[f"k.r{b}"], out[f"v.r{b}"] = self.k[:, b, :, :n], self.v[:, b, :, :n]
         return out
 

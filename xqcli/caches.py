@@ -226,6 +226,15 @@ class Stream:
         self.tail[b, :rest] = buf[n_seal:]
         self.tail_len[b] = rest
 
+    def sealed_counts(self, lengths: torch.Tensor) -> torch.Tensor:
+        """sealed[b] for rows of these lengths (B,), as int32 on their device, without reading anything
+        back: `append` seals a per-token stream's tokens as they leave the window, a per-channel stream's
+        in whole groups, so sealed = max(0, length − window), rounded down to the group for channels."""
+        n = (lengths - self.window).clamp(min=0)
+        if self.spec.axis == "channel":
+            n = n // self.spec.group_size * self.spec.group_size
+        return n.to(torch.int32)
+
     def sealed_values(self, b: int) -> torch.Tensor:
         """Dequantized sealed tokens of row b, (sealed, width)."""
         n = self.sealed[b]
@@ -326,7 +335,7 @@ class StreamCache(ModelCache):
                       quantize_partial=self.spec.quantize_partial)
 
     def append(self, stream: Stream, new: torch.Tensor, seal_fn: Callable | None = None) -> None:
-        for b, cnt in enumerate(self.n_new.tolist()):
+        for b, cnt in enumerate(self.n_new_host):
             stream.append(b, new[b, :cnt], seal_fn)
 
     def fetch(self, stream: Stream) -> torch.Tensor:
@@ -371,14 +380,15 @@ class StreamCache(ModelCache):
 
         return HAS_TRITON and self.device.type == "cuda"
 
-    def packed(self, st: Stream):
-        """The kernels' view of a stream: codes, scales and tail as stored, no copy."""
+    def packed(self, st: Stream, seq_lens: torch.Tensor):
+        """The kernels' view of a stream after this step's append: codes, scales and tail as stored
+        (no copy), the sealed counts computed on the device from `seq_lens` (no host-to-device copy)."""
         from xqcli.kernels.packed import PackedStream
 
         if st.spec is None:
             return PackedStream.dense(st.full)
-        sealed = torch.tensor(st.sealed, dtype=torch.int32, device=self.device)
-        return PackedStream(tail=st.tail, sealed=sealed, codes=st.codes, scale=st.scale, zero=st.zero, spec=st.spec)
+        return PackedStream(tail=st.tail, sealed=st.sealed_counts(seq_lens), codes=st.codes, scale=st.scale,
+                            zero=st.zero, spec=st.spec)
 
     def kernel_inputs(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """(q (B, H, D), cos, sin, seq_lens int32, max length) for one decode step."""
@@ -396,7 +406,7 @@ class StreamCache(ModelCache):
 
     def finish_kv(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, S, d_kv) pre-RoPE K and V -> post-RoPE heads."""
-        return self.model.rope.apply(self.heads(k), self.all_positions()), self.heads(v)
+        return self.model.rope.apply(self.heads(k), self.all_positions(), self.step_total()), self.heads(v)
 
     def nbytes(self) -> CacheBytes:
         total = CacheBytes()
@@ -474,7 +484,8 @@ class KiviCache(StreamCache):
         self.append(ks, attn.k_proj(x))
         self.append(vs, attn.v_proj(x))
         qq, cos, sin, seq, s = self.kernel_inputs(q)
-        out = kivi_attention(qq, self.packed(ks), self.packed(vs), cos, sin, seq, max_seq_len=s, backend="triton")
+        out = kivi_attention(qq, self.packed(ks, seq), self.packed(vs, seq), cos, sin, seq, max_seq_len=s,
+                             backend="triton")
         return out[:, :, None]
 
 
@@ -546,10 +557,10 @@ class XQuantCache(StreamCache):
         attn = self.model.layers[layer].self_attn
         streams = self.streams[layer]
         m_k, m_v = self.append_layer(layer, x)
-        ks = self.packed(streams[0])
-        vs = ks if not self.latent else self.packed(streams[1])
-        ch0 = streams[2].full if self.latent and self.spec.fp16_channel0 else None
         qq, cos, sin, seq, s = self.kernel_inputs(q)
+        ks = self.packed(streams[0], seq)
+        vs = ks if not self.latent else self.packed(streams[1], seq)
+        ch0 = streams[2].full if self.latent and self.spec.fp16_channel0 else None
         out = xquant_attention(qq, ks, vs, m_k, m_v, cos, sin, seq, b_k=attn.k_proj.bias, b_v=attn.v_proj.bias,
                                k_ch0=ch0, max_seq_len=s, backend="triton")
         return out[:, :, None]
@@ -664,7 +675,7 @@ class XQuantCLCache(XQuantCache):
                                             device=self.device)
             self.acc = self._acc_buf[:, :s]
         dl = self.append_delta_layer(layer, x)  # seals against X̂_{i−1}: before the in-place update
-        packed = self.packed(dl.stream)
+        packed = self.packed(dl.stream, seq)
         if dl.stream.spec is not None and not dl.seed:
             tail = torch.zeros_like(dl.stream.tail)
             for b in range(self.batch):

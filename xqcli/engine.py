@@ -413,20 +413,26 @@ class StaticKVCache(KVCache):
         if not self.static:
             return super().begin(n_new, width)
         self._n_new = n_new
+        self._step_total = self.max_len  # an upper bound: the static path attends over the whole buffer
         self._positions = self.lengths[:, None] + torch.arange(width, device=self.device)[None, :]
         return self._positions
 
     def end(self) -> None:
+        # The static step does not know its new tokens on the host (that would sync): the mirror is
+        # dropped and read back when next needed.
+        host = None if self.static else [n + k for n, k in zip(self.host_lengths, self._n_new_host)]
         self.lengths.add_(self._n_new)  # in place: a captured graph keeps pointing at this tensor
+        self._host_lengths = host
         self._n_new = self._positions = None
 
     def reset(self) -> None:
         self.lengths.zero_()  # in place, for the same reason (the engine calls it in inference mode)
+        self._host_lengths = [0] * self.batch
 
     def load_state_dict(self, state: dict) -> None:
         lengths = self.lengths
         super().load_state_dict(state)
-        self.lengths = lengths.copy_(self.lengths)
+        self._set_lengths(lengths.copy_(self.lengths), self.host_lengths)
 
     def attention_mask(self) -> torch.Tensor:
         if not self.static:
@@ -437,7 +443,7 @@ class StaticKVCache(KVCache):
         if not self.static:
             return super().update_and_fetch(layer, x)
         k, v = self.model.layers[layer].self_attn.project_kv(x)  # (B, n_kv, 1, hd)
-        k = self.model.rope.apply(k, self._positions)
+        k = self.model.rope.apply(k, self._positions, self.max_len)
         idx = self._positions.clamp(max=self.max_len - 1)[:, None, :, None].expand_as(k)
         self.k[layer].scatter_(2, idx, k.to(self.k.dtype))
         self.v[layer].scatter_(2, idx, v.to(self.v.dtype))
@@ -451,7 +457,7 @@ class _StaticRope:
         rope._ensure(n)
         self.inv_freq, self._cos, self._sin = rope.inv_freq, rope._cos, rope._sin
 
-    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, positions: torch.Tensor, bound: int | None = None) -> torch.Tensor:
         from xqcli.rope import rotate_half
 
         cos = self._cos[positions].unsqueeze(1).to(x.dtype)

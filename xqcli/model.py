@@ -56,7 +56,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, layer: int, cache: "ModelCache", rope: Rope,
                 mask: torch.Tensor | None) -> torch.Tensor:
         cfg = self.cfg
-        q = rope.apply(self.split_heads(self.q_proj(x), cfg.num_attention_heads), cache.positions)
+        q = self.split_heads(self.q_proj(x), cfg.num_attention_heads)
+        q = rope.apply(q, cache.positions, cache.step_total())
         b, _, t, _ = q.shape
         fused = cache.fused_attention(layer, x, q)  # decode kernels: K/V never materialized
         if fused is not None:
@@ -128,13 +129,13 @@ class Transformer(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def hidden_states(self, tokens: torch.Tensor, cache: "ModelCache", n_new: torch.Tensor | None = None
-                      ) -> torch.Tensor:
-        """Run one step through every layer and commit it to the cache; returns final-norm hidden (B, T, d)."""
+    def hidden_states(self, tokens: torch.Tensor, cache: "ModelCache",
+                      n_new: torch.Tensor | list[int] | None = None) -> torch.Tensor:
+        """Run one step through every layer and commit it to the cache; returns final-norm hidden (B, T, d).
+
+        n_new: valid tokens per row (default: all T); a list saves reading a device tensor back."""
         b, t = tokens.shape
-        if n_new is None:
-            n_new = torch.full((b,), t, dtype=torch.long, device=tokens.device)
-        cache.begin(n_new, t)
+        cache.begin([t] * b if n_new is None else n_new, t)
         mask = cache.attention_mask()
         h = self.model.embed_tokens(tokens)
         rope = self.rope
@@ -146,7 +147,7 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: "ModelCache | None" = None,
-                n_new: torch.Tensor | None = None) -> torch.Tensor:
+                n_new: torch.Tensor | list[int] | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) in fp32. Without a cache, a throwaway KV cache of the prompt's size is used."""
         if cache is None:
             from xqcli.cache import KVCache

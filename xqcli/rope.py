@@ -55,13 +55,15 @@ class Rope:
         self._ensure(n)
         return self._cos[:n], self._sin[:n]
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape (B, 1, T, D) for integer positions (B, T)."""
-        self._ensure(int(positions.max()) + 1 if positions.numel() else 1)
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype, bound: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape (B, 1, T, D) for integer positions (B, T), all below `bound` when it is
+        given (a cache knows it on the host; otherwise it is read from the positions: a device sync)."""
+        self._ensure(bound if bound is not None else (int(positions.max()) + 1 if positions.numel() else 1))
         return self._cos[positions].unsqueeze(1).to(dtype), self._sin[positions].unsqueeze(1).to(dtype)
 
-    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        cos, sin = self.cos_sin(positions, x.dtype)
+    def apply(self, x: torch.Tensor, positions: torch.Tensor, bound: int | None = None) -> torch.Tensor:
+        cos, sin = self.cos_sin(positions, x.dtype, bound)
         return x * cos + rotate_half(x) * sin
 
 
