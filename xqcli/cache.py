@@ -113,7 +113,11 @@ class ModelCache:
         if total > self.max_len:
             raise ResourceError(f"context full: {total} tokens > cache capacity {self.max_len}",
                                 hint="start a new conversation (/reset) or raise --context")
-        self._n_new = torch.as_tensor(n_new, dtype=torch.long).to(self.device)
+        if isinstance(n_new, list):  # pinned, so the copy to a GPU does not wait for queued work
+            pinned = torch.tensor(host, dtype=torch.long, pin_memory=self.device.type == "cuda")
+            self._n_new = pinned.to(self.device, non_blocking=True)
+        else:
+            self._n_new = n_new.to(self.device, torch.long)
         self._n_new_host, self._step_total = host, total
         ar = torch.arange(width, device=self.device)
         self._positions = self.lengths[:, None] + ar[None, :]
