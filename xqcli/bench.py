@@ -544,13 +544,13 @@ class _Snapshot:
     """A cache's state right after prefill: row lengths and each stream's counters and fp tail."""
 
     def __init__(self, cache) -> None:
-        self.lengths = cache.lengths.clone()
+        self.lengths, self.host_lengths = cache.lengths.clone(), list(cache.host_lengths)
         self.streams = [[(list(st.sealed), list(st.tail_len),
                           st.tail.clone() if hasattr(st, "tail") else None)  # unquantized: no tail
                          for st in layer] for layer in getattr(cache, "streams", [])]
 
     def restore(self, cache) -> None:
-        cache.lengths = self.lengths.clone()
+        cache.set_lengths(self.lengths.clone(), list(self.host_lengths))
         for layer, saved in zip(getattr(cache, "streams", []), self.streams, strict=True):
             for st, (sealed, tail_len, tail) in zip(layer, saved, strict=True):
                 st.sealed, st.tail_len = list(sealed), list(tail_len)

@@ -73,7 +73,7 @@ class ModelCache:
         self.batch = batch
         self.max_len = max_len
         self.device = torch.device(device)
-        self.lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.set_lengths(torch.zeros(batch, dtype=torch.long, device=self.device), [0] * batch)
         self._n_new: torch.Tensor | None = None
         self._n_new_host: list[int] = []
         self._step_total = 0
@@ -99,7 +99,8 @@ class ModelCache:
             self._host_lengths = [int(n) for n in self._lengths.tolist()]
         return self._host_lengths
 
-    def _set_lengths(self, value: torch.Tensor, host: list[int]) -> None:
+    def set_lengths(self, value: torch.Tensor, host: list[int]) -> None:
+        """Set the row lengths with their host mirror (the caller knows both: nothing is read back)."""
         self.lengths = value
         self._host_lengths = host
 
@@ -125,7 +126,7 @@ class ModelCache:
 
     def end(self) -> None:
         assert self._n_new is not None, "end() without begin()"
-        self._set_lengths(self.lengths + self._n_new, [n + k for n, k in zip(self.host_lengths, self._n_new_host)])
+        self.set_lengths(self.lengths + self._n_new, [n + k for n, k in zip(self.host_lengths, self._n_new_host)])
         self._n_new = self._positions = None
 
     @property
@@ -200,7 +201,7 @@ class ModelCache:
         """Forget every token (storage is kept)."""
         # A new tensor, not zero_(): after a forward `lengths` is an inference tensor, which cannot be
         # changed in place outside torch.inference_mode().
-        self._set_lengths(torch.zeros_like(self.lengths), [0] * self.batch)
+        self.set_lengths(torch.zeros_like(self.lengths), [0] * self.batch)
 
     # --- state (session files: `xq chat` /save and /load) -----------------------------------------
     def spec_settings(self) -> dict:
@@ -236,7 +237,7 @@ class ModelCache:
         self.reset()
         self._load_state(meta, tensors, lengths)
         host = lengths + [0] * (self.batch - len(lengths))
-        self._set_lengths(torch.tensor(host, dtype=torch.long, device=self.device), host)
+        self.set_lengths(torch.tensor(host, dtype=torch.long, device=self.device), host)
 
     def _state_meta(self) -> dict:
         return {}

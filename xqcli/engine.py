@@ -432,7 +432,7 @@ class StaticKVCache(KVCache):
     def load_state_dict(self, state: dict) -> None:
         lengths = self.lengths
         super().load_state_dict(state)
-        self._set_lengths(lengths.copy_(self.lengths), self.host_lengths)
+        self.set_lengths(lengths.copy_(self.lengths), self.host_lengths)
 
     def attention_mask(self) -> torch.Tensor:
         if not self.static:
