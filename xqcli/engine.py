@@ -668,8 +668,8 @@ class Engine:
         tok = self._sample(logits, params, seen)
         active = list(range(n))
         counts, last_t = [0] * n, [t0] * n
-        n_new = torch.zeros(self.batch, dtype=torch.long, device=self.device)
-        n_new[:n] = 1
+        n_host = [1] * n + [0] * (self.batch - n)  # new tokens per row in a decode step
+        n_new = torch.tensor(n_host, device=self.device)
         t_first = None
         while True:
             host = tok.tolist()  # the one host sync per step: ids for streaming and stop checks
@@ -704,16 +704,15 @@ class Engine:
                 steps.append(Step(r, counts[r] - 1, token, text, now - t0, now - last_t[r], finish))
                 last_t[r] = now
             still = [s.row for s in steps if s.finish is None]
-            if len(still) != len(active):
-                n_new = torch.zeros(self.batch, dtype=torch.long)
-                n_new[still] = 1
-                n_new = n_new.to(self.device)  # only when the active set changes
+            if len(still) != len(active):  # only when the active set changes
+                n_host = [int(r in still) for r in range(self.batch)]
+                n_new = torch.tensor(n_host, device=self.device)
             active = still
             yield from steps
             if not active:
                 return
             try:
-                logits = self._decode(tok, n_new)
+                logits = self._decode(tok, n_new, n_host)
             except BaseException:
                 self._invalidate()
                 raise
@@ -735,7 +734,7 @@ class Engine:
             n = [max(0, min(chunk, ln - start)) for ln in lens]
             width = max(n)
             rows = [p[start:start + c] + [0] * (width - c) for p, c in zip(prompts + [[]] * self.batch, n)]
-            h = model.hidden_states(torch.tensor(rows, device=dev), self.cache, torch.tensor(n, device=dev))
+            h = model.hidden_states(torch.tensor(rows, device=dev), self.cache, n)
             for r in range(len(prompts)):
                 self.ids[r].extend(prompts[r][start:start + n[r]])
             ends = [r for r in range(len(prompts)) if n[r] and start + n[r] == lens[r]]
@@ -750,11 +749,11 @@ class Engine:
         return last
 
     @torch.inference_mode()
-    def _decode(self, tok: torch.Tensor, n_new: torch.Tensor) -> torch.Tensor:
+    def _decode(self, tok: torch.Tensor, n_new: torch.Tensor, n_host: list[int]) -> torch.Tensor:
         tokens = tok[:, None]
         if self._graph is not None:
             return self._graph(tokens, n_new)
-        return self.model(tokens, self.cache, n_new)[:, -1]
+        return self.model(tokens, self.cache, n_host)[:, -1]  # host counts: nothing read back
 
     @torch.inference_mode()
     def _seen(self, params: SamplingParams) -> torch.Tensor | None:
