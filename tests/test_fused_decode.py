@@ -163,6 +163,19 @@ def test_decode_step_reads_nothing_back(tiny_models, kind, base, which, kernels,
     assert [s for s in seen if s[1] != "begin"] == []
 
 
+def test_xq_kernels_env_turns_the_kernels_off(monkeypatch):
+    from xqcli.errors import InputError
+
+    model = latent_model()
+    assert make_cache(model, "xquant-4", 1, 8).kernels == "auto"
+    monkeypatch.setenv("XQ_KERNELS", "off")
+    assert make_cache(model, "xquant-4", 1, 8).kernels == "off"
+    assert make_cache(model, "xquant-4", 1, 8, kernels="triton").kernels == "triton"  # explicit wins
+    monkeypatch.setenv("XQ_KERNELS", "fast")
+    with pytest.raises(InputError, match="XQ_KERNELS"):
+        make_cache(model, "xquant-4", 1, 8)
+
+
 def greedy_tokens(model, spec, kernels: str, prompt: list[int], n: int) -> list[int]:
     cache = make_cache(model, spec, 1, len(prompt) + n, kernels=kernels)
     logits = model(torch.tensor([prompt], device=model.device), cache)[:, -1]

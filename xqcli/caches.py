@@ -34,6 +34,7 @@ sealed, against the accumulator of that moment, so encoder and decoder always se
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Callable
@@ -713,7 +714,13 @@ def make_cache(model: "Transformer", spec: CacheSpec | str, batch: int, max_len:
     """Build a cache of any kind for `batch` rows of up to `max_len` tokens.
 
     `kernels`: "auto" uses the fused Triton decode kernels on CUDA tensors, "triton" forces them (CPU
-    tests under TRITON_INTERPRET=1), "off" keeps the pure-torch reference path."""
+    tests under TRITON_INTERPRET=1), "off" keeps the pure-torch reference path. The environment
+    variable XQ_KERNELS=off turns "auto" off: an escape hatch should a kernel misbehave on some GPU."""
+    if kernels == "auto":
+        env = os.environ.get("XQ_KERNELS", "auto").strip().lower()
+        if env not in ("auto", "off"):
+            raise InputError(f"XQ_KERNELS={env!r}: use auto or off")
+        kernels = env
     if isinstance(spec, str):
         spec = CacheSpec.parse(spec)
     spec = resolve(model, spec)
