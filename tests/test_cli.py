@@ -49,6 +49,12 @@ def test_doctor_json(capsys):
     assert code == 0 and report["torch"] and "cache_dir" in report["hf"] and "triton_kernels" in report
 
 
+def test_doctor_says_when_kernels_are_off(capsys, monkeypatch):
+    monkeypatch.setenv("XQ_KERNELS", "off")
+    code, out, _ = run(capsys, "doctor", "--json")
+    assert code == 0 and json.loads(out)["triton_kernels"].startswith("off (XQ_KERNELS=off)")
+
+
 def test_debug_shows_traceback(monkeypatch, capsys):
     monkeypatch.setenv("XQ_DEBUG", "1")
     from xqcli.errors import InputError

@@ -40,7 +40,9 @@ def doctor_report() -> dict:
     except ImportError:
         report["triton"] = None
     interp = os.environ.get("TRITON_INTERPRET") == "1"
-    if report["triton"] is None:
+    if os.environ.get("XQ_KERNELS", "").strip().lower() == "off":
+        kernels = "off (XQ_KERNELS=off): the pure-torch reference path is used"
+    elif report["triton"] is None:
         kernels = "no: triton is not installed (pure-torch reference path)"
     elif report["cuda"].get("available"):
         kernels = "yes: compiled on the GPU"
