@@ -330,6 +330,7 @@ class StreamCache(ModelCache):
         self.dtype = model.dtype
         self.streams: list[list[Stream]] = []
         self.kernels = "auto"  # "auto": fused decode kernels on CUDA; "triton": forced (interpreter tests); "off"
+        self._step_memo: dict = {}
 
     def stream(self, width: int, qspec: QuantSpec | None) -> Stream:
         return Stream(self.batch, self.max_len, width, qspec, self.spec.window, self.dtype, self.device,
@@ -387,15 +388,28 @@ class StreamCache(ModelCache):
         from xqcli.kernels.packed import PackedStream
 
         if st.spec is None:
-            return PackedStream.dense(st.full)
-        return PackedStream(tail=st.tail, sealed=st.sealed_counts(seq_lens), codes=st.codes, scale=st.scale,
-                            zero=st.zero, spec=st.spec)
+            none = self.step_memo("no sealed", lambda: torch.zeros(self.batch, dtype=torch.int32, device=self.device))
+            return PackedStream(tail=st.full, sealed=none)
+        g = st.spec.group_size if st.spec.axis == "channel" else 1
+        sealed = self.step_memo(("sealed", g, st.window), lambda: st.sealed_counts(seq_lens))
+        return PackedStream(tail=st.tail, sealed=sealed, codes=st.codes, scale=st.scale, zero=st.zero, spec=st.spec)
+
+    def step_memo(self, key, make: Callable[[], object]):
+        """A value computed once per step and shared by every layer's launch (device work per launch adds up)."""
+        if key not in self._step_memo:
+            self._step_memo[key] = make()
+        return self._step_memo[key]
+
+    def begin(self, n_new: torch.Tensor | list[int], width: int) -> torch.Tensor:
+        self._step_memo = {}
+        return super().begin(n_new, width)
 
     def kernel_inputs(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """(q (B, H, D), cos, sin, seq_lens int32, max length) for one decode step."""
         s = self.step_total()
         cos, sin = self.model.rope.tables(s)
-        return q[:, :, 0], cos, sin, (self.lengths + self.n_new).to(torch.int32), s
+        seq = self.step_memo("seq_lens", lambda: (self.lengths + self.n_new).to(torch.int32))
+        return q[:, :, 0], cos, sin, seq, s
 
     def all_positions(self) -> torch.Tensor:
         s = self.step_total()
