@@ -110,6 +110,8 @@ class ModelCache:
 
         `n_new` (valid new tokens per row) as a list, or a tensor read back once here."""
         host = [int(n) for n in (n_new if isinstance(n_new, list) else n_new.tolist())]
+        if len(host) != self.batch or min(host) < 0:
+            raise ValueError(f"n_new must give 0 or more new tokens for each of the {self.batch} rows, got {host}")
         total = max(n + k for n, k in zip(self.host_lengths, host))
         if total > self.max_len:
             raise ResourceError(f"context full: {total} tokens > cache capacity {self.max_len}",
