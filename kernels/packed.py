@@ -54,9 +54,12 @@ class PackedStream:
     spec: QuantSpec | None = None
 
     @classmethod
-    def dense(cls, x: Tensor) -> PackedStream:
-        """A stream whose every token is full precision: x (B, S, C)."""
-        return cls(tail=x, sealed=torch.zeros(x.shape[0], dtype=torch.int32, device=x.device))
+    def dense(cls, x: Tensor, sealed: Tensor | None = None) -> PackedStream:
+        """A stream whose every token is full precision: x (B, S, C). `sealed`: zeros of shape (B,),
+        int32, when the caller already has them (decode steps reuse one for every layer)."""
+        if sealed is None:
+            sealed = torch.zeros(x.shape[0], dtype=torch.int32, device=x.device)
+        return cls(tail=x, sealed=sealed)
 
     @property
     def c(self) -> int:

@@ -53,6 +53,9 @@ def test_doctor_says_when_kernels_are_off(capsys, monkeypatch):
     monkeypatch.setenv("XQ_KERNELS", "off")
     code, out, _ = run(capsys, "doctor", "--json")
     assert code == 0 and json.loads(out)["triton_kernels"].startswith("off (XQ_KERNELS=off)")
+    monkeypatch.setenv("XQ_KERNELS", "fast")
+    code, out, _ = run(capsys, "doctor", "--json")
+    assert code == 0 and json.loads(out)["triton_kernels"].startswith("invalid: XQ_KERNELS='fast'")
 
 
 def test_debug_shows_traceback(monkeypatch, capsys):

@@ -389,7 +389,7 @@ class StreamCache(ModelCache):
 
         if st.spec is None:
             none = self.step_memo("no sealed", lambda: torch.zeros(self.batch, dtype=torch.int32, device=self.device))
-            return PackedStream(tail=st.full, sealed=none)
+            return PackedStream.dense(st.full, none)
         g = st.spec.group_size if st.spec.axis == "channel" else 1
         sealed = self.step_memo(("sealed", g, st.window), lambda: st.sealed_counts(seq_lens))
         return PackedStream(tail=st.tail, sealed=sealed, codes=st.codes, scale=st.scale, zero=st.zero, spec=st.spec)
@@ -692,7 +692,7 @@ class XQuantCLCache(XQuantCache):
         dl = self.append_delta_layer(layer, x)  # seals against X̂_{i−1}: before the in-place update
         packed = self.packed(dl.stream, seq)
         if dl.stream.spec is not None and not dl.seed:
-            tail = torch.zeros_like(dl.stream.tail)
+            tail = torch.empty_like(dl.stream.tail)  # read only up to each row's waiting tokens
             for b in range(self.batch):
                 d = self.tail_deltas(dl, b)
                 tail[b, :d.shape[0]] = d
@@ -723,6 +723,14 @@ class XQuantCLCache(XQuantCache):
         return super().allocated() + CacheBytes(workspace=acc)
 
 
+def kernels_setting() -> str:
+    """XQ_KERNELS from the environment: "auto" (default) or "off"; anything else is an error."""
+    env = os.environ.get("XQ_KERNELS", "auto").strip().lower() or "auto"
+    if env not in ("auto", "off"):
+        raise InputError(f"XQ_KERNELS={env!r}: use auto or off")
+    return env
+
+
 def make_cache(model: "Transformer", spec: CacheSpec | str, batch: int, max_len: int,
                device: torch.device | None = None, kernels: str = "auto") -> ModelCache:
     """Build a cache of any kind for `batch` rows of up to `max_len` tokens.
@@ -731,10 +739,7 @@ def make_cache(model: "Transformer", spec: CacheSpec | str, batch: int, max_len:
     tests under TRITON_INTERPRET=1), "off" keeps the pure-torch reference path. The environment
     variable XQ_KERNELS=off turns "auto" off: an escape hatch should a kernel misbehave on some GPU."""
     if kernels == "auto":
-        env = os.environ.get("XQ_KERNELS", "auto").strip().lower()
-        if env not in ("auto", "off"):
-            raise InputError(f"XQ_KERNELS={env!r}: use auto or off")
-        kernels = env
+        kernels = kernels_setting()
     if isinstance(spec, str):
         spec = CacheSpec.parse(spec)
     spec = resolve(model, spec)

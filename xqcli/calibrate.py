@@ -141,12 +141,10 @@ def _attention(model: Transformer, i: int, q: torch.Tensor, k: torch.Tensor, v: 
         k, v = k + attn.k_proj.bias, v + attn.v_proj.bias
     kh = model.rope.apply(attn.split_heads(k[None], cfg.num_key_value_heads), _positions(k))
     vh = attn.split_heads(v[None], cfg.num_key_value_heads)
-    t = k.shape[0]
-    if cfg.sliding_window is not None and t > cfg.sliding_window:
-        mask = causal_mask(_positions(k)[0], t, cfg.sliding_window)
-        out = F.scaled_dot_product_attention(q, kh, vh, attn_mask=mask, enable_gqa=cfg.is_gqa)
-    else:
-        out = F.scaled_dot_product_attention(q, kh, vh, is_causal=True, enable_gqa=cfg.is_gqa)  # (1, H, T, hd)
+    t, w = k.shape[0], cfg.sliding_window
+    mask = causal_mask(_positions(k)[0], t, w) if w is not None and t > w else None  # None: plain causal
+    out = F.scaled_dot_product_attention(q, kh, vh, attn_mask=mask, is_causal=mask is None,
+                                         enable_gqa=cfg.is_gqa)  # (1, H, T, hd)
     return attn.o_proj(out.transpose(1, 2).reshape(k.shape[0], cfg.q_dim))
 
 

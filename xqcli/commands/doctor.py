@@ -40,8 +40,17 @@ def doctor_report() -> dict:
     except ImportError:
         report["triton"] = None
     interp = os.environ.get("TRITON_INTERPRET") == "1"
-    if os.environ.get("XQ_KERNELS", "").strip().lower() == "off":
+    from xqcli.caches import kernels_setting
+    from xqcli.errors import InputError
+
+    try:
+        setting = kernels_setting()
+    except InputError as e:
+        setting = f"invalid: {e}"
+    if setting == "off":
         kernels = "off (XQ_KERNELS=off): the pure-torch reference path is used"
+    elif setting != "auto":
+        kernels = setting
     elif report["triton"] is None:
         kernels = "no: triton is not installed (pure-torch reference path)"
     elif report["cuda"].get("available"):
