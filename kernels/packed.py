@@ -7,7 +7,7 @@ A stream holds, for each row b of a batch, the tokens 0, 1, ... of one cached te
 - tokens ``sealed[b] <= t`` in full precision, in ``tail[b, t - sealed[b]]`` (the residual window,
   plus the not yet sealed part of a per-channel block).
 
-This is exactly how ``xqcli.caches.Stream`` stores a row (``codes``/``scale``/``zero`` of shape
+This is exactly how ``xqcli.cache.kinds.Stream`` stores a row (``codes``/``scale``/``zero`` of shape
 ``(B, max_len, ...)``, ``tail`` of shape ``(B, tail_cap, C)``), so a cache passes its buffers as they
 are, with no copy. A dense stream (``PackedStream.dense``) has no codes: every token is in ``tail``.
 

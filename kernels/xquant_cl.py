@@ -8,7 +8,7 @@ projected on U_kv, 2·d_kv wide) and the decoder keeps one running accumulator
 
 ``xquant_cl_update`` does this in place on the accumulator for every token t < seq_lens[b] of each
 row, reading Δ from a delta stream: dequantized codes for t < sealed[b], the stream's full-precision
-tail after that. The tail must hold *deltas* too: ``xqcli.caches`` keeps X·U_kv (or X) in its window
+tail after that. The tail must hold *deltas* too: ``xqcli.cache.kinds`` keeps X·U_kv (or X) in its window
 and forms a waiting token's delta against the accumulator of the moment, so the caller passes
 ``tail − X̂_{i−1}[window]·U_kv`` there (at most window + g − 1 tokens; a small torch op). Tokens at or
 after seq_lens[b] are not touched. ``seed=True`` starts the chain (the base layer): X̂ = Δ (·U_kvᵀ).

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from xqcli.bundle import sha256_file
+from xqcli.fileio import sha256_file
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -122,8 +122,8 @@ def smollm2_gguf() -> Path:
 
 
 def smollm2_hf() -> Path:
-    """SmolLM2 as a float32 HF folder (config.json, model.safetensors, tokenizer files), via xqcli.gguf."""
-    from xqcli.gguf import load_gguf, write_hf_folder
+    """SmolLM2 as a float32 HF folder (config.json, model.safetensors, tokenizer files), via xqcli.sources.gguf."""
+    from xqcli.sources.gguf import load_gguf, write_hf_folder
 
     return _cached_dir("smollm2-135m-instruct-f32-v1",
                        lambda tmp: write_hf_folder(load_gguf(smollm2_gguf()), tmp))
@@ -245,7 +245,7 @@ def tiny_hf(kind: str) -> Path:
     return _cached_dir(f"tiny-{kind}-v1", build)
 
 
-# ---------------------------------------------------------------- GGUF writing (for xqcli.gguf tests)
+# ---------------------------------------------------------------- GGUF writing (for xqcli.sources.gguf tests)
 
 
 def bytes_to_unicode() -> dict[int, str]:

@@ -41,14 +41,14 @@ def smollm2_mha_dir():
 
 @pytest.fixture(scope="session")
 def smollm2(smollm2_dir):
-    from xqcli.weights import load_hf_folder
+    from xqcli.load import load_hf_folder
 
     return load_hf_folder(smollm2_dir)
 
 
 @pytest.fixture(scope="session")
 def smollm2_mha(smollm2_mha_dir):
-    from xqcli.weights import load_hf_folder
+    from xqcli.load import load_hf_folder
 
     return load_hf_folder(smollm2_mha_dir)
 
@@ -58,6 +58,6 @@ def tiny_models():
     """{kind: loaded Transformer} for the tiny random llama/mistral/qwen2/mha folders."""
     import assets
 
-    from xqcli.weights import load_hf_folder
+    from xqcli.load import load_hf_folder
 
     return {k: load_hf_folder(assets.tiny_hf(k)) for k in ("llama", "mistral", "qwen2", "mha")}

@@ -17,11 +17,12 @@ from unittest import mock
 import pytest
 import torch
 
-from xqcli import bench
-from xqcli.caches import CacheSpec, make_cache
+from xqcli.readouts import bench
+from xqcli.cache.spec import CacheSpec
+from xqcli.load import make_cache
 from xqcli.cli import main
 from xqcli.errors import InputError, ResourceError
-from xqcli.plan import SHAPES, plan, shape_config
+from xqcli.readouts.plan import SHAPES, plan, shape_config
 
 SCHEMA = json.loads((Path(__file__).parent.parent / "docs" / "bench.schema.json").read_text())
 SMOL = ["--shape", "smollm2-135m", "--context", "256", "--decode-tokens", "1", "--reps", "1", "--warmup", "0",

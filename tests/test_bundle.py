@@ -14,21 +14,22 @@ import assets
 import pytest
 import torch
 
-from xqcli.bundle import MANIFEST, open_bundle
-from xqcli.caches import CacheSpec, make_cache
-from xqcli.calibrate import bit_plan
+from xqcli.bundle.format import MANIFEST, open_bundle
+from xqcli.cache.spec import CacheSpec
+from xqcli.load import make_cache
+from xqcli.convert.calibrate import bit_plan
 from xqcli.cli import main
-from xqcli.convert import convert
+from xqcli.convert.pipeline import convert
 from xqcli.errors import BundleError, InputError
-from xqcli.loader import load
-from xqcli.weights import load_hf_folder
+from xqcli.load import load
+from xqcli.load import load_hf_folder
 
 
 def tiny_folder(root: Path, kind: str, **overrides) -> Path:
     """A tiny random model folder with the byte-level tokenizer of the tiny GGUF (calibration needs one)."""
     from safetensors.torch import save_file
 
-    from xqcli.gguf import load_gguf, write_tokenizer_files
+    from xqcli.sources.gguf import load_gguf, write_tokenizer_files
 
     cfg = assets.tiny_config(kind) | overrides
     folder = root / f"tiny-{kind}"
@@ -169,8 +170,8 @@ def test_truncated_and_missing_files(bundle_copy):
 
 
 def test_projection_shapes_checked(bundle_copy):
-    from xqcli.bundle import file_entry
-    from xqcli.convert import save_safetensors
+    from xqcli.bundle.format import file_entry
+    from xqcli.convert.pipeline import save_safetensors
 
     save_safetensors({"layers.0.k.u": torch.zeros(3, 3)}, bundle_copy / "projections.safetensors")
     entry = file_entry(bundle_copy, "projections.safetensors")
@@ -282,7 +283,7 @@ def test_existing_target_and_force(gqa_dir, tmp_path, capsys):
 
 
 def test_interrupted_convert_leaves_nothing(gqa_dir, tmp_path, capsys, monkeypatch):
-    import xqcli.convert
+    import xqcli.convert.pipeline
 
     real = xqcli.convert.save_safetensors
 
@@ -290,17 +291,17 @@ def test_interrupted_convert_leaves_nothing(gqa_dir, tmp_path, capsys, monkeypat
         real(tensors, path)  # the first file is written, then Ctrl-C
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(xqcli.convert, "save_safetensors", interrupted)
+    monkeypatch.setattr(xqcli.convert.pipeline, "save_safetensors", interrupted)
     code, _, _ = run_cli(capsys, "convert", str(gqa_dir), "-o", str(tmp_path / "b"), "--calib-tokens", "32")
     assert code == 130  # Typer turns Ctrl-C into exit 130 itself
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_interrupted_force_keeps_old_bundle(gqa_dir, gqa_bundle, tmp_path, monkeypatch):
-    import xqcli.convert
+    import xqcli.convert.pipeline
 
     out = Path(shutil.copytree(gqa_bundle, tmp_path / "b"))
-    monkeypatch.setattr(xqcli.convert, "calibrate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(xqcli.convert.pipeline, "calibrate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         convert(gqa_dir, out, force=True, calib_tokens=32)
     assert open_bundle(out, verify=True).dtype == "float32" and leftovers(tmp_path, "b") == []
@@ -362,7 +363,7 @@ def test_per_layer_clips(gqa_bundle):
 
 
 def test_rotation_recorded_and_checked(bundle_copy, capsys):
-    from xqcli.loader import load
+    from xqcli.load import load
 
     m = json.loads((bundle_copy / MANIFEST).read_text())
     assert m["rotation"]["kind"] == "hadamard"
@@ -389,8 +390,8 @@ def test_budget_no_plan_can_meet(gqa_dir, gqa_bundle, tmp_path, capsys):
 
 
 def test_mix_plan_from_bundle(gqa_bundle):
-    from xqcli.caches import CacheSpec, resolve
-    from xqcli.loader import load
+    from xqcli.cache.kinds import CacheSpec, resolve
+    from xqcli.load import load
 
     model = load(gqa_bundle).model
     spec = resolve(model, CacheSpec.parse("xquant-3+mix"))

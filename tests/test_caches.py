@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xqcli.caches import CacheSpec, Stream, make_cache, uses_latents
+from xqcli.cache.kinds import CacheSpec, Stream, uses_latents
+from xqcli.load import make_cache
 from xqcli.errors import InputError
 from xqcli.kernels.quant import QuantSpec, fake_quantize
-from xqcli.plan import plan, shape_config
+from xqcli.readouts.plan import plan, shape_config
 
 KINDS_FP = ["kivi-fp", "xquant-fp", "xquant-cl-fp", "xquant-fp+ch0", "xquant-fp+rot", "xquant-cl-fp+rot"]
 
@@ -223,8 +224,8 @@ def test_rotations_are_exact_algebra_and_help_per_token_quantization(tiny_models
 
 
 def test_mixed_precision_plan_from_calibration(tiny_models):
-    from xqcli.caches import resolve
-    from xqcli.plan import measured_bytes_per_token, meta_model
+    from xqcli.cache.kinds import resolve
+    from xqcli.readouts.plan import measured_bytes_per_token, meta_model
 
     model = tiny_models["llama"]
     n = model.config.num_hidden_layers

@@ -283,7 +283,7 @@ def test_chat_ctrl_c_stops_the_answer_not_the_session(tiny_gguf):
 
 def plan_row(model_dir, kind: str):
     from xqcli.config import ModelConfig
-    from xqcli.plan import plan
+    from xqcli.readouts.plan import plan
 
     return plan(ModelConfig.from_file(Path(model_dir) / "config.json"), [kind], include_weights=False)[0]
 
@@ -293,7 +293,7 @@ def test_chat_in_a_terminal_smollm2(smollm2_dir, smollm2, tmp_path):
     """Two turns, /stats, /mem, /save, /reset, /load, a third turn, /exit, with the live panel on."""
     from safetensors.torch import load_file
 
-    from xqcli.engine import Engine, collect, load_session
+    from xqcli.engine.loop import Engine, collect, load_session
     from xqcli.tokenizer import Tokenizer
 
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"

@@ -125,7 +125,7 @@ def test_weights_report_every_bad_key(tmp_path):
     from safetensors.torch import load_file, save_file
 
     from xqcli.errors import WeightsError
-    from xqcli.weights import load_hf_folder
+    from xqcli.load import load_hf_folder
 
     d = copy_tiny(tmp_path)
     sd = load_file(d / "model.safetensors")

@@ -14,11 +14,11 @@ import assets
 import pytest
 import torch
 
-from xqcli.bundle import open_bundle
-from xqcli.calibrate import capture_inputs
+from xqcli.bundle.format import open_bundle
+from xqcli.convert.calibrate import capture_inputs
 from xqcli.cli import main
-from xqcli.convert import convert
-from xqcli.loader import load
+from xqcli.convert.pipeline import convert
+from xqcli.load import load
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 CALIB_TOKENS = 128
@@ -99,7 +99,7 @@ def test_hub_id_bundle(smollm2, smollm2_dir, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_projections_reproduce_kv_on_real_activations(smol_bundle):
     """X·U_k·M_k = X·W_kᵀ, X·U_v·M_v = X·W_vᵀ, X·U_kv·U_kvᵀ·W_kv = X·W_kv: every layer, fp32."""
-    from xqcli.projections import model_projections
+    from xqcli.bundle.projections import model_projections
     from xqcli.tokenizer import Tokenizer
 
     model = load(smol_bundle, dtype="float32").model

@@ -9,9 +9,10 @@ import math
 import pytest
 import torch
 
-from xqcli.cache import KVCache
-from xqcli.caches import CacheSpec, make_cache
-from xqcli.engine import (
+from xqcli.cache.base import KVCache
+from xqcli.cache.spec import CacheSpec
+from xqcli.load import make_cache
+from xqcli.engine.loop import (
     Engine,
     SamplingParams,
     StaticKVCache,
@@ -28,7 +29,7 @@ from xqcli.engine import (
     save_session,
 )
 from xqcli.errors import InputError, ResourceError
-from xqcli.plan import plan
+from xqcli.readouts.plan import plan
 
 KINDS = ["kv", "kivi-4", "xquant-4", "xquant-cl-3", "xquant-8"]
 NEG = float("-inf")
@@ -50,7 +51,7 @@ def tiny_chat():
     """The tiny llama as a GGUF: model plus a byte-level tokenizer with a ChatML template."""
     import assets
 
-    from xqcli.loader import load
+    from xqcli.load import load
 
     loaded = load(assets.tiny_gguf("llama"), device="cpu")
     return loaded.model, loaded.tokenizer()

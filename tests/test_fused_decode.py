@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import xqcli
-from xqcli.caches import CacheSpec, Stream, make_cache
+from xqcli.cache.kinds import CacheSpec, Stream
+from xqcli.load import make_cache
 from xqcli.config import ModelConfig
 from xqcli.model import Transformer
 
@@ -202,7 +203,7 @@ def test_smollm2_greedy_tokens_with_kernels(smollm2_dir, kind, per_step, monkeyp
     import assets
 
     from xqcli.tokenizer import Tokenizer
-    from xqcli.weights import load_hf_folder
+    from xqcli.load import load_hf_folder
 
     model = load_hf_folder(smollm2_dir, device="cuda" if torch.cuda.is_available() else "cpu")
     prompt = Tokenizer.from_folder(smollm2_dir).encode(assets.wiki_text())[:100]

@@ -1,4 +1,4 @@
-"""xqcli.gguf: exact loading of llama/qwen2 GGUFs, and a clean GGUFError for every kind of broken file.
+"""xqcli.sources.gguf: exact loading of llama/qwen2 GGUFs, and a clean GGUFError for every kind of broken file.
 
 Fast tests use tiny GGUFs written by gguf's own writer (so the Q/K permutation and the tensor layout
 come from the reference implementation); `slow` ones use the real SmolLM2 file and compare against
@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from xqcli.errors import GGUFError, MissingDependencyError, UnsupportedModelError
-from xqcli.gguf import load_gguf, write_hf_folder, write_tokenizer_files
+from xqcli.sources.gguf import load_gguf, write_hf_folder, write_tokenizer_files
 
 TEXT = ("The quick brown fox jumps over the lazy dog. In the end, an interesting thing was seen at the "
         "station;\n\tthen 42 cats ran (fast) & sang: 'hello world!'")

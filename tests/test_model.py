@@ -9,10 +9,10 @@ import shutil
 import pytest
 import torch
 
-from xqcli.cache import KVCache
+from xqcli.cache.base import KVCache
 from xqcli.config import ModelConfig
 from xqcli.errors import UnsupportedModelError
-from xqcli.weights import load_hf_folder
+from xqcli.load import load_hf_folder
 
 transformers = pytest.importorskip("transformers")
 
@@ -154,7 +154,8 @@ def test_mistral_sliding_window_matches_transformers(tmp_path):
 @pytest.mark.parametrize("kind", ["xquant-fp", "xquant-cl-fp", "kivi-fp", "xquant-4"])
 def test_sliding_window_through_the_caches(tmp_path, kind):
     """Every cache kind masks to the window; past it the fused kernels step aside for the masked path."""
-    from xqcli.caches import CacheSpec, make_cache
+    from xqcli.cache.spec import CacheSpec
+    from xqcli.load import make_cache
 
     model = load_hf_folder(mistral_with_window(tmp_path, 8))
     tokens = torch.randint(0, 256, (1, 20))
@@ -186,8 +187,8 @@ def test_sliding_window_configs():
 
 
 def test_calibration_attention_uses_the_window(tmp_path):
-    """Calibration's own attention (xqcli.calibrate) equals the model's layer output under a window."""
-    from xqcli.calibrate import _attention
+    """Calibration's own attention (xqcli.convert.calibrate) equals the model's layer output under a window."""
+    from xqcli.convert.calibrate import _attention
 
     model = load_hf_folder(mistral_with_window(tmp_path, 8))
     cfg, attn = model.config, model.layers[0].self_attn

@@ -2,7 +2,7 @@
 
 It is the reference runtime: CPU or CUDA, SDPA attention, batch >= 1 with per-row lengths. Attention
 never branches on the cache kind: each layer hands its post-norm input X to the cache and gets back
-post-RoPE K and V (see `xqcli.cache`).
+post-RoPE K and V (see `xqcli.cache.base`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from xqcli.config import ModelConfig
 from xqcli.rope import Rope
 
 if TYPE_CHECKING:
-    from xqcli.cache import ModelCache
+    from xqcli.cache.base import ModelCache
 
 
 class RMSNorm(nn.Module):
@@ -150,7 +150,7 @@ class Transformer(nn.Module):
                 n_new: torch.Tensor | list[int] | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) in fp32. Without a cache, a throwaway KV cache of the prompt's size is used."""
         if cache is None:
-            from xqcli.cache import KVCache
+            from xqcli.cache.base import KVCache
 
             cache = KVCache(self, tokens.shape[0], tokens.shape[1])
         h = self.hidden_states(tokens, cache, n_new)

@@ -1,4 +1,4 @@
-"""`xq bench`: cache memory and decode speed of every cache kind side by side (see `xqcli.bench`)."""
+"""`xq bench`: cache memory and decode speed of every cache kind side by side (see `xqcli.readouts.bench`)."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def register(app: typer.Typer) -> None:
             else:
                 fmt = "table" if sys.stdout.isatty() else "md"
         fmt = fmt.lower()
-        from xqcli import bench as lib
+        from xqcli.readouts import bench as lib
 
         if fmt not in lib.FORMATS:
             raise InputError(f"unknown --format {fmt!r}", hint=f"choose from {', '.join(lib.FORMATS)}")
@@ -91,7 +91,7 @@ def register(app: typer.Typer) -> None:
         from rich.markup import escape
 
         err = Console(stderr=True, highlight=False)
-        from xqcli.loader import pick_device
+        from xqcli.load import pick_device
 
         chunk = None
         if prefill_chunk is not None:

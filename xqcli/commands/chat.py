@@ -20,7 +20,7 @@ import typer
 from xqcli.commands import _options as opt
 
 if TYPE_CHECKING:
-    from xqcli.engine import Engine
+    from xqcli.engine.loop import Engine
 
 # Sampling options, shared with `xq generate` (which imports them from here).
 TEMPERATURE = typer.Option(None, "--temperature", "--temp", help="0 = greedy. Default: chat 0.7, generate 0.")
@@ -74,7 +74,7 @@ def parse_context(text: str) -> int:
 
 def sampling_from_options(defaults: dict[str, Any], **given: Any):
     """A checked SamplingParams from the command's options (None = not given = the default)."""
-    from xqcli.engine import SamplingParams
+    from xqcli.engine.loop import SamplingParams
 
     values = defaults | {k: v for k, v in given.items() if v is not None}
     if values.get("stop") is not None:
@@ -149,7 +149,7 @@ class ChatSession:
     # --- commands ----------------------------------------------------------------------------------
     def command(self, line: str) -> bool:
         """Run a slash command; False means quit."""
-        from xqcli.engine import load_session, parse_setting, save_session
+        from xqcli.engine.loop import load_session, parse_setting, save_session
         from xqcli.errors import InputError
 
         cmd, _, arg = line.strip().partition(" ")
@@ -354,7 +354,7 @@ class _PanelSink:
 
 
 def _bytes(n) -> str:
-    from xqcli.engine import _b
+    from xqcli.engine.loop import _b
 
     return _b(n)
 
@@ -405,18 +405,18 @@ def register(app: typer.Typer) -> None:
                                        top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
                                        seed=seed, stop=stop)
         ctx = parse_context(context) if context is not None else None
-        from xqcli.plan import parse_bytes
+        from xqcli.readouts.plan import parse_bytes
 
         budget_b = parse_bytes(budget) if budget else None
-        from xqcli.caches import CacheSpec
+        from xqcli.cache.spec import CacheSpec
 
         if cache is not None:
             CacheSpec.parse(cache, **spec_args)  # fail on a bad kind before loading anything
         err = Console(stderr=True, highlight=False, soft_wrap=True)
         out = Console(highlight=False)
         with err.status(f"loading {model}"):
-            from xqcli.engine import Engine
-            from xqcli.loader import load
+            from xqcli.engine.loop import Engine
+            from xqcli.load import load
 
             loaded = load(model, dtype=dtype, device=device, revision=revision)
             tok = loaded.tokenizer()
@@ -451,7 +451,7 @@ def register(app: typer.Typer) -> None:
 
 def _pick_spec(cache: Optional[str], spec_args: dict[str, Any], loaded):
     """--cache/--bits/--window, else the bundle's `cache_defaults` (with --bits/--window on top), else xquant-4."""
-    from xqcli.caches import CacheSpec
+    from xqcli.cache.spec import CacheSpec
 
     if cache is not None:
         return CacheSpec.parse(cache, **spec_args)

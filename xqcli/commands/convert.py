@@ -48,8 +48,8 @@ def register(app: typer.Typer) -> None:
         (clip ratios, outlier statistics, a per-layer bit plan) and xq.json with the sha256 of every file."""
         from rich.console import Console
 
-        from xqcli.convert import convert as run
-        from xqcli.plan import parse_bytes
+        from xqcli.convert.pipeline import convert as run
+        from xqcli.readouts.plan import parse_bytes
 
         if budget is not None:
             budget_bits = _bits_for_budget(src, parse_bytes(budget), context)
@@ -59,7 +59,7 @@ def register(app: typer.Typer) -> None:
                      calib=calib, calib_tokens=calib_tokens, shard_size=parse_bytes(shard_size),
                      rotation=rotation, rotation_seed=rotation_seed, budget_bits=budget_bits,
                      progress=lambda msg: err.print(f"[dim]{time.monotonic() - t0:6.1f}s[/] {msg}"))
-        from xqcli.bundle import open_bundle
+        from xqcli.bundle.format import open_bundle
 
         report = open_bundle(folder).report()
         if as_json:
@@ -73,9 +73,9 @@ def register(app: typer.Typer) -> None:
 def _bits_for_budget(src: str, budget: int, context: int | None) -> float:
     """The average xquant bits whose cache (payload + fp16 scale/zero per 128) fits `budget` at `context`."""
     from xqcli.errors import InputError
-    from xqcli.hub import resolve
-    from xqcli.plan import paper_bytes_per_token
-    from xqcli.caches import CacheSpec
+    from xqcli.sources.hub import resolve
+    from xqcli.readouts.plan import paper_bytes_per_token
+    from xqcli.cache.spec import CacheSpec
     from xqcli.config import ModelConfig
 
     if not context or context < 1:

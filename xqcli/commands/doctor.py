@@ -40,7 +40,7 @@ def doctor_report() -> dict:
     except ImportError:
         report["triton"] = None
     interp = os.environ.get("TRITON_INTERPRET") == "1"
-    from xqcli.caches import kernels_setting
+    from xqcli.cache.kinds import kernels_setting
     from xqcli.errors import InputError
 
     try:
@@ -60,7 +60,7 @@ def doctor_report() -> dict:
     else:
         kernels = "no GPU: the pure-torch reference path is used"
     report["triton_kernels"] = kernels
-    from xqcli.hub import hub_cache_info
+    from xqcli.sources.hub import hub_cache_info
 
     report["hf"] = hub_cache_info()
     return report

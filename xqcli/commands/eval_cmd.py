@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = opt.JSON,
     ) -> None:
         """Perplexity through the cache for each method, beside fp KV (paper protocol or real decode path)."""
-        from xqcli.caches import CacheSpec
+        from xqcli.cache.spec import CacheSpec
         from xqcli.errors import InputError
 
         specs = [CacheSpec.parse(m, group_size=group_size, window=window) for m in methods.split(",") if m.strip()]
@@ -45,12 +45,12 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        from xqcli.evaluate import evaluate
-        from xqcli.loader import load
+        from xqcli.readouts.evaluate import evaluate
+        from xqcli.load import load
 
         loaded = load(model, dtype=dtype, device=device)
         if calibrated:
-            from xqcli.calibrate import calibrated_specs
+            from xqcli.convert.calibrate import calibrated_specs
 
             specs += calibrated_specs(loaded.bundle, specs)
         tokens = loaded.tokenizer().encode(raw, add_special_tokens=False)

@@ -55,7 +55,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Complete a prompt (greedy unless --temperature > 0). The text streams to stdout; stats go to
         stderr. With --json, stdout is one object described by docs/generate.schema.json."""
-        from xqcli.caches import CacheSpec
+        from xqcli.cache.spec import CacheSpec
         from xqcli.errors import InputError
 
         if (prompt is None) == (prompt_file is None):
@@ -71,8 +71,8 @@ def register(app: typer.Typer) -> None:
             except (OSError, UnicodeDecodeError) as e:
                 raise InputError(f"cannot read the prompt file {prompt_file}: {e}") from None
         spec = CacheSpec.parse(cache, bits=bits, window=window)
-        from xqcli.engine import Engine
-        from xqcli.loader import load
+        from xqcli.engine.loop import Engine
+        from xqcli.load import load
 
         loaded = load(model, dtype=dtype, device=device, revision=revision)
         tok = loaded.tokenizer()

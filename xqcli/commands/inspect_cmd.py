@@ -19,7 +19,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Summarize a bundle: its manifest, bytes per token of each cache kind, the latent channel-0 energy
         and calibration of every layer. --verify re-hashes every file (a changed byte is an error)."""
-        from xqcli.bundle import open_bundle
+        from xqcli.bundle.format import open_bundle
 
         report = open_bundle(bundle, verify=verify).report(verified=verify)
         if as_json:

@@ -29,8 +29,8 @@ def register(app: typer.Typer) -> None:
         """Bytes per token of every cache kind (measured from real allocated caches, with the paper's
         formula beside it), the ratio to fp16 KV, and the longest context that fits --budget."""
         from xqcli.errors import InputError
-        from xqcli.plan import config_for, parse_bytes
-        from xqcli.plan import plan as make_plan
+        from xqcli.readouts.plan import config_for, parse_bytes
+        from xqcli.readouts.plan import plan as make_plan
 
         if (target is None) == (shape is None):
             raise InputError("give a model/bundle folder or --shape NAME (one of them)")
@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
         budget_b = parse_bytes(budget) if budget else None
         rows = make_plan(cfg, [k for k in kinds.split(",") if k.strip()], budget=budget_b,
                          include_weights=weights, group_size=group_size, base_layers=base_layers)
-        from xqcli.plan import weight_bytes
+        from xqcli.readouts.plan import weight_bytes
 
         wb = weight_bytes(cfg)
         if as_json:

@@ -52,8 +52,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from xqcli.cache import CacheBytes, KVCache
-from xqcli.caches import CacheSpec, make_cache, uses_latents
+from xqcli.cache.base import CacheBytes, KVCache
+from xqcli.cache.spec import CacheSpec, uses_latents
+from xqcli.load import make_cache
 from xqcli.config import ModelConfig
 from xqcli.errors import GateFailed, InputError, MissingDependencyError, ResourceError
 from xqcli.model import Transformer
@@ -605,7 +606,7 @@ def _measure_xq(model: Transformer, spec: CacheSpec, context: int, batch: int, d
     cfg = model.config
     row = Row(spec.name, "xq", context, batch)
     if spec.method in ("xquant", "xquant-cl") and uses_latents(cfg):
-        from xqcli.projections import model_projections
+        from xqcli.bundle.projections import model_projections
 
         model_projections(model)  # the SVD (or a bundle's factors) once, outside every timed region
     tokens = torch.randint(0, cfg.vocab_size, (batch, context), device=model.device, generator=gen)
@@ -831,7 +832,7 @@ def estimate_run(cfg: ModelConfig, specs: list[CacheSpec], contexts: list[int], 
     forward takes at least `step_floor_s` (a measured short-context decode step, once the model is built:
     it catches per-layer overheads the rates miss). Rough: on busy CPUs the pure-torch caches' per-row
     loops can make real runs several times longer still."""
-    from xqcli.plan import meta_model
+    from xqcli.readouts.plan import meta_model
 
     el = _elem(dtype)
     meta = meta_model(cfg, dtype)
@@ -882,9 +883,9 @@ def run_bench(src: str | Path | None = None, *, shape: str | None = None,
     estimated memory exceeds the budget (or free memory) or the estimated time exceeds 30 minutes,
     unless `force`. `prefill_chunk` prefills in chunks of that many tokens (bounds attention memory at long
     contexts; the default is one forward of the whole context)."""
-    from xqcli.loader import default_dtype, load, pick_device
-    from xqcli.plan import SHAPES, config_for, meta_model, parse_bytes, plan, shape_config
-    from xqcli.weights import parse_dtype
+    from xqcli.load import default_dtype, load, pick_device
+    from xqcli.readouts.plan import SHAPES, config_for, meta_model, parse_bytes, plan, shape_config
+    from xqcli.sources.hf import parse_dtype
 
     t_start = time.perf_counter()
     say = progress or (lambda _msg: None)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from xqcli.bundle import sha256_file
+from xqcli.fileio import sha256_file
 from xqcli.errors import GGUFError, MissingDependencyError, UnsupportedModelError
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from xqcli import __version__
-from xqcli.bundle import (
+from xqcli.bundle.format import (
     rotation_widths,
     CALIBRATION,
     MANIFEST,
@@ -35,15 +35,16 @@ from xqcli.bundle import (
     projections_from_tensors,
     write_json,
 )
-from xqcli.caches import CacheSpec, uses_latents
-from xqcli.calibrate import DEFAULT_TOKENS, bit_plan, builtin_text, calibrate
+from xqcli.cache.spec import CacheSpec, uses_latents
+from xqcli.convert.calibrate import DEFAULT_TOKENS, bit_plan, builtin_text, calibrate
 from xqcli.config import ModelConfig
 from xqcli.errors import InputError
-from xqcli.hub import ALLOW_PATTERNS, Source, resolve
-from xqcli.projections import layer_projections, set_model_projections
-from xqcli.rotation import Rotation
+from xqcli.sources.hub import ALLOW_PATTERNS, Source, resolve
+from xqcli.bundle.projections import layer_projections, set_model_projections
+from xqcli.bundle.rotation import Rotation
 from xqcli.texts import read_user_text
-from xqcli.weights import build_model, check_model_folder, parse_dtype, read_safetensors, shard_files
+from xqcli.load import build_model
+from xqcli.sources.hf import check_model_folder, parse_dtype, read_safetensors, shard_files
 
 DEFAULT_SHARD_SIZE = 2 * 10**9
 INDEX = "model.safetensors.index.json"
@@ -157,7 +158,7 @@ def _refuse_existing(out: Path, force: bool) -> None:
 def _read_source(source: Source) -> _SourceModel:
     """Config, tensors and tokenizer of a resolved source (config checked before any weight is read)."""
     if source.kind == "gguf":
-        from xqcli.gguf import load_gguf, write_tokenizer_files
+        from xqcli.sources.gguf import load_gguf, write_tokenizer_files
 
         g = load_gguf(source.path)
         return _SourceModel(g.config, g.tensors, {"kind": "gguf", "id": str(source.path.resolve()),

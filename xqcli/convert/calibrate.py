@@ -29,15 +29,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from xqcli.cache import causal_mask
-from xqcli.caches import BITS, CacheSpec, uses_latents
+from xqcli.cache.base import causal_mask
+from xqcli.cache.spec import BITS, CacheSpec, uses_latents
 from xqcli.errors import BundleError, InputError
 from xqcli.kernels.quant import QuantSpec, fake_quantize
 from xqcli.model import Transformer
-from xqcli.projections import LayerProjections, model_projections
+from xqcli.bundle.projections import LayerProjections, model_projections
 
 if TYPE_CHECKING:
-    from xqcli.bundle import Bundle
+    from xqcli.bundle.format import Bundle
 
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7)
 TARGETS = (2.5, 3.0, 3.5)
@@ -73,7 +73,7 @@ def calibrate(model: Transformer, tokens: list[int], *, text: str) -> dict[str, 
 @torch.inference_mode()
 def capture_inputs(model: Transformer, tokens: list[int]) -> list[torch.Tensor]:
     """Each layer's post-norm X, (T, d) in fp32, from one forward through a plain KV cache."""
-    from xqcli.cache import KVCache
+    from xqcli.cache.base import KVCache
 
     xs: list[torch.Tensor] = []
     hooks = [layer.input_layernorm.register_forward_hook(lambda _m, _i, out: xs.append(out[0].float()))

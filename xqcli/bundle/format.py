@@ -1,6 +1,6 @@
 """The xq bundle: a Hugging Face model folder plus `xq.json`, the SVD projections and a calibration.
 
-Format and schema history: docs/bundle.md. A bundle is written by `xqcli.convert` and read here.
+Format and schema history: docs/bundle.md. A bundle is written by `xqcli.convert.pipeline` and read here.
 Opening is defensive because a bundle is input like any other file: the manifest is checked key by
 key (never trusted to name files outside the folder), every listed file must exist with its recorded
 size, the projection tensors must have the shapes the config implies, and `verify=True` re-hashes
@@ -9,7 +9,6 @@ every file. Each problem is one `BundleError` naming the file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -22,7 +21,8 @@ import torch
 from xqcli import __version__
 from xqcli.config import ModelConfig
 from xqcli.errors import BundleError, XQError
-from xqcli.projections import LayerProjections, SVDFactors
+from xqcli.fileio import sha256_file, write_json
+from xqcli.bundle.projections import LayerProjections, SVDFactors
 
 SCHEMA_VERSION = 1
 MANIFEST = "xq.json"
@@ -75,8 +75,8 @@ class Bundle:
 
     def report(self, verified: bool = False) -> dict[str, Any]:
         """Plain data for `xq inspect` (and its --json): manifest facts, bytes per token, calibration."""
-        from xqcli.caches import uses_latents
-        from xqcli.plan import DEFAULT_KINDS, plan
+        from xqcli.cache.spec import uses_latents
+        from xqcli.readouts.plan import DEFAULT_KINDS, plan
 
         m = self.manifest
         rows = plan(self.config, list(DEFAULT_KINDS), include_weights=False)
@@ -92,7 +92,7 @@ class Bundle:
 
     def install(self, model) -> None:
         """Put the stored projections on a model loaded from this bundle (no SVD at run time)."""
-        from xqcli.projections import set_model_projections
+        from xqcli.bundle.projections import set_model_projections
 
         if self.has_projections:
             set_model_projections(model, self.projections())
@@ -102,25 +102,10 @@ class Bundle:
             model._xq_rotation = (rotation["kind"], int(rotation.get("seed", 0)))
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks (bundle manifests, GGUF sources, test assets)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def file_entry(folder: Path, name: str) -> dict[str, Any]:
     """The manifest entry of one written file."""
     p = folder / name
     return {"path": name, "size": p.stat().st_size, "sha256": sha256_file(p)}
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Sorted keys, 2-space indent, trailing newline: diff-friendly and reproducible."""
-    text = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-    Path(path).write_text(text, encoding="utf-8")
 
 
 def is_bundle(folder: Path) -> bool:
@@ -227,7 +212,7 @@ def _check_config(root: Path, raw: dict[str, Any]) -> ModelConfig:
 
 
 def _check_weights(root: Path, files: dict[str, BundleFile]) -> None:
-    from xqcli.weights import shard_files
+    from xqcli.sources.hf import shard_files
 
     try:
         shards = shard_files(root)
@@ -252,7 +237,7 @@ def _check_optional_file(root: Path, m: dict[str, Any], key: str, name: str,
 
 
 def _check_projections(root: Path, m: dict[str, Any], files: dict[str, BundleFile], cfg: ModelConfig) -> None:
-    from xqcli.caches import uses_latents
+    from xqcli.cache.spec import uses_latents
 
     _check_optional_file(root, m, "projections", PROJECTIONS, files)
     if m.get("projections") is None:
@@ -281,7 +266,7 @@ def _check_projections(root: Path, m: dict[str, Any], files: dict[str, BundleFil
 
 
 def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes of projections.safetensors (see `xqcli.projections` for the maths)."""
+    """Tensor names and shapes of projections.safetensors (see `xqcli.bundle.projections` for the maths)."""
     d, r = cfg.hidden_size, cfg.kv_dim
     out: dict[str, tuple[int, ...]] = {}
     for i in range(cfg.num_hidden_layers):
@@ -313,7 +298,7 @@ def projections_from_tensors(tensors: dict[str, torch.Tensor], n_layers: int) ->
 
 def _check_calibration(path: Path, data: dict[str, Any], n_layers: int) -> None:
     """The fields that `xq inspect` shows and `xq eval --calibrated` applies, checked before any use."""
-    from xqcli.caches import BITS
+    from xqcli.cache.spec import BITS
 
     def num(v: Any) -> bool:
         return type(v) in (int, float) and math.isfinite(v)
@@ -337,7 +322,7 @@ def _check_calibration(path: Path, data: dict[str, Any], n_layers: int) -> None:
 
 
 def _check_cache_defaults(root: Path, section: Any) -> None:
-    from xqcli.caches import CacheSpec
+    from xqcli.cache.spec import CacheSpec
 
     if section is None:
         return
@@ -359,7 +344,7 @@ def _check_rotation(root: Path, section: Any, cfg: ModelConfig) -> None:
     """The rotation chosen at convert time must be one xq knows and be made for this model's widths."""
     if section is None:
         return
-    from xqcli.rotation import KINDS
+    from xqcli.bundle.rotation import KINDS
 
     where = root / MANIFEST
     if not isinstance(section, dict) or section.get("kind") not in KINDS or \

@@ -20,7 +20,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from xqcli.caches import CacheSpec, make_cache
+from xqcli.cache.spec import CacheSpec
+from xqcli.load import make_cache
 from xqcli.errors import InputError
 from xqcli.model import Transformer
 
@@ -81,11 +82,11 @@ def evaluate(model: Transformer, tokens: list[int], methods: list[CacheSpec], *,
              max_tokens: int | None = None, protocol: str = "paper", prefix: int | None = None,
              progress: Callable[[int, int, str], None] | None = None) -> list[EvalRow]:
     """One row per method, in order. `kv` is always computed (it is the reference) but only reported if asked."""
-    from xqcli.plan import measured_bytes_per_token, meta_model
+    from xqcli.readouts.plan import measured_bytes_per_token, meta_model
 
     if protocol not in ("paper", "decode"):
         raise InputError(f"unknown protocol {protocol!r} (paper or decode)")
-    from xqcli.caches import resolve
+    from xqcli.cache.kinds import resolve
 
     methods = [resolve(model, s) for s in methods]  # +mix: per-layer bits from the bundle
     wins = windows(tokens, seq_len, max_tokens)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from xqcli.caches import CacheSpec, make_cache, uses_latents
+from xqcli.cache.spec import CacheSpec, uses_latents
+from xqcli.load import make_cache
 from xqcli.config import ModelConfig
 from xqcli.errors import InputError, ResourceError
 from xqcli.model import Transformer

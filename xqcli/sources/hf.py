@@ -1,4 +1,4 @@
-"""Load a Hugging Face model folder (config.json + one or many safetensors shards) into `Transformer`.
+"""Read a Hugging Face model folder: config.json and one or many safetensors shards.
 
 Weights are only ever read with safetensors (no pickle). Every missing, unexpected and mis-shaped
 key is collected and reported in one error, so a user fixes a broken checkpoint in one go.
@@ -13,7 +13,6 @@ import torch
 
 from xqcli.config import ModelConfig
 from xqcli.errors import InputError, ModelError, WeightsError
-from xqcli.model import Transformer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -79,43 +78,3 @@ def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
             raise WeightsError(f"{f}: cannot read safetensors ({e})", hint="the file is truncated or corrupt; "
                                "download or convert it again") from None
     return out
-
-
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def build_model(cfg: ModelConfig, tensors: dict[str, torch.Tensor], *, dtype: torch.dtype = torch.float32,
-                device: str | torch.device = "cpu", source: str = "weights") -> Transformer:
-    """Check every key and shape, then assign the tensors (cast to `dtype`) into a fresh model."""
-    want = expected_shapes(cfg)
-    tensors = {k: v for k, v in tensors.items() if not k.endswith(IGNORED_SUFFIXES)}
-    if cfg.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)  # some tied checkpoints carry a copy
-    missing = sorted(set(want) - set(tensors))
-    unexpected = sorted(set(tensors) - set(want))
-    misshaped = sorted(f"{k} {tuple(tensors[k].shape)} != {want[k]}" for k in set(want) & set(tensors)
-                       if tuple(tensors[k].shape) != want[k])
-    if missing or unexpected or misshaped:
-        parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-            if items:
-                shown = ", ".join(items[:6]) + (f" (+{len(items) - 6} more)" if len(items) > 6 else "")
-                parts.append(f"{len(items)} {label}: {shown}")
-        raise WeightsError(f"{source}: weights do not match config.json: " + "; ".join(parts))
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    state = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
-    model.load_state_dict(state, assign=True, strict=True)
-    return model.eval()
-
-
-def load_hf_folder(folder: Path, *, dtype: str | torch.dtype = torch.float32,
-                   device: str | torch.device = "cpu") -> Transformer:
-    """Config first (fails before reading weights), then the shards."""
-    folder = Path(folder)
-    cfg = ModelConfig.from_file(check_model_folder(folder))
-    tensors = read_safetensors(shard_files(folder))
-    return build_model(cfg, tensors, dtype=parse_dtype(dtype), device=device, source=str(folder))

@@ -41,10 +41,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from xqcli.cache import CacheBytes, KVCache, ModelCache, causal_mask
-from xqcli.caches import CacheSpec, make_cache, uses_latents
+from xqcli.cache.base import CacheBytes, KVCache, ModelCache, causal_mask
+from xqcli.cache.spec import CacheSpec, uses_latents
+from xqcli.load import make_cache
 from xqcli.errors import InputError, ResourceError
-from xqcli.projections import model_projections
+from xqcli.bundle.projections import model_projections
 
 if TYPE_CHECKING:
     from xqcli.model import Transformer
@@ -777,7 +778,7 @@ class Engine:
     def per_token_bytes(self) -> tuple[float, float]:
         """(payload+scales, workspace) bytes per token past the window, measured like `xq plan`."""
         if self._per_token is None:
-            from xqcli.plan import measured_bytes_per_token
+            from xqcli.readouts.plan import measured_bytes_per_token
 
             bpt, _, ws = measured_bytes_per_token(self.model, self.spec)
             self._per_token = (bpt, ws)
@@ -839,7 +840,7 @@ def model_identity(model: Transformer, source: str, spec: CacheSpec | None = Non
     ident = {"source": source, "config_sha256": hashlib.sha256(conf.encode()).hexdigest(),
              "weights_sha256": h.hexdigest(), "dtype": str(model.dtype).removeprefix("torch.")}
     if spec is not None and spec.method in ("xquant", "xquant-cl") and uses_latents(cfg):
-        from xqcli.projections import model_projections
+        from xqcli.bundle.projections import model_projections
 
         p = model_projections(model)[0]  # the factors the caches use (already cast and cached on the model)
         ph = hashlib.sha256()

@@ -1,0 +1,126 @@
+"""Open any model source xq accepts (HF folder, `.gguf`, HF id) as a ready model plus tokenizer."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from xqcli.config import ModelConfig
+from xqcli.sources.hub import Source, resolve
+from xqcli.model import Transformer
+from xqcli.errors import WeightsError
+from xqcli.sources.hf import IGNORED_SUFFIXES, check_model_folder, parse_dtype, read_safetensors, shard_files
+
+if TYPE_CHECKING:
+    from xqcli.bundle.format import Bundle
+
+
+@dataclass
+class Loaded:
+    model: Transformer
+    tokenizer_dir: Path  # folder holding tokenizer.json and friends
+    source: Source  # kind "bundle" for an xq bundle folder
+    bundle: Bundle | None = None
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    def tokenizer(self):  # -> xqcli.tokenizer.Tokenizer
+        from xqcli.tokenizer import Tokenizer
+
+        return Tokenizer.from_folder(self.tokenizer_dir)
+
+
+def pick_device(device: str | None) -> torch.device:
+    """`auto` (or None) means the first CUDA GPU when there is one, else the CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from xqcli.errors import InputError
+
+        raise InputError(f"--device {device}: no CUDA device is available here", hint="use --device cpu")
+    return dev
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    # bf16 matmuls are ~5x slower than fp32 on CPUs; GPUs want bf16.
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load(src: str | Path, *, dtype: str | torch.dtype | None = None, device: str | None = None,
+         revision: str | None = None, token: str | None = None, offline: bool | None = None) -> Loaded:
+    dev = pick_device(device)
+    dt = parse_dtype(dtype) if dtype is not None else default_dtype(dev)
+    source = resolve(str(src), revision=revision, token=token, offline=offline)
+    if source.kind == "gguf":
+        from xqcli.sources.gguf import load_gguf, write_tokenizer_files
+
+        g = load_gguf(source.path)
+        cfg = ModelConfig.from_dict(g.config, source=str(source.path))
+        model = build_model(cfg, g.tensors, dtype=dt, device=dev, source=str(source.path))
+        tok_dir = Path(tempfile.mkdtemp(prefix="xq-gguf-tok-"))
+        write_tokenizer_files(g, tok_dir)
+        return Loaded(model, tok_dir, source)
+    if source.kind == "folder":
+        from xqcli.bundle.format import is_bundle, open_bundle
+
+        if is_bundle(source.path):  # weights as any HF folder, plus the stored projections (no SVD)
+            bundle = open_bundle(source.path)
+            model = load_hf_folder(source.path, dtype=dt, device=dev)
+            bundle.install(model)
+            return Loaded(model, source.path, replace(source, kind="bundle"), bundle)
+    return Loaded(load_hf_folder(source.path, dtype=dt, device=dev), source.path, source)
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def build_model(cfg: ModelConfig, tensors: dict[str, torch.Tensor], *, dtype: torch.dtype = torch.float32,
+                device: str | torch.device = "cpu", source: str = "weights") -> Transformer:
+    """Check every key and shape, then assign the tensors (cast to `dtype`) into a fresh model."""
+    want = expected_shapes(cfg)
+    tensors = {k: v for k, v in tensors.items() if not k.endswith(IGNORED_SUFFIXES)}
+    if cfg.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)  # some tied checkpoints carry a copy
+    missing = sorted(set(want) - set(tensors))
+    unexpected = sorted(set(tensors) - set(want))
+    misshaped = sorted(f"{k} {tuple(tensors[k].shape)} != {want[k]}" for k in set(want) & set(tensors)
+                       if tuple(tensors[k].shape) != want[k])
+    if missing or unexpected or misshaped:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+            if items:
+                shown = ", ".join(items[:6]) + (f" (+{len(items) - 6} more)" if len(items) > 6 else "")
+                parts.append(f"{len(items)} {label}: {shown}")
+        raise WeightsError(f"{source}: weights do not match config.json: " + "; ".join(parts))
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    state = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
+    model.load_state_dict(state, assign=True, strict=True)
+    return model.eval()
+
+
+def load_hf_folder(folder: Path, *, dtype: str | torch.dtype = torch.float32,
+                   device: str | torch.device = "cpu") -> Transformer:
+    """Config first (fails before reading weights), then the shards."""
+    folder = Path(folder)
+    cfg = ModelConfig.from_file(check_model_folder(folder))
+    tensors = read_safetensors(shard_files(folder))
+    return build_model(cfg, tensors, dtype=parse_dtype(dtype), device=device, source=str(folder))
+
+
+def make_cache(model: Transformer, spec, batch: int, max_len: int, *, device: torch.device | None = None,
+               kernels: str = "auto"):
+    """A cache of any kind for `model` (the one entry point callers use; see `xqcli.cache`)."""
+    from xqcli.cache.kinds import make_cache as build
+
+    return build(model, spec, batch, max_len, device=device, kernels=kernels)
