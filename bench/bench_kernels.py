@@ -30,11 +30,15 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from xqcli.cache.spec import uses_latents
+from xqcli.config import ModelConfig
+from xqcli.readouts.plan import shape_config
+from xqcli.system import git_commit
 
 
 @dataclass(frozen=True)
@@ -45,26 +49,36 @@ class Shape:
     heads: int
     kv_heads: int
     head_dim: int
+    rope_theta: float
+    latent: bool  # GQA XQuant caches the SVD latents X·U_k, X·U_v when they are narrower than X
     group: int = 128  # quantization group (tokens for per-channel, channels for per-token)
     window: int = 128  # full-precision residual window
-    rope_theta: float = 500000.0
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, **layout: int) -> "Shape":
+        """A model's attention layer, with xqcli's latent rule."""
+        return cls(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                   cfg.rope_theta, uses_latents(cfg), **layout)
 
     @property
     def d_kv(self) -> int:
         return self.kv_heads * self.head_dim
 
-    @property
-    def latent(self) -> bool:
-        """GQA XQuant caches the SVD latents X·U_k, X·U_v when they are narrower than X (as xqcli does)."""
-        return 2 * self.d_kv < self.d_model
+
+def tiny_config(name: str, d_model: int, heads: int, kv_heads: int) -> ModelConfig:
+    """An attention layer small enough for the Triton interpreter, odd enough to cross tile edges."""
+    raw = dict(model_type="llama", hidden_size=d_model, intermediate_size=64, num_hidden_layers=1,
+               num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=64, vocab_size=64,
+               rope_theta=500000.0)
+    return ModelConfig.from_dict(raw, source=f"shape {name}")
 
 
 SHAPES = {
-    "llama-3.1-8b": Shape(4096, 32, 8, 128),
-    "llama-2-7b": Shape(4096, 32, 32, 128, rope_theta=10000.0),
-    # for --interpret only: small enough for the Triton interpreter, odd enough to cross tile edges
-    "tiny": Shape(576, 6, 2, 64, group=32, window=16),
-    "tiny-mha": Shape(192, 3, 3, 64, group=32, window=16),
+    "llama-3.1-8b": Shape.of(shape_config("llama-3.1-8b")),
+    "llama-2-7b": Shape.of(shape_config("llama-2-7b")),
+    # for --interpret only
+    "tiny": Shape.of(tiny_config("tiny", 576, 6, 2), group=32, window=16),
+    "tiny-mha": Shape.of(tiny_config("tiny-mha", 192, 3, 3), group=32, window=16),
 }
 
 
@@ -89,15 +103,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, check=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], check=False,
-                               cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
+def commit_label() -> str | None:
+    """HEAD of this checkout, with "-dirty" when tracked files changed."""
+    rev, dirty = git_commit(Path(__file__))
+    return None if rev is None else rev + ("-dirty" if dirty else "")
 
 
 def rope_tables(n: int, shape: Shape, device):
@@ -334,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         meta = {
             "device": name, "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-            "python": platform.python_version(), "git_commit": git_commit(), "peak_tflops": peak,
+            "python": platform.python_version(), "git_commit": commit_label(), "peak_tflops": peak,
             "dtype": str(dtype), "shape": {"name": args.shape} | vars(shape) | {"d_kv": shape.d_kv},
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         }

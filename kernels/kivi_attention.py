@@ -1,4 +1,4 @@
-"""KIVI* decode attention with fused dequantization (the paper's baseline, spec §5).
+"""KIVI* decode attention with fused dequantization (the paper's baseline, docs/design.md §5).
 
 KIVI* caches pre-RoPE keys with per-channel groups and values with per-token groups (both
 ``group_size`` tokens/channels, asymmetric, the ``xqcli.kernels.quant`` rule), plus a full-precision
@@ -20,9 +20,17 @@ import math
 import torch
 from torch import Tensor
 
+from xqcli.kernels._common import (
+    check_query,
+    load_query,
+    load_tile,
+    plan_splits,
+    resolve_len,
+    rope_scores,
+    rotate_half,
+)
 from xqcli.kernels._triton import INTERPRET, check_device, jit, next_pow2, on_device, tl, use_triton
-from xqcli.kernels.packed import PackedStream, _load_tile, plan_splits
-from xqcli.kernels.xquant_attention import _load_query, _resolve_len, _rope_scores, _rotate_half, check_query
+from xqcli.kernels.packed import PackedStream
 
 __all__ = ["kivi_attention", "kivi_attention_ref"]
 
@@ -55,7 +63,7 @@ def kivi_attention_ref(
             continue
         kk = k.values_ref(b, n).to(cd).view(n, n_kv, hd).transpose(0, 1)  # (n_kv, n, D)
         vv = v.values_ref(b, n).to(cd).view(n, n_kv, hd).transpose(0, 1)
-        kk = kk * cos[:n].to(cd) + _rotate_half(kk) * sin[:n].to(cd)
+        kk = kk * cos[:n].to(cd) + rotate_half(kk) * sin[:n].to(cd)
         qq = q[b].to(cd).view(n_kv, grp, hd)
         s = (qq @ kk.transpose(-1, -2)).float() * scale  # (n_kv, G, n)
         p = torch.softmax(s, dim=-1).to(cd)
@@ -90,7 +98,7 @@ def _kivi_split_kernel(
     t_lo = i_s * SPLIT
     t_hi = tl.minimum(t_lo + SPLIT, seq)
 
-    m_g, o_h, o_d, m_d, b_q1, b_q2 = _load_query(Q + i_b * s_qb, s_qh, i_hk, qk_scale, G, BG, DH, BDH)
+    m_g, o_h, o_d, m_d, b_q1, b_q2 = load_query(Q + i_b * s_qb, s_qh, i_hk, qk_scale, G, BG, DH, BDH)
     o_c1 = i_hk * D + o_d  # the head's channels, first rotate-half
     o_dv = tl.arange(0, BD)
     m_dv = o_dv < D
@@ -104,16 +112,16 @@ def _kivi_split_kernel(
         o_t = t0 + tl.arange(0, BT).to(tl.int64)
         m_t = o_t < t_hi
         m_qk, m_fk = m_t & (o_t < k_sealed), m_t & (o_t >= k_sealed)
-        b_k1 = _load_tile(p_kc, s_kct, p_ks, p_kz, s_kst, p_kt, s_ktt, o_t, o_c1, m_qk, m_fk, m_d, k_sealed,
+        b_k1 = load_tile(p_kc, s_kct, p_ks, p_kz, s_kst, p_kt, s_ktt, o_t, o_c1, m_qk, m_fk, m_d, k_sealed,
                           t0, i_hk * D, K_BITS, K_GS, K_PER_CHANNEL, K_HAS_CODES, K_ALIGNED)
-        b_k2 = _load_tile(p_kc, s_kct, p_ks, p_kz, s_kst, p_kt, s_ktt, o_t, o_c1 + DH, m_qk, m_fk, m_d, k_sealed,
+        b_k2 = load_tile(p_kc, s_kct, p_ks, p_kz, s_kst, p_kt, s_ktt, o_t, o_c1 + DH, m_qk, m_fk, m_d, k_sealed,
                           t0, i_hk * D + DH, K_BITS, K_GS, K_PER_CHANNEL, K_HAS_CODES, K_ALIGNED)
-        b_s = _rope_scores(b_q1, b_q2, b_k1, b_k2, COS, SIN, s_rope, o_t, m_t, o_d, m_d, DH, LOWP)  # (BG, BT)
+        b_s = rope_scores(b_q1, b_q2, b_k1, b_k2, COS, SIN, s_rope, o_t, m_t, o_d, m_d, DH, LOWP)  # (BG, BT)
         b_mn = tl.maximum(b_m, tl.max(b_s, 1))
         b_alpha = tl.exp2(b_m - b_mn)
         b_p = tl.exp2(b_s - b_mn[:, None])
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        b_v = _load_tile(p_vc, s_vct, p_vs, p_vz, s_vst, p_vt, s_vtt, o_t, i_hk * D + o_dv,
+        b_v = load_tile(p_vc, s_vct, p_vs, p_vz, s_vst, p_vt, s_vtt, o_t, i_hk * D + o_dv,
                          m_t & (o_t < v_sealed), m_t & (o_t >= v_sealed), m_dv, v_sealed, t0, i_hk * D,
                          V_BITS, V_GS, V_PER_CHANNEL, V_HAS_CODES, V_ALIGNED)
         if LOWP:
@@ -198,7 +206,7 @@ def kivi_attention(
         res = kivi_attention_ref(q, k, v, cos, sin, seq_lens, scale=scale)
         return res if out is None else out.copy_(res)
 
-    s_max = _resolve_len(op, seq_lens, max_seq_len, cos.shape[0])
+    s_max = resolve_len(op, seq_lens, max_seq_len, cos.shape[0])
     grp = n_heads // n_kv
     bg = max(16, next_pow2(grp))
     dh = hd // 2

@@ -7,12 +7,12 @@ A stream holds, for each row b of a batch, the tokens 0, 1, ... of one cached te
 - tokens ``sealed[b] <= t`` in full precision, in ``tail[b, t - sealed[b]]`` (the residual window,
   plus the not yet sealed part of a per-channel block).
 
-This is exactly how ``xqcli.cache.kinds.Stream`` stores a row (``codes``/``scale``/``zero`` of shape
+This is exactly how ``xqcli.cache.stream.Stream`` stores a row (``codes``/``scale``/``zero`` of shape
 ``(B, max_len, ...)``, ``tail`` of shape ``(B, tail_cap, C)``), so a cache passes its buffers as they
 are, with no copy. A dense stream (``PackedStream.dense``) has no codes: every token is in ``tail``.
 
-``_load_tile`` is the one place where kernels read a stream: it dequantizes a (tokens x channels)
-tile in registers (float32 ``code * scale + zero``, rule step 8) or reads the tail, by token.
+Kernels read a stream only through ``_common.load_tile``, which takes ``args()``, ``strides()`` and
+``meta()`` of this class.
 """
 
 from __future__ import annotations
@@ -23,12 +23,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from xqcli.kernels._triton import cdiv, jit, num_sms, tl
+from xqcli.kernels._common import FLOATS
 from xqcli.kernels.quant import QTensor, QuantSpec, dequantize_ref, packed_width
 
-__all__ = ["PackedStream", "plan_splits"]
-
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+__all__ = ["PackedStream"]
 
 
 @dataclass(frozen=True)
@@ -73,7 +71,7 @@ class PackedStream:
         """Raise ValueError naming ``op`` and ``name`` unless shapes, dtypes and devices fit."""
         where = f"{op}: stream {name}"
         t = self.tail
-        if t.dim() != 3 or t.shape[0] != batch or t.dtype not in _FLOATS:
+        if t.dim() != 3 or t.shape[0] != batch or t.dtype not in FLOATS:
             raise ValueError(f"{where}: tail must be a (B={batch}, TL, C) float tensor, "
                              f"got {t.dtype} {tuple(t.shape)}")
         s = self.sealed
@@ -135,7 +133,7 @@ class PackedStream:
         return codes.stride(0), codes.stride(1), scale.stride(0), scale.stride(1), tail.stride(0), tail.stride(1)
 
     def meta(self, tile_t: int, tile_c: int, prefix: str = "") -> dict:
-        """Constexprs of ``_load_tile`` (BITS, GS, PER_CHANNEL, HAS_CODES, ALIGNED), names prefixed.
+        """Constexprs of ``_common.load_tile`` (BITS, GS, PER_CHANNEL, HAS_CODES, ALIGNED), names prefixed.
 
         ``tile_t`` / ``tile_c``: the tokens / channels of the kernel's tiles, whose first token and
         channel are multiples of them. A tile sits in one group when its size divides the group.
@@ -148,71 +146,3 @@ class PackedStream:
             m = {"BITS": spec.bits, "GS": g, "PER_CHANNEL": per_channel, "HAS_CODES": True,
                  "ALIGNED": g % (tile_t if per_channel else tile_c) == 0}
         return {prefix + key: val for key, val in m.items()}
-
-
-def plan_splits(max_len: int, programs: int, device: torch.device, block_t: int,
-                split_tokens: int | None = None) -> tuple[int, int]:
-    """(tokens per split, number of splits) for flash-decoding over ``max_len`` cached tokens.
-
-    Aims at about two programs per SM over the ``programs`` (batch x kv heads) that already exist;
-    a split is a whole number of ``block_t`` tiles. ``split_tokens`` fixes the split size (tests use
-    it to force several splits on short sequences).
-    """
-    max_len = max(1, max_len)
-    if split_tokens is not None:
-        if split_tokens < 1:
-            raise ValueError(f"split_tokens must be >= 1, got {split_tokens}")
-        split = cdiv(split_tokens, block_t) * block_t
-    else:
-        n = max(1, min(cdiv(2 * num_sms(device), programs), cdiv(max_len, block_t)))
-        split = cdiv(cdiv(max_len, n), block_t) * block_t
-    return split, cdiv(max_len, split)
-
-
-@jit
-def _load_tile(
-    p_c, s_ct,  # this row's codes, token stride
-    p_s, p_z, s_st,  # this row's scale and zero, stride per token (token axis) or per block (channel axis)
-    p_t, s_tt,  # this row's tail (its first token is token `sealed`), token stride
-    o_t, o_c,  # (BT,) token and (BC,) channel indices
-    m_q, m_f, m_c,  # (BT,) tokens read from codes, (BT,) tokens read from the tail, (BC,) valid channels
-    sealed,  # quantized tokens of this row
-    t0, c0,  # first token and first channel of the tile (used when ALIGNED)
-    BITS: tl.constexpr, GS: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_CODES: tl.constexpr,
-    ALIGNED: tl.constexpr,
-):
-    """A (BT, BC) float32 tile of the stream; 0 where neither mask holds.
-
-    ALIGNED: the tile lies in one quantization group along the grouped axis (channel axis: its
-    tokens share one scale row; token axis: its channels share one group), so scale/zero are a
-    vector load instead of a per-element gather.
-    """
-    m_ft = m_f[:, None] & m_c[None, :]
-    b_x = tl.load(p_t + (o_t - sealed)[:, None] * s_tt + o_c[None, :], mask=m_ft, other=0.0).to(tl.float32)
-    if HAS_CODES:
-        m_qt = m_q[:, None] & m_c[None, :]
-        o_bit = o_c * BITS  # codes form a little-endian bit stream: code c starts at bit c * BITS
-        o_sh = o_bit % 8
-        p_b = p_c + o_t[:, None] * s_ct + (o_bit // 8)[None, :]
-        b_w = tl.load(p_b, mask=m_qt, other=0).to(tl.int32)
-        if BITS == 3:  # a 3-bit code may straddle two bytes
-            b_w = b_w | (tl.load(p_b + 1, mask=m_qt & (o_sh > 5)[None, :], other=0).to(tl.int32) << 8)
-        b_q = ((b_w >> o_sh[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
-        if PER_CHANNEL:
-            if ALIGNED:
-                o_s = ((t0 // GS) * s_st + o_c)[None, :]  # (1, BC)
-                m_s = (m_c & ((o_c * 0 + t0) < sealed))[None, :]  # (vector form: the interpreter mishandles scalar & vector masks)
-            else:
-                o_s = (o_t // GS)[:, None] * s_st + o_c[None, :]
-                m_s = m_qt
-        else:
-            if ALIGNED:
-                o_s = (o_t * s_st + c0 // GS)[:, None]  # (BT, 1)
-                m_s = m_q[:, None]
-            else:
-                o_s = o_t[:, None] * s_st + (o_c // GS)[None, :]
-                m_s = m_qt
-        b_sc = tl.load(p_s + o_s, mask=m_s, other=0.0).to(tl.float32)
-        b_zr = tl.load(p_z + o_s, mask=m_s, other=0.0).to(tl.float32)
-        b_x = tl.where(m_qt, b_q * b_sc + b_zr, b_x)
-    return b_x

@@ -1,8 +1,8 @@
-"""Asymmetric uniform group quantization of X (XQuant, arXiv 2508.10395, spec section 2).
+"""Asymmetric uniform group quantization of X (XQuant, arXiv 2508.10395; docs/design.md §2).
 
 The paper quantizes X (and the GQA latents) with "simple uniform quantization": min/max per group of
 128 elements, one fp16 scale and one fp16 zero per group. It does not give the exact rounding, so this
-module fixes one (spec section 10, item 2). Every Triton kernel added here later must reproduce it bit
+module fixes one (docs/design.md §9). Every Triton kernel added here later must reproduce it bit
 for bit; the ``*_ref`` functions are the specification and also the CPU path.
 
 Axes
@@ -66,6 +66,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from xqcli.kernels._common import FLOATS
 from xqcli.kernels._triton import INTERPRET, cdiv, jit, next_pow2, on_device, tl, use_triton
 
 __all__ = [
@@ -90,7 +91,6 @@ __all__ = [
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 FP16_MAX = 65504.0
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @dataclass(frozen=True)
@@ -453,8 +453,8 @@ def quantize_pack_triton(x: Tensor, spec: QuantSpec, *, out: tuple[Tensor, Tenso
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
     use_triton("quantize_pack_triton", "triton", x)  # raises when the kernel cannot run here
-    if x.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"quantize expects one of {_FLOAT_DTYPES}, got {x.dtype}")
+    if x.dtype not in FLOATS:
+        raise ValueError(f"quantize expects one of {FLOATS}, got {x.dtype}")
     if x.dim() < 2 or x.shape[-1] == 0 or x.shape[-2] == 0:
         raise ValueError(f"quantize expects a (..., T, C) tensor with T, C >= 1, got {tuple(x.shape)}")
     *batch, t, c = x.shape
@@ -537,8 +537,8 @@ def quantize(x: Tensor, spec: QuantSpec, *, backend: str = "auto") -> QTensor:
     """
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"quantize expects one of {_FLOAT_DTYPES}, got {x.dtype}")
+    if x.dtype not in FLOATS:
+        raise ValueError(f"quantize expects one of {FLOATS}, got {x.dtype}")
     if x.dim() < 2 or x.shape[-1] == 0 or x.shape[-2] == 0:
         raise ValueError(f"quantize expects a (..., T, C) tensor with T, C >= 1, got {tuple(x.shape)}")
     if use_triton("quantize", backend, x):
@@ -549,8 +549,8 @@ def quantize(x: Tensor, spec: QuantSpec, *, backend: str = "auto") -> QTensor:
 def dequantize(q: QTensor, dtype: torch.dtype | None = None) -> Tensor:
     """Dequantize to ``dtype`` (default: the dtype that was quantized)."""
     dtype = q.dtype if dtype is None else dtype
-    if dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"dequantize can produce one of {_FLOAT_DTYPES}, got {dtype}")
+    if dtype not in FLOATS:
+        raise ValueError(f"dequantize can produce one of {FLOATS}, got {dtype}")
     return dequantize_ref(q, dtype)
 
 

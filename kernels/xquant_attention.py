@@ -1,13 +1,15 @@
-"""Fused XQuant decode attention: dequantize latents, rebuild K, RoPE, softmax, absorbed V (spec §8).
+"""Fused XQuant decode attention: dequantize latents, rebuild K, RoPE, softmax, absorbed V.
 
-One new query token per row attends over every cached token of the row. K and V are never written to
-memory; per kv head the kernels read the packed codes and rebuild what they need in registers.
+One new query token per row attends over every cached token of the row (docs/design.md §8). K and V
+are never written to memory; per kv head the kernels read the packed codes and rebuild what they need
+in registers.
 
     K_j = (lat_k · M_k)[:, head j] (+ b_k), then RoPE at each token's position (= its index)
     out_h = softmax(q_h · K_jᵀ / sqrt(D)) · (lat_v · M_v)[:, head j] (+ b_v)
-          = (Σ_t p_h(t) · lat_v[t]) · M_v[:, head j] (+ b_v)          (trick a: V absorbed)
+          = (Σ_t p_h(t) · lat_v[t]) · M_v[:, head j] (+ b_v)          (V absorbed)
 
-GQA XQuant (spec §3): lat_k = X·U_k (per-channel codes), lat_v = X·U_v (per-token), M = Σ Bᵀ, d_kv wide.
+GQA XQuant (docs/design.md §3): lat_k = X·U_k (per-channel codes), lat_v = X·U_v (per-token),
+M = Σ Bᵀ, d_kv wide.
 MHA XQuant: lat_k = lat_v = X (one per-token stream passed twice), M_k = W_kᵀ, M_v = W_vᵀ.
 XQuant-CL: a dense accumulator X̂ in MHA form (``xquant_cl.xquant_cl_attention``).
 
@@ -29,7 +31,7 @@ weights on a GPU the K rebuild runs on tensor cores in the weights' dtype (laten
 and the small QKᵀ, PV and M_v products in tf32; accumulation is float32 throughout.
 
 Scales and zeros (a choice, ours): they are applied in registers (``code * scale + zero``, one FMA
-per element, in ``packed._load_tile``) rather than folded into the dot products. Folding K's
+per element, in ``_common.load_tile``) rather than folded into the dot products. Folding K's
 per-channel scales into M_k (C·diag(s)M_k + 1·zᵀM_k) costs a BC x D row scaling per chunk, the same
 count of FMAs as scaling the BT x BC code tile at BT = D = 64; folding V's per-token scales into the
 probabilities saves one FMA per code element in a pass whose cost is reading and unpacking those
@@ -44,17 +46,20 @@ import math
 import torch
 from torch import Tensor
 
+from xqcli.kernels._common import (
+    FLOATS,
+    check_query,
+    load_query,
+    load_tile,
+    plan_splits,
+    resolve_len,
+    rope_scores,
+    rotate_half,
+)
 from xqcli.kernels._triton import INTERPRET, check_device, jit, next_pow2, on_device, tl, use_triton
-from xqcli.kernels.packed import PackedStream, _load_tile, plan_splits
+from xqcli.kernels.packed import PackedStream
 
 __all__ = ["xquant_attention", "xquant_attention_ref"]
-
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def xquant_attention_ref(
@@ -102,7 +107,7 @@ def xquant_attention_ref(
             vv = vv + b_v.to(cd)
         kk = kk.view(n, n_kv, hd).transpose(0, 1)  # (n_kv, n, D)
         vv = vv.view(n, n_kv, hd).transpose(0, 1)
-        kk = kk * cos[:n].to(cd) + _rotate_half(kk) * sin[:n].to(cd)
+        kk = kk * cos[:n].to(cd) + rotate_half(kk) * sin[:n].to(cd)
         qq = q[b].to(cd).view(n_kv, grp, hd)
         s = (qq @ kk.transpose(-1, -2)).float() * scale  # (n_kv, G, n)
         p = torch.softmax(s, dim=-1).to(cd)
@@ -111,49 +116,6 @@ def xquant_attention_ref(
 
 
 # ----------------------------------------------------------------------------- kernels
-
-
-@jit
-def _load_query(p_q, s_qh, i_hk, qk_scale, G: tl.constexpr, BG: tl.constexpr, DH: tl.constexpr,
-                BDH: tl.constexpr):
-    """The G query heads of kv head i_hk, pre-scaled, as their two rotate-half halves (BG, BDH).
-
-    Returns (m_g, o_h, o_d, m_d, q1, q2): the mask of the group lanes, their query heads, half-dim
-    lanes and their mask, and the halves. p_q points at this row's q (H, D) with head stride s_qh.
-    """
-    o_g = tl.arange(0, BG)
-    m_g = o_g < G
-    o_h = i_hk * G + o_g
-    o_d = tl.arange(0, BDH)
-    m_d = o_d < DH
-    m_gd = m_g[:, None] & m_d[None, :]
-    p = p_q + o_h[:, None] * s_qh + o_d[None, :]
-    b_q1 = tl.load(p, mask=m_gd, other=0.0).to(tl.float32) * qk_scale
-    b_q2 = tl.load(p + DH, mask=m_gd, other=0.0).to(tl.float32) * qk_scale
-    return m_g, o_h, o_d, m_d, b_q1, b_q2
-
-
-@jit
-def _rope_scores(b_q1, b_q2, b_k1, b_k2, COS, SIN, s_rope, o_t, m_t, o_d, m_d, DH: tl.constexpr,
-                 LOWP: tl.constexpr):
-    """Scores (BG, BT) of the query halves against a key tile's halves after RoPE at each token's
-    position; -inf for the tile's tokens outside m_t. Rotate-half RoPE:
-    (k1, k2) -> (k1 cos1 - k2 sin1, k2 cos2 + k1 sin2)."""
-    p_r = o_t[:, None] * s_rope + o_d[None, :]
-    m_r = m_t[:, None] & m_d[None, :]
-    b_cos1 = tl.load(COS + p_r, mask=m_r, other=0.0).to(tl.float32)
-    b_cos2 = tl.load(COS + DH + p_r, mask=m_r, other=0.0).to(tl.float32)
-    b_sin1 = tl.load(SIN + p_r, mask=m_r, other=0.0).to(tl.float32)
-    b_sin2 = tl.load(SIN + DH + p_r, mask=m_r, other=0.0).to(tl.float32)
-    b_r1 = b_k1 * b_cos1 - b_k2 * b_sin1
-    b_r2 = b_k2 * b_cos2 + b_k1 * b_sin2
-    if LOWP:
-        b_s = tl.dot(b_q1, tl.trans(b_r1), input_precision="tf32")
-        b_s = tl.dot(b_q2, tl.trans(b_r2), b_s, input_precision="tf32")
-    else:
-        b_s = tl.dot(b_q1, tl.trans(b_r1), input_precision="ieee")
-        b_s = tl.dot(b_q2, tl.trans(b_r2), b_s, input_precision="ieee")
-    return tl.where(m_t[None, :], b_s, float("-inf"))
 
 
 @jit(do_not_specialize=["SPLIT", "s_mlb", "s_mlh"])
@@ -182,7 +144,7 @@ def _xq_scores_kernel(
     t_lo = i_s * SPLIT
     t_hi = tl.minimum(t_lo + SPLIT, seq)
 
-    m_g, o_h, o_d, m_d, b_q1, b_q2 = _load_query(Q + i_b * s_qb, s_qh, i_hk, qk_scale, G, BG, DH, BDH)
+    m_g, o_h, o_d, m_d, b_q1, b_q2 = load_query(Q + i_b * s_qb, s_qh, i_hk, qk_scale, G, BG, DH, BDH)
     o_n = i_hk * D + o_d  # M_k columns of the head's first rotate-half
 
     p_kc, p_ks, p_kz, p_kt = KC + i_b * s_kcb, KS + i_b * s_ksb, KZ + i_b * s_ksb, KT + i_b * s_ktb
@@ -198,7 +160,7 @@ def _xq_scores_kernel(
         for c0 in range(0, C_K, BC):
             o_c = c0 + tl.arange(0, BC)
             m_c = o_c < C_K
-            b_x = _load_tile(p_kc, s_kct, p_ks, p_kz, s_kst, p_kt, s_ktt, o_t, o_c, m_q, m_f, m_c, sealed, t0, c0,
+            b_x = load_tile(p_kc, s_kct, p_ks, p_kz, s_kst, p_kt, s_ktt, o_t, o_c, m_q, m_f, m_c, sealed, t0, c0,
                              BITS, GS, PER_CHANNEL, HAS_CODES, ALIGNED)
             p_m = MK + o_c[:, None] * s_mkc + o_n[None, :] * s_mkn
             m_m = m_c[:, None] & m_d[None, :]
@@ -218,7 +180,7 @@ def _xq_scores_kernel(
         if HAS_BIAS:
             b_k1 += tl.load(BK + o_n, mask=m_d, other=0.0).to(tl.float32)[None, :]
             b_k2 += tl.load(BK + DH + o_n, mask=m_d, other=0.0).to(tl.float32)[None, :]
-        b_s = _rope_scores(b_q1, b_q2, b_k1, b_k2, COS, SIN, s_rope, o_t, m_t, o_d, m_d, DH, LOWP)
+        b_s = rope_scores(b_q1, b_q2, b_k1, b_k2, COS, SIN, s_rope, o_t, m_t, o_d, m_d, DH, LOWP)
         tl.store(SC + i_b * s_scb + o_h[:, None] * s_sch + o_t[None, :], b_s, mask=m_g[:, None] & m_t[None, :])
         b_mn = tl.maximum(b_m, tl.max(b_s, 1))
         b_l = b_l * tl.exp2(b_m - b_mn) + tl.sum(tl.exp2(b_s - b_mn[:, None]), 1)
@@ -261,7 +223,7 @@ def _xq_pv_kernel(
         b_s = tl.load(SC + i_b * s_scb + o_h[:, None] * s_sch + o_t[None, :],
                       mask=m_g[:, None] & m_t[None, :], other=float("-inf"))
         b_p = tl.exp2(b_s - b_m[:, None])
-        b_v = _load_tile(p_vc, s_vct, p_vs, p_vz, s_vst, p_vt, s_vtt, o_t, o_c,
+        b_v = load_tile(p_vc, s_vct, p_vs, p_vz, s_vst, p_vt, s_vtt, o_t, o_c,
                          m_t & (o_t < sealed), m_t & (o_t >= sealed), m_c, sealed, t0, i_v * BCV,
                          BITS, GS, PER_CHANNEL, HAS_CODES, ALIGNED)
         if LOWP:
@@ -324,37 +286,6 @@ def _xq_reduce_kernel(
 # ----------------------------------------------------------------------------- launcher
 
 
-def check_query(op: str, q: Tensor, cos: Tensor, sin: Tensor, seq_lens: Tensor, out: Tensor | None) -> None:
-    """Shared checks of the attention ops' query, RoPE tables, lengths and output."""
-    if q.dim() != 3 or q.dtype not in _FLOATS:
-        raise ValueError(f"{op}: q must be a float (B, H, D) tensor, got {q.dtype} {tuple(q.shape)}")
-    bsz, _, hd = q.shape
-    if hd % 2 or hd < 2:
-        raise ValueError(f"{op}: head_dim must be even (rotate-half RoPE), got {hd}")
-    if q.stride(-1) != 1:
-        raise ValueError(f"{op}: q must have a unit stride on its last axis")
-    for name, t in (("cos", cos), ("sin", sin)):
-        if t.dim() != 2 or t.shape[1] != hd or t.dtype not in _FLOATS or t.stride(-1) != 1:
-            raise ValueError(f"{op}: {name} must be a float (positions, D={hd}) table with unit last stride, "
-                             f"got {t.dtype} {tuple(t.shape)}")
-    if cos.shape != sin.shape or cos.stride() != sin.stride():
-        raise ValueError(f"{op}: cos and sin must have the same shape and strides")
-    if seq_lens.shape != (bsz,) or seq_lens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{op}: seq_lens must be int32/int64 of shape ({bsz},), "
-                         f"got {seq_lens.dtype} {tuple(seq_lens.shape)}")
-    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device
-                            or out.stride(-1) != 1):
-        raise ValueError(f"{op}: out must be {q.dtype} {tuple(q.shape)} on {q.device} with unit last stride, "
-                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
-
-
-def _resolve_len(op: str, seq_lens: Tensor, max_seq_len: int | None, rope_rows: int) -> int:
-    n = int(seq_lens.max()) if max_seq_len is None else int(max_seq_len)
-    if n > rope_rows:
-        raise ValueError(f"{op}: RoPE tables hold {rope_rows} positions but rows reach {n} tokens")
-    return n
-
-
 def xquant_attention(
     q: Tensor,
     k: PackedStream,
@@ -386,7 +317,7 @@ def xquant_attention(
         cos, sin: (P, D) RoPE tables in HF rotate-half layout; token t of a row is at position t.
         seq_lens: (B,) int tokens per row (sealed + tail, the new token included).
         b_k, b_v: optional (H_kv·D,) biases (Qwen2), added after the rebuild, before RoPE.
-        k_ch0: optional (B, S) or (B, S, 1) channel 0 of X·U_k kept in full precision (spec App. B):
+        k_ch0: optional (B, S) or (B, S, 1) channel 0 of X·U_k kept in full precision (arXiv 2508.10395 App. B):
             ``k`` then holds channels 1.. and row 0 of m_k multiplies k_ch0.
         scale: softmax scale, default 1/sqrt(D).
         max_seq_len: an upper bound of seq_lens known on the host (saves a device sync; sizes the splits).
@@ -404,7 +335,7 @@ def xquant_attention(
     k.check(op, "k", bsz, device)
     v.check(op, "v", bsz, device)
     for name, m in (("m_k", m_k), ("m_v", m_v)):
-        if m.dim() != 2 or m.dtype not in _FLOATS or m.shape[1] % hd:
+        if m.dim() != 2 or m.dtype not in FLOATS or m.shape[1] % hd:
             raise ValueError(f"{op}: {name} must be a float (C, H_kv * D) matrix with D={hd}, "
                              f"got {m.dtype} {tuple(m.shape)}")
     n_kv = m_k.shape[1] // hd
@@ -418,13 +349,13 @@ def xquant_attention(
     if m_v.shape[0] != v.c:
         raise ValueError(f"{op}: m_v must have {v.c} rows (v width), got {m_v.shape[0]}")
     for name, bias in (("b_k", b_k), ("b_v", b_v)):
-        if bias is not None and (bias.shape != (n_kv * hd,) or bias.dtype not in _FLOATS):
+        if bias is not None and (bias.shape != (n_kv * hd,) or bias.dtype not in FLOATS):
             raise ValueError(f"{op}: {name} must be a float ({n_kv * hd},) vector, "
                              f"got {bias.dtype} {tuple(bias.shape)}")
     if k_ch0 is not None:
         if k_ch0.dim() == 3 and k_ch0.shape[-1] == 1:
             k_ch0 = k_ch0[..., 0]
-        if k_ch0.dim() != 2 or k_ch0.shape[0] != bsz or k_ch0.dtype not in _FLOATS or k_ch0.stride(-1) != 1:
+        if k_ch0.dim() != 2 or k_ch0.shape[0] != bsz or k_ch0.dtype not in FLOATS or k_ch0.stride(-1) != 1:
             raise ValueError(f"{op}: k_ch0 must be a float (B={bsz}, S) tensor with unit last stride, "
                              f"got {k_ch0.dtype} {tuple(k_ch0.shape)}")
 
@@ -432,7 +363,7 @@ def xquant_attention(
         res = xquant_attention_ref(q, k, v, m_k, m_v, cos, sin, seq_lens, b_k=b_k, b_v=b_v, k_ch0=k_ch0, scale=scale)
         return res if out is None else out.copy_(res)
 
-    s_max = _resolve_len(op, seq_lens, max_seq_len, cos.shape[0])
+    s_max = resolve_len(op, seq_lens, max_seq_len, cos.shape[0])
     if k_ch0 is not None and k_ch0.shape[1] < s_max:
         raise ValueError(f"{op}: k_ch0 holds {k_ch0.shape[1]} tokens but rows reach {s_max}")
     grp = n_heads // n_kv

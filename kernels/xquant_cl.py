@@ -1,6 +1,6 @@
 """XQuant-CL: fused delta dequantization + accumulator update, then attention over the accumulator.
 
-Closed-loop cross-layer deltas (spec §4): layer i stores Q(X_i − X̂_{i−1}) per token (GQA: the delta
+Closed-loop cross-layer deltas (docs/design.md §4): layer i stores Q(X_i − X̂_{i−1}) per token (GQA: the delta
 projected on U_kv, 2·d_kv wide) and the decoder keeps one running accumulator
 
     X̂_i = X̂_{i−1} + Δ_i                (MHA, delta width d)
@@ -8,7 +8,7 @@ projected on U_kv, 2·d_kv wide) and the decoder keeps one running accumulator
 
 ``xquant_cl_update`` does this in place on the accumulator for every token t < seq_lens[b] of each
 row, reading Δ from a delta stream: dequantized codes for t < sealed[b], the stream's full-precision
-tail after that. The tail must hold *deltas* too: ``xqcli.cache.kinds`` keeps X·U_kv (or X) in its window
+tail after that. The tail must hold *deltas* too: ``xqcli.cache.xquant_cl`` keeps X·U_kv (or X) in its window
 and forms a waiting token's delta against the accumulator of the moment, so the caller passes
 ``tail − X̂_{i−1}[window]·U_kv`` there (at most window + g − 1 tokens; a small torch op). Tokens at or
 after seq_lens[b] are not touched. ``seed=True`` starts the chain (the base layer): X̂ = Δ (·U_kvᵀ).
@@ -26,14 +26,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from xqcli.kernels._common import FLOATS, check_seq_lens, load_tile
 from xqcli.kernels._triton import INTERPRET, cdiv, check_device, jit, next_pow2, on_device, tl, use_triton
-from xqcli.kernels.packed import PackedStream, _load_tile
+from xqcli.kernels.packed import PackedStream
 from xqcli.kernels.xquant_attention import xquant_attention, xquant_attention_ref
 
 __all__ = ["xquant_cl_attention", "xquant_cl_attention_ref", "xquant_cl_update", "xquant_cl_update_ref"]
-
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
-
 
 def xquant_cl_update_ref(
     acc: Tensor,
@@ -82,7 +80,7 @@ def _cl_update_kernel(
         for c0 in range(0, C, BC):
             o_c = c0 + tl.arange(0, BC)
             m_c = o_c < C
-            b_x = _load_tile(p_dc, s_dct, p_ds, p_dz, s_dst, p_dt, s_dtt, o_t, o_c, m_q, m_f, m_c, sealed,
+            b_x = load_tile(p_dc, s_dct, p_ds, p_dz, s_dst, p_dt, s_dtt, o_t, o_c, m_q, m_f, m_c, sealed,
                              i_t * BT, c0, BITS, GS, PER_CHANNEL, HAS_CODES, ALIGNED)
             b_w = tl.load(U + o_n[None, :] * s_un + o_c[:, None] * s_uc, mask=m_c[:, None] & m_n[None, :], other=0.0)
             if LOWP:
@@ -90,7 +88,7 @@ def _cl_update_kernel(
             else:
                 b_u = tl.dot(b_x, b_w.to(tl.float32), b_u, input_precision="ieee")
     else:
-        b_u = _load_tile(p_dc, s_dct, p_ds, p_dz, s_dst, p_dt, s_dtt, o_t, o_n, m_q, m_f, m_n, sealed,
+        b_u = load_tile(p_dc, s_dct, p_ds, p_dz, s_dst, p_dt, s_dtt, o_t, o_n, m_q, m_f, m_n, sealed,
                          i_t * BT, i_n * BN, BITS, GS, PER_CHANNEL, HAS_CODES, ALIGNED)
     p_a = A + i_b * s_ab + o_t[:, None] * s_at + o_n[None, :]
     m_a = m_t[:, None] & m_n[None, :]
@@ -124,7 +122,7 @@ def xquant_cl_update(
         backend: "auto" (Triton for CUDA tensors, else the reference), "triton" or "ref".
     """
     op = "xquant_cl_update"
-    if acc.dim() != 3 or acc.dtype not in _FLOATS or acc.stride(-1) != 1:
+    if acc.dim() != 3 or acc.dtype not in FLOATS or acc.stride(-1) != 1:
         raise ValueError(f"{op}: acc must be a float (B, S, d) tensor with unit last stride, "
                          f"got {acc.dtype} {tuple(acc.shape)}")
     bsz, s_acc, d = acc.shape
@@ -135,12 +133,10 @@ def xquant_cl_update(
     if u_kv is None:
         if delta.c != d:
             raise ValueError(f"{op}: without u_kv the delta width must equal acc's {d}, got {delta.c}")
-    elif u_kv.shape != (d, delta.c) or u_kv.dtype not in _FLOATS:
+    elif u_kv.shape != (d, delta.c) or u_kv.dtype not in FLOATS:
         raise ValueError(f"{op}: u_kv must be a float (d={d}, {delta.c}) matrix, "
                          f"got {u_kv.dtype} {tuple(u_kv.shape)}")
-    if seq_lens.shape != (bsz,) or seq_lens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{op}: seq_lens must be int32/int64 of shape ({bsz},), "
-                         f"got {seq_lens.dtype} {tuple(seq_lens.shape)}")
+    check_seq_lens(op, seq_lens, bsz)
     if not use_triton(op, backend, acc, u_kv):
         return xquant_cl_update_ref(acc, delta, seq_lens, u_kv=u_kv, seed=seed)
     s_max = int(seq_lens.max()) if max_seq_len is None else int(max_seq_len)

@@ -1,5 +1,6 @@
 """`xq bench`: one small measurement of every cache kind rendered in every format, checked against
-`xq plan` and docs/bench.schema.json; the cost model against spec §7-8; gates, refusal and extras via the CLI.
+`xq plan` and docs/bench.schema.json; the cost model against docs/design.md §8; gates, refusal and extras
+via the CLI.
 
 The measurement (SmolLM2-135M shapes, random weights, contexts 256 and 512, 2 decode tokens x 2 reps) runs
 once per session through the library; the CLI runs use a single kind at one context to stay short.
@@ -11,20 +12,22 @@ import csv
 import io
 import json
 import sys
-from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
 
-from xqcli.readouts import bench
+import xqcli.readouts.bench.run as bench_run
+from schemas import assert_valid
 from xqcli.cache.spec import CacheSpec
-from xqcli.load import make_cache
 from xqcli.cli import main
 from xqcli.errors import InputError, ResourceError
+from xqcli.load import make_cache
+from xqcli.readouts import bench
+from xqcli.readouts.bench import cost, measure
 from xqcli.readouts.plan import SHAPES, plan, shape_config
+from xqcli.units import parse_token_list
 
-SCHEMA = json.loads((Path(__file__).parent.parent / "docs" / "bench.schema.json").read_text())
 SMOL = ["--shape", "smollm2-135m", "--context", "256", "--decode-tokens", "1", "--reps", "1", "--warmup", "0",
         "--dtype", "float32", "--device", "cpu"]
 
@@ -37,79 +40,12 @@ def has_transformers() -> bool:
     return True
 
 
-# ------------------------------------------------------------------ a tiny JSON Schema (2020-12) subset
-
-ANNOTATIONS = {"$schema", "$id", "title", "description", "$defs"}
-KEYWORDS = {"$ref", "type", "const", "enum", "properties", "required", "additionalProperties", "items",
-            "minItems", "minimum"}
-TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
-
-
-def _is_type(value, name: str) -> bool:
-    if name == "integer":
-        if isinstance(value, float):
-            return value.is_integer()
-        return isinstance(value, int) and not isinstance(value, bool)
-    if name == "number":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, TYPES[name])
-
-
-def validate(value, schema: dict, root: dict | None = None, path: str = "$") -> list[str]:
-    """Errors of `value` against the subset of JSON Schema 2020-12 that docs/bench.schema.json uses."""
-    root = root if root is not None else schema
-    unknown = set(schema) - KEYWORDS - ANNOTATIONS
-    assert not unknown, f"{path}: the validator does not implement {sorted(unknown)}"
-    errors: list[str] = []
-    if "$ref" in schema:
-        ref = schema["$ref"]
-        assert ref.startswith("#/"), ref
-        target = root
-        for part in ref[2:].split("/"):
-            target = target[part]
-        errors += validate(value, target, root, path)
-    if "type" in schema:
-        names = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
-        if not any(_is_type(value, n) for n in names):
-            return errors + [f"{path}: {value!r} is not of type {names}"]
-    if "const" in schema and value != schema["const"]:
-        errors.append(f"{path}: {value!r} != const {schema['const']!r}")
-    if "enum" in schema and value not in schema["enum"]:
-        errors.append(f"{path}: {value!r} not in {schema['enum']}")
-    if "minimum" in schema and _is_type(value, "number") and value < schema["minimum"]:
-        errors.append(f"{path}: {value!r} < minimum {schema['minimum']}")
-    if isinstance(value, dict):
-        props = schema.get("properties", {})
-        errors += [f"{path}: missing {k!r}" for k in schema.get("required", []) if k not in value]
-        for k, v in value.items():
-            if k in props:
-                errors += validate(v, props[k], root, f"{path}.{k}")
-            elif schema.get("additionalProperties", True) is False:
-                errors.append(f"{path}: unexpected {k!r}")
-    if isinstance(value, list):
-        if len(value) < schema.get("minItems", 0):
-            errors.append(f"{path}: fewer than {schema['minItems']} items")
-        if "items" in schema:
-            for i, v in enumerate(value):
-                errors += validate(v, schema["items"], root, f"{path}[{i}]")
-    return errors
-
-
-def test_validator_catches_errors():
-    assert validate({"a": 1}, {"type": "object", "required": ["b"]}) == ["$: missing 'b'"]
-    assert validate(True, {"type": "integer"})
-    assert validate(1.5, {"type": ["integer", "null"]})
-    assert not validate(None, {"type": ["integer", "null"], "minimum": 0})
-    assert validate({"x": 2}, {"properties": {}, "additionalProperties": False})
-    assert validate(-1, {"$ref": "#/$defs/n", "$defs": {"n": {"type": "number", "minimum": 0}}})
-
-
 # -------------------------------------------------------------------------- the shared measurement
 
 
 @pytest.fixture(scope="module")
 def result():
-    return bench.run_bench(shape="smollm2-135m", contexts=[256, 512], kinds=list(bench.DEFAULT_KINDS),
+    return bench.run_bench(shape="smollm2-135m", contexts=[256, 512], kinds=list(bench.BENCH_KINDS),
                            decode_tokens=2, reps=2, warmup=0, device="cpu", dtype="float32",
                            hf=has_transformers())
 
@@ -120,7 +56,7 @@ def xq_rows(res):
 
 def test_rows_measured(result):
     rows = xq_rows(result)
-    assert [(r.kind, r.context) for r in rows] == [(k, n) for n in (256, 512) for k in bench.DEFAULT_KINDS]
+    assert [(r.kind, r.context) for r in rows] == [(k, n) for n in (256, 512) for k in bench.BENCH_KINDS]
     for r in rows:
         assert r.error is None, r
         assert r.prefill_tok_s > 0 and r.prefill_s > 0
@@ -140,8 +76,8 @@ def test_rows_measured(result):
 
 def test_bytes_and_ratios_match_plan(result):
     cfg = shape_config("smollm2-135m")
-    fp32 = {r.kind: r for r in plan(cfg, list(bench.DEFAULT_KINDS), dtype=torch.float32)}
-    fp16 = {r.kind: r for r in plan(cfg, list(bench.DEFAULT_KINDS))}
+    fp32 = {r.kind: r for r in plan(cfg, list(bench.BENCH_KINDS), dtype=torch.float32)}
+    fp16 = {r.kind: r for r in plan(cfg, list(bench.BENCH_KINDS))}
     for r in xq_rows(result):
         assert r.bytes_per_token == pytest.approx(fp32[r.kind].bytes_per_token, rel=1e-12), r.kind
         assert r.plan_bytes_per_token == fp32[r.kind].bytes_per_token
@@ -166,7 +102,7 @@ def test_cache_bytes_itemized(result):
         else:
             assert c["fp_window"] > 0 and c["scales"] > 0
             assert (c["workspace"] > 0) == r.kind.startswith("xquant-cl")
-        assert r.step_bytes == bench.weights_read_bytes(cfg, torch.float32) + c["total"] - c["workspace"]
+        assert r.step_bytes == cost.weights_read_bytes(cfg, torch.float32) + c["total"] - c["workspace"]
 
 
 @pytest.mark.skipif(not has_transformers(), reason="transformers is not installed")
@@ -184,18 +120,17 @@ def test_hf_rows(result):
 
 def test_json_matches_schema(result):
     doc = json.loads(bench.render(result, "json"))
-    assert validate(doc, SCHEMA) == []
-    assert doc["schema_version"] == bench.SCHEMA_VERSION == 1
+    assert_valid(doc, "bench")
+    assert doc["schema_version"] == bench.SCHEMA_VERSION == 1 and doc["tool"] == "xq bench"
     assert len(doc["rows"]) == len(result.rows)
 
 
 def test_jsonl_lines_match_schema(result):
     lines = bench.render(result, "jsonl").splitlines()
     assert len(lines) == len(result.rows)
-    line_schema = SCHEMA["$defs"]["jsonl_line"]
     for line in lines:
         rec = json.loads(line)
-        assert validate(rec, line_schema, SCHEMA) == []
+        assert_valid(rec, "bench", "jsonl_line")
         assert rec["target"] == result.target and rec["dtype"] == "float32"
 
 
@@ -214,7 +149,7 @@ def test_md_and_table(result):
     md = bench.render(result, "md")
     assert md.startswith("## xq bench: shape smollm2-135m")
     assert "| cache | context |" in md and "decode ms/token" in md and "measured peaks" in md
-    for k in bench.DEFAULT_KINDS:
+    for k in bench.BENCH_KINDS:
         assert f"| {k} | 256 |" in md and f"| {k} | 512 |" in md
     assert "- context 256: fastest" in md
     table = bench.render(result, "table")
@@ -245,37 +180,38 @@ def test_gates_on_result(result):
 ], ids=["bad-bits", "kind-not-run", "metric", "op", "no-dot", "hf-without-flag"])
 def test_gate_parse_errors(text, needle):
     with pytest.raises(InputError, match=needle):
-        bench.Gate.parse(text, list(bench.DEFAULT_KINDS))
+        bench.Gate.parse(text, list(bench.BENCH_KINDS))
 
 
-# ---------------------------------------------------------------------------- the cost model (spec §8)
+# ------------------------------------------------------------------ the cost model (docs/design.md §8)
 
 
 def test_cost_model_matches_spec():
     llama3, llama2 = shape_config("llama-3.1-8b"), shape_config("llama-2-7b")
-    per = lambda cfg, kind: bench.rebuild_flops(cfg, CacheSpec.parse(kind), 1) / cfg.num_hidden_layers  # noqa: E731
+    per = lambda cfg, kind: cost.rebuild_flops(cfg, CacheSpec.parse(kind), 1) / cfg.num_hidden_layers  # noqa: E731
     assert per(llama3, "kv") == per(llama3, "kivi-2") == 0
     assert per(llama3, "xquant-2") == 4 * 1024**2  # 2·2·(d/g)²: "4.21 M" with the 16.4 K of attention
-    assert bench.attention_flops(llama3, 1) / 32 == 16384  # "16.4 K" per token per layer
+    assert cost.attention_flops(llama3, 1) / 32 == 16384  # "16.4 K" per token per layer
     assert per(llama2, "xquant-2") == 4 * 4096**2  # MHA: 4d² = 67 MFLOP
-    cl = bench.rebuild_flops(llama3, CacheSpec.parse("xquant-cl-2"), 1)
+    cl = cost.rebuild_flops(llama3, CacheSpec.parse("xquant-cl-2"), 1)
     assert cl == 2 * 4 * 1024**2 + 30 * 8 * 4096 * 1024  # layers 0-1 plain, seed and deltas 33.6 M each
     embed = llama3.vocab_size * llama3.hidden_size  # the untied input embedding: indexed, never streamed
-    assert bench.matmul_params(llama3) + embed == pytest.approx(8.03e9, rel=0.001)  # 8.03B parameters
-    # spec §8 streams all 16.06 GB of bf16 weights per step; one embedding row is all a step reads of the
-    # input table, so the floor streams 16.06 GB - 1.05 GB
-    assert bench.weights_read_bytes(llama3, torch.bfloat16) + 2 * embed == pytest.approx(16.06e9, rel=0.001)
-    assert bench.decode_flops(llama3, CacheSpec.parse("xquant-2"), 32768) == (
-        2 * bench.matmul_params(llama3) + bench.attention_flops(llama3, 32768)
-        + bench.rebuild_flops(llama3, CacheSpec.parse("xquant-2"), 32768))
+    assert cost.matmul_params(llama3) + embed == pytest.approx(8.03e9, rel=0.001)  # 8.03B parameters
+    # docs/design.md §8 streams all 16.06 GB of bf16 weights per step; one embedding row is all a step
+    # reads of the input table, so the floor streams 16.06 GB - 1.05 GB
+    assert cost.weights_read_bytes(llama3, torch.bfloat16) + 2 * embed == pytest.approx(16.06e9, rel=0.001)
+    assert cost.decode_flops(llama3, CacheSpec.parse("xquant-2"), 32768) == (
+        2 * cost.matmul_params(llama3) + cost.attention_flops(llama3, 32768)
+        + cost.rebuild_flops(llama3, CacheSpec.parse("xquant-2"), 32768))
 
 
 def test_parse_contexts():
-    assert bench.parse_contexts("4k,32k") == [4096, 32768]
-    assert bench.parse_contexts(" 256, 512 ,256") == [256, 512]
-    for bad in ("", "0", "4m", "-1", "k"):
+    """--context takes the one token grammar (k = 1024)."""
+    assert parse_token_list("4k,32k") == [4096, 32768]
+    assert parse_token_list(" 256, 512 ,256") == [256, 512]
+    for bad in ("", "0", "4q", "-1", "k"):
         with pytest.raises(InputError):
-            bench.parse_contexts(bad)
+            parse_token_list(bad)
 
 
 @pytest.mark.parametrize("kind", ["kivi-4", "xquant-4", "xquant-cl-3"])
@@ -287,14 +223,14 @@ def test_snapshot_restores_decode_exactly(tiny_models, kind):
     cache = make_cache(model, spec, 2, 40)
     tokens = torch.randint(0, model.config.vocab_size, (2, 21))
     with torch.inference_mode():
-        first = bench._last_logits(model, tokens, cache).argmax(-1, keepdim=True)
-        snap = bench._Snapshot(cache)
+        first = measure.last_logits(model, tokens, cache).argmax(-1, keepdim=True)
+        snap = cache.snapshot()
         runs = []
         for _ in range(2):
-            snap.restore(cache)
+            cache.restore(snap)
             tok, out = first, []
             for _ in range(10):
-                logits = bench._last_logits(model, tok, cache)
+                logits = measure.last_logits(model, tok, cache)
                 out.append(logits)
                 tok = logits.argmax(-1, keepdim=True)
             runs.append(torch.stack(out))
@@ -311,8 +247,8 @@ def test_chunked_prefill(tiny_models, kind):
     tokens = torch.randint(0, model.config.vocab_size, (1, 37))
     caches = [make_cache(model, spec, 1, 40) for _ in range(2)]
     with torch.inference_mode():
-        whole = bench._prefill(model, tokens, caches[0], None)
-        chunked = bench._prefill(model, tokens, caches[1], 16)
+        whole = measure.prefill(model, tokens, caches[0], None)
+        chunked = measure.prefill(model, tokens, caches[1], 16)
     assert int(caches[1].lengths[0]) == 37 and chunked.shape == whole.shape and chunked.isfinite().all()
     if kind == "kv":
         torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=1e-4)
@@ -334,7 +270,7 @@ def test_cli_gate_passes_and_writes_json(capsys, tmp_path):
     assert code == 0, err
     assert out == "" and "wrote" in err
     doc = json.loads(out_file.read_text())
-    assert validate(doc, SCHEMA) == []
+    assert_valid(doc, "bench")
     assert [r["kind"] for r in doc["rows"]] == ["kv"] and doc["rows"][0]["ratio"] == pytest.approx(0.5)
 
 
@@ -375,7 +311,7 @@ def test_cli_refuses_hours(capsys):
 
 def test_refuses_after_calibration(monkeypatch):
     """The second check: once built, a device whose short decode step is slow refuses the run."""
-    monkeypatch.setattr(bench, "_calibrate_step", lambda model, device: 600.0)
+    monkeypatch.setattr(bench_run, "calibrate_step", lambda model, device: 600.0)
     with pytest.raises(ResourceError, match="one decode step takes 600,000.0 ms"):
         bench.run_bench(shape="smollm2-135m", contexts=[256], kinds=["kv"], decode_tokens=2, reps=2, warmup=0,
                         device="cpu", dtype="float32")

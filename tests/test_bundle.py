@@ -17,7 +17,7 @@ import torch
 from xqcli.bundle.format import MANIFEST, open_bundle
 from xqcli.cache.spec import CacheSpec
 from xqcli.load import make_cache
-from xqcli.convert.calibrate import bit_plan
+from xqcli.bundle.bitplan import bit_plan
 from xqcli.cli import main
 from xqcli.convert.pipeline import convert
 from xqcli.errors import BundleError, InputError
@@ -86,13 +86,13 @@ def test_bundle_round_trip(gqa_dir, gqa_bundle):
     assert loaded.source.kind == "bundle" and loaded.bundle is not None
     stored = b.projections()
     assert all(torch.equal(a.k.u, s.k.u) and torch.equal(a.v.m, s.v.m)
-               for a, s in zip(loaded.model._xq_projections, stored))
+               for a, s in zip(loaded.artifacts.factors, stored))
     src = load_hf_folder(gqa_dir)
     tokens = torch.randint(0, 256, (2, 40))
     assert torch.equal(loaded.model(tokens), src(tokens))
     for name in ("xquant-4", "xquant-cl-3"):
         spec = CacheSpec.parse(name, group_size=16)
-        outs = [m(tokens, make_cache(m, spec, 2, 40)) for m in (loaded.model, src)]
+        outs = [loaded.model(tokens, loaded.make_cache(spec, 2, 40)), src(tokens, make_cache(src, spec, 2, 40))]
         assert (outs[0] - outs[1]).abs().max() <= 1e-5
     cfg = json.loads((gqa_bundle / "config.json").read_text())
     assert cfg["xquant"] == {"manifest": "xq.json", "schema_version": 1} and cfg["torch_dtype"] == "float32"
@@ -285,7 +285,7 @@ def test_existing_target_and_force(gqa_dir, tmp_path, capsys):
 def test_interrupted_convert_leaves_nothing(gqa_dir, tmp_path, capsys, monkeypatch):
     import xqcli.convert.pipeline
 
-    real = xqcli.convert.save_safetensors
+    real = xqcli.convert.pipeline.save_safetensors
 
     def interrupted(tensors, path):
         real(tensors, path)  # the first file is written, then Ctrl-C
@@ -346,7 +346,7 @@ def test_per_layer_clips(gqa_bundle):
 
     def logits(**kw) -> torch.Tensor:
         spec = CacheSpec.parse("xquant-2", group_size=16, window=0, **kw)
-        return model(tokens, make_cache(model, spec, 1, 48))
+        return model(tokens, loaded.make_cache(spec, 1, 48))
 
     ref = logits()
     assert torch.equal(logits(clips=(1.0, 1.0)), ref)
@@ -354,7 +354,7 @@ def test_per_layer_clips(gqa_bundle):
     assert not torch.equal(logits(clips=(1.0, 0.7)), ref)
     assert CacheSpec.parse("xquant-2", clips=(1.0, 1.0)).name == "xquant-2 (cal)"
     with pytest.raises(InputError, match="2-layer"):
-        make_cache(model, CacheSpec.parse("kivi-2", clips=(0.9,)), 1, 8)
+        loaded.make_cache(CacheSpec.parse("kivi-2", clips=(0.9,)), 1, 8)
     with pytest.raises(InputError, match="clip ratio"):
         CacheSpec.parse("kivi-2", clips=(0.9, 1.5))
 
@@ -367,8 +367,7 @@ def test_rotation_recorded_and_checked(bundle_copy, capsys):
 
     m = json.loads((bundle_copy / MANIFEST).read_text())
     assert m["rotation"]["kind"] == "hadamard"
-    model = load(bundle_copy).model
-    assert model._xq_rotation == ("hadamard", 0)
+    assert load(bundle_copy).artifacts.rotation == ("hadamard", 0)
     edit_manifest(bundle_copy, lambda m: m["rotation"].update(widths=[999, 1, 2]))
     code, _, err = run_cli(capsys, "inspect", str(bundle_copy))
     assert code == 4 and "does not match the model" in err and len(err.strip().splitlines()) == 1
@@ -390,10 +389,11 @@ def test_budget_no_plan_can_meet(gqa_dir, gqa_bundle, tmp_path, capsys):
 
 
 def test_mix_plan_from_bundle(gqa_bundle):
-    from xqcli.cache.kinds import CacheSpec, resolve
+    from xqcli.bundle.bitplan import resolve_spec
     from xqcli.load import load
 
-    model = load(gqa_bundle).model
-    spec = resolve(model, CacheSpec.parse("xquant-3+mix"))
+    loaded = load(gqa_bundle)
+    model = loaded.model
+    spec = resolve_spec(CacheSpec.parse("xquant-3+mix"), loaded.artifacts, model.config.num_hidden_layers)
     assert spec.layer_bits is not None and len(spec.layer_bits) == model.config.num_hidden_layers
     assert sum(spec.layer_bits) <= 3 * len(spec.layer_bits) and set(spec.layer_bits) <= {2, 3, 4, 8}

@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xqcli.cache.kinds import CacheSpec, Stream, uses_latents
+from xqcli.bundle.artifacts import Artifacts
+from xqcli.bundle.bitplan import resolve_spec
+from xqcli.cache.spec import CacheSpec, uses_latents
+from xqcli.cache.stream import Stream
 from xqcli.load import make_cache
 from xqcli.errors import InputError
 from xqcli.kernels.quant import QuantSpec, fake_quantize
@@ -14,9 +17,9 @@ from xqcli.readouts.plan import plan, shape_config
 KINDS_FP = ["kivi-fp", "xquant-fp", "xquant-cl-fp", "xquant-fp+ch0", "xquant-fp+rot", "xquant-cl-fp+rot"]
 
 
-def stepped(model, spec, tokens: torch.Tensor, prefix: int) -> torch.Tensor:
+def stepped(model, spec, tokens: torch.Tensor, prefix: int, artifacts: Artifacts | None = None) -> torch.Tensor:
     """Logits of a prefill of `prefix` tokens, then one token at a time, through a fresh cache."""
-    cache = make_cache(model, spec, tokens.shape[0], tokens.shape[1])
+    cache = make_cache(model, spec, tokens.shape[0], tokens.shape[1], artifacts=artifacts)
     outs = [model(tokens[:, :prefix], cache)]
     outs += [model(tokens[:, i:i + 1], cache) for i in range(prefix, tokens.shape[1])]
     return torch.cat(outs, 1)
@@ -40,8 +43,9 @@ def test_unquantized_real_model(smollm2, smollm2_mha):
     tokens = torch.randint(0, 49152, (1, 48))
     for model in (smollm2, smollm2_mha):
         ref = model(tokens)
+        artifacts = Artifacts()  # one per model: the SVDs run once
         for name in KINDS_FP:
-            out = stepped(model, CacheSpec.parse(name, window=0), tokens, prefix=40)
+            out = stepped(model, CacheSpec.parse(name, window=0), tokens, prefix=40, artifacts=artifacts)
             assert (out - ref).abs().max() <= 1e-4, name
 
 
@@ -183,7 +187,7 @@ def test_bad_settings():
 
 
 def test_plan_matches_paper_and_allocated_caches():
-    """The spec's per-token numbers (§6), from caches allocated at those shapes."""
+    """The per-token numbers of docs/design.md §7, from caches allocated at those shapes."""
     rows = {r.kind: r for r in plan(shape_config("llama-3.1-8b"), ["kv", "xquant-4", "xquant-3", "xquant-2"])}
     assert [rows[k].bytes_per_token for k in ("kv", "xquant-4", "xquant-3", "xquant-2")] == [131072, 34816, 26624, 18432]
     rows = {r.kind: r for r in plan(shape_config("llama-2-7b"), ["xquant-4", "xquant-cl-2"])}
@@ -197,8 +201,9 @@ def test_nbytes_of_a_filled_cache_matches_plan(smollm2):
     n = 256
     rows = {r.kind: r for r in plan(smollm2.config, ["kivi-4", "xquant-4", "xquant-cl-3"], dtype=torch.float32)}
     tokens = torch.randint(0, 49152, (1, n))
+    artifacts = Artifacts()
     for name, row in rows.items():
-        cache = make_cache(smollm2, CacheSpec.parse(name, window=0), 1, n)
+        cache = make_cache(smollm2, CacheSpec.parse(name, window=0), 1, n, artifacts=artifacts)
         smollm2(tokens, cache)
         b = cache.nbytes()
         assert b.payload + b.scales == row.bytes_per_token * n, name
@@ -209,46 +214,75 @@ def test_nbytes_of_a_filled_cache_matches_plan(smollm2):
 def test_rotations_are_exact_algebra_and_help_per_token_quantization(tiny_models, kind):
     """+rot with quantization off reproduces kv (random orthogonal too); on, it changes the codes."""
     model = tiny_models["mha"]
-    model._xq_rotation = (kind, 7)
-    try:
-        tokens = torch.randint(0, model.config.vocab_size, (1, 30))
-        ref = model(tokens)
-        for name in ("xquant-fp+rot", "xquant-cl-fp+rot"):
-            spec = CacheSpec.parse(name, window=0, base_layers=1)
-            assert (stepped(model, spec, tokens, prefix=20) - ref).abs().max() <= 1e-4
-        plain = stepped(model, CacheSpec.parse("xquant-4", window=0, group_size=16), tokens, prefix=20)
-        rot = stepped(model, CacheSpec.parse("xquant-4+rot", window=0, group_size=16), tokens, prefix=20)
-        assert not torch.equal(plain, rot)
-    finally:
-        del model._xq_rotation
+    artifacts = Artifacts(rotation=(kind, 7))
+    tokens = torch.randint(0, model.config.vocab_size, (1, 30))
+    ref = model(tokens)
+    for name in ("xquant-fp+rot", "xquant-cl-fp+rot"):
+        spec = CacheSpec.parse(name, window=0, base_layers=1)
+        assert (stepped(model, spec, tokens, prefix=20, artifacts=artifacts) - ref).abs().max() <= 1e-4
+    plain = stepped(model, CacheSpec.parse("xquant-4", window=0, group_size=16), tokens, prefix=20,
+                    artifacts=artifacts)
+    rot = stepped(model, CacheSpec.parse("xquant-4+rot", window=0, group_size=16), tokens, prefix=20,
+                  artifacts=artifacts)
+    assert not torch.equal(plain, rot)
 
 
 def test_mixed_precision_plan_from_calibration(tiny_models):
-    from xqcli.cache.kinds import resolve
-    from xqcli.readouts.plan import measured_bytes_per_token, meta_model
+    from xqcli.load import measured_bytes_per_token
+    from xqcli.readouts.plan import meta_model
 
     model = tiny_models["llama"]
     n = model.config.num_hidden_layers
     spec = CacheSpec.parse("xquant-3+mix", window=0)
     with pytest.raises(InputError, match="calibration"):
-        resolve(model, spec)
+        resolve_spec(spec, Artifacts(), n)
     # layer 0 is much more sensitive than layer 1: it gets the bits
-    model._xq_calibration = {"layers": [{"attn_error": {"xquant": {"2": 1.0, "3": 0.5, "4": 0.25, "8": 0.01}}},
-                                        {"attn_error": {"xquant": {"2": 0.1, "3": 0.09, "4": 0.08, "8": 0.07}}}]}
-    try:
-        got = resolve(model, spec)
-        assert got.layer_bits == (4, 2) and sum(got.layer_bits) <= 3 * n
-        bpt = measured_bytes_per_token(meta_model(model.config), got)[0]
-        b2 = measured_bytes_per_token(meta_model(model.config), CacheSpec.parse("xquant-2"))[0]
-        b4 = measured_bytes_per_token(meta_model(model.config), CacheSpec.parse("xquant-4"))[0]
-        assert bpt == (b2 + b4) / 2
-        tokens = torch.randint(0, model.config.vocab_size, (1, 20))
-        assert stepped(model, spec, tokens, prefix=10).isfinite().all()
-    finally:
-        del model._xq_calibration
+    artifacts = Artifacts(calibration={"layers": [
+        {"attn_error": {"xquant": {"2": 1.0, "3": 0.5, "4": 0.25, "8": 0.01}}},
+        {"attn_error": {"xquant": {"2": 0.1, "3": 0.09, "4": 0.08, "8": 0.07}}}]})
+    got = resolve_spec(spec, artifacts, n)
+    assert got.layer_bits == (4, 2) and sum(got.layer_bits) <= 3 * n
+    bpt = measured_bytes_per_token(meta_model(model.config), got)[0]
+    b2 = measured_bytes_per_token(meta_model(model.config), CacheSpec.parse("xquant-2"))[0]
+    b4 = measured_bytes_per_token(meta_model(model.config), CacheSpec.parse("xquant-4"))[0]
+    assert bpt == (b2 + b4) / 2
+    tokens = torch.randint(0, model.config.vocab_size, (1, 20))
+    assert stepped(model, spec, tokens, prefix=10, artifacts=artifacts).isfinite().all()
 
 
 @pytest.mark.parametrize("bad", ["xquant-1.5+mix", "kivi-3+mix", "kivi-4+rot", "xquant-2.5"])
 def test_bad_variants(bad):
     with pytest.raises(InputError):
         CacheSpec.parse(bad)
+
+
+@pytest.mark.parametrize("name", ["kv", "kivi-4", "xquant-3", "xquant-cl-2", "xquant-fp", "xquant-4+ch0"])
+def test_snapshot_restore_repeats_a_decode_step(tiny_models, name):
+    """After restore, the same decode steps give the same logits again (what bench times repeatedly)."""
+    model = tiny_models["qwen2"]
+    v = model.config.vocab_size
+    cache = make_cache(model, CacheSpec.parse(name, window=3, group_size=4), 2, 40)
+    model(torch.randint(0, v, (2, 17)), cache, [17, 11])
+    snap = cache.snapshot()
+    steps = torch.randint(0, v, (4, 2, 1))
+    first = [model(t, cache) for t in steps]
+    cache.restore(snap)
+    assert cache.host_lengths == [17, 11] and cache.lengths.tolist() == [17, 11]
+    again = [model(t, cache) for t in steps]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_bytes_per_token_of_a_filled_cache_matches_plan(tiny_models):
+    """Stored bytes per token past the window: plan's number for every kind; None before anything is stored."""
+    from xqcli.load import measured_bytes_per_token
+    from xqcli.readouts.plan import meta_model
+
+    model = tiny_models["llama"]
+    meta = meta_model(model.config, torch.float32)
+    tokens = torch.randint(0, model.config.vocab_size, (1, 64))
+    for name in ("kv", "kivi-4", "xquant-3", "xquant-cl-2", "xquant-2+ch0"):
+        spec = CacheSpec.parse(name, window=8, group_size=16)
+        cache = make_cache(model, spec, 1, 64)
+        assert cache.bytes_per_token() is None, name
+        model(tokens, cache)
+        assert cache.bytes_per_token() == measured_bytes_per_token(meta, spec)[0], name

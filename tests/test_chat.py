@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from schemas import assert_valid
+
 from xqcli.cli import main
-from xqcli.commands.chat import parse_context, read_message
-from xqcli.errors import InputError
+from xqcli.commands.chat import read_message
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEMA = json.loads((ROOT / "docs" / "generate.schema.json").read_text())
 ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07|\x1b[()][A-Z0-9]|\x1b[=>]|\r")
 
 
@@ -53,60 +53,22 @@ def test_read_message_multi_line_forms():
     assert read_message(lines(), "", "") is None
 
 
-def test_parse_context():
-    assert parse_context("4096") == 4096 and parse_context("32k") == 32000 and parse_context("32K") == 32768
-    with pytest.raises(InputError, match="cannot read --context"):
-        parse_context("lots")
+def test_choose_spec_options_then_bundle_defaults_then_xquant4():
+    from xqcli.bundle.defaults import choose_spec
+    from xqcli.cache.spec import CacheSpec
+
+    assert choose_spec("kivi", bits=2, window=4) == CacheSpec.parse("kivi-2", window=4)
+    assert choose_spec(None) == CacheSpec.parse("xquant-4")
+    assert choose_spec(None, bits=2, window=4) == CacheSpec.parse("xquant-2", window=4)
+    defaults = {"cache": "xquant-cl-3", "group_size": 64, "window": 16}
+    assert choose_spec(None, cache_defaults=defaults) == CacheSpec.parse("xquant-cl-3", group_size=64, window=16)
+    assert choose_spec(None, bits=2, window=4, cache_defaults=defaults) == CacheSpec.parse(
+        "xquant-cl-2", group_size=64, window=4)
+    assert choose_spec(None, bits=3, cache_defaults={"cache": "xquant-4+ch0"}).name == "xquant-3+ch0"
+    assert choose_spec("kv", cache_defaults=defaults) == CacheSpec.parse("kv")  # --cache beats the bundle
 
 
-# ------------------------------------------------------------------------- JSON schema (a subset)
-
-
-def validate(value, schema: dict, path: str = "$") -> list[str]:
-    """The draft 2020-12 keywords docs/generate.schema.json uses; returns the violations."""
-    errs = []
-    types = schema.get("type")
-    if types is not None:
-        names = types if isinstance(types, list) else [types]
-        checks = {"object": lambda v: isinstance(v, dict), "array": lambda v: isinstance(v, list),
-                  "string": lambda v: isinstance(v, str), "null": lambda v: v is None,
-                  "boolean": lambda v: isinstance(v, bool),
-                  "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-                  "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if not any(checks[n](value) for n in names):
-            return [f"{path}: {value!r} is not {types}"]
-    if "const" in schema and value != schema["const"]:
-        errs.append(f"{path}: {value!r} != const {schema['const']!r}")
-    if "enum" in schema and value not in schema["enum"]:
-        errs.append(f"{path}: {value!r} not in {schema['enum']}")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        for key, ok in (("minimum", lambda v, b: v >= b), ("maximum", lambda v, b: v <= b),
-                        ("exclusiveMinimum", lambda v, b: v > b), ("exclusiveMaximum", lambda v, b: v < b)):
-            if key in schema and not ok(value, schema[key]):
-                errs.append(f"{path}: {value} violates {key} {schema[key]}")
-    if isinstance(value, str) and len(value) < schema.get("minLength", 0):
-        errs.append(f"{path}: shorter than {schema['minLength']}")
-    if isinstance(value, list):
-        if len(value) < schema.get("minItems", 0):
-            errs.append(f"{path}: fewer than {schema['minItems']} items")
-        for i, item in enumerate(value):
-            errs += validate(item, schema.get("items", {}), f"{path}[{i}]")
-    if isinstance(value, dict):
-        props = schema.get("properties", {})
-        errs += [f"{path}: missing {k!r}" for k in schema.get("required", []) if k not in value]
-        if schema.get("additionalProperties") is False:
-            errs += [f"{path}: unexpected {k!r}" for k in value if k not in props]
-        for k, v in value.items():
-            if k in props:
-                errs += validate(v, props[k], f"{path}.{k}")
-    return errs
-
-
-def test_validator_catches_violations():
-    assert validate({"a": 1}, {"type": "object", "required": ["b"], "additionalProperties": False,
-                               "properties": {"b": {"type": "string"}}}) == ["$: missing 'b'", "$: unexpected 'a'"]
-    assert validate(True, {"type": "integer"}) and validate(1.5, {"type": "integer"}) and not validate(None, {"type": ["integer", "null"]})
-    assert validate(0, {"exclusiveMinimum": 0}) and validate("x", {"enum": ["y"]})
+# ------------------------------------------------------------------------------------ generate --json
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:
@@ -125,7 +87,7 @@ def test_generate_json_validates_against_the_schema(capsys, tiny_gguf, args):
     code, out, err = run(capsys, "generate", tiny_gguf, "-p", "the cat sat", "-n", "7", "--json", *args)
     assert code == 0, err
     obj = json.loads(out)
-    assert validate(obj, SCHEMA) == []
+    assert_valid(obj, "generate")
     assert obj["generated_tokens"] == len(obj["tokens"]) == 7 and obj["finish"] == "max_tokens"
     assert obj["memory"]["context_tokens"] == obj["prompt_tokens"] + 6
     c = obj["memory"]["cache_bytes"]
@@ -138,10 +100,25 @@ def test_generate_json_stop_and_plain_text(capsys, tiny_gguf):
     stop = full[4:6]
     code, out, _ = run(capsys, "generate", tiny_gguf, "-p", "the cat", "-n", "12", "--json", "--stop", stop)
     obj = json.loads(out)
-    assert code == 0 and validate(obj, SCHEMA) == [] and obj["finish"] == "stop"
+    assert code == 0 and obj["finish"] == "stop"
+    assert_valid(obj, "generate")
     assert obj["text"] == full[:full.index(stop)]
     code, out, err = run(capsys, "generate", tiny_gguf, "-p", "the cat", "-n", "12")
     assert code == 0 and out == full + "\n" and "12 generated tokens" in err
+
+
+@pytest.mark.parametrize("context,tokens", [("1k", 1024), ("1K", 1024), ("1000", 1000), ("0.5k", 512)])
+def test_generate_context_grammar(capsys, tiny_gguf, context, tokens):
+    """--context reads sizes as every command does (xqcli.units: k = 1024; a plain number is exact)."""
+    code, out, err = run(capsys, "generate", tiny_gguf, "-p", "the cat", "-n", "2", "--json", "--context", context)
+    assert code == 0, err
+    assert json.loads(out)["memory"]["capacity_tokens"] == tokens
+
+
+def test_chat_context_grammar(capsys, monkeypatch, tiny_gguf):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/exit\n"))
+    code, _, err = run(capsys, "chat", tiny_gguf, "--cache", "kv", "--context", "1k")
+    assert code == 0 and "context 1,024" in err, err
 
 
 @pytest.mark.parametrize("args,code,needle", [
@@ -151,7 +128,7 @@ def test_generate_json_stop_and_plain_text(capsys, tiny_gguf):
     (["--top-k", "-3"], 2, "top-k"),
     (["--repeat-penalty", "0"], 2, "repeat penalty"),
     (["-n", "0"], 2, "max tokens must be >= 1"),
-    (["--context", "big"], 2, "cannot read --context"),
+    (["--context", "big"], 2, "--context: cannot read 'big'"),
     (["--cache", "xquant-5"], 2, "bits must be one of"),
     (["--system", "x"], 2, "--system needs --chat"),
     (["--context", "3"], 7, "leaves no room to answer"),
@@ -293,7 +270,7 @@ def test_chat_in_a_terminal_smollm2(smollm2_dir, smollm2, tmp_path):
     """Two turns, /stats, /mem, /save, /reset, /load, a third turn, /exit, with the live panel on."""
     from safetensors.torch import load_file
 
-    from xqcli.engine.loop import Engine, collect, load_session
+    from xqcli.engine import Engine, collect, load_session
     from xqcli.tokenizer import Tokenizer
 
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"

@@ -1,15 +1,20 @@
-"""The `xq` command: startup cost, version/help, doctor, and one-line errors with documented exit codes."""
+"""The `xq` command: startup cost, version/help, commands as plain functions, the JSON envelope and schemas,
+doctor, and one-line errors with documented exit codes."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 import shutil
 import subprocess
 import sys
 
 import pytest
+from schemas import ENVELOPE, assert_valid, errors
 
-from xqcli.cli import main
+from xqcli import __version__
+from xqcli.cli import app, main
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:
@@ -43,10 +48,50 @@ def test_version_and_help(capsys):
         assert cmd in out
 
 
+def test_commands_are_module_level_functions(capsys):
+    """Each command is a plain function of an `xqcli.commands` module, importable and registered under its name."""
+    registered = {c.name: c.callback for c in app.registered_commands}
+    assert set(registered) == {"convert", "chat", "generate", "eval", "bench", "plan", "inspect", "doctor"}
+    for name, fn in registered.items():
+        module = importlib.import_module(fn.__module__)
+        assert fn.__module__.startswith("xqcli.commands.") and getattr(module, fn.__name__) is fn, name
+        assert fn.__qualname__ == fn.__name__, name  # not a closure
+    params = inspect.signature(registered["generate"]).parameters
+    assert params["context"].default is None and params["as_json"].default is False
+    code, out, _ = run(capsys, "eval", "--help")
+    assert code == 0 and "--methods" in out
+
+
+def test_commands_do_not_import_each_other():
+    """Shared options come from `xqcli.commands._options`, never from another command."""
+    from pathlib import Path
+
+    import xqcli.commands as pkg
+
+    for path in Path(pkg.__path__[0]).glob("*.py"):
+        text = path.read_text()
+        for other in ("bench", "chat", "convert", "doctor", "eval_cmd", "generate", "inspect_cmd", "plan"):
+            if other != path.stem:
+                assert f"xqcli.commands.{other}" not in text and f"from xqcli.commands import {other}" not in text, \
+                    (path.name, other)
+
+
+def test_schema_validator_catches_violations():
+    assert errors({"a": 1}, "convert")[-1] == "$: Additional properties are not allowed ('a' was unexpected)"
+    env = {"schema_version": 1, "tool": "xq convert", "xq_version": __version__, "bundle": "b", "total_bytes": 3}
+    assert errors(env | {"files": [{"path": "x", "size": 3, "sha256": "0" * 64}]}, "convert") == []
+    bad = errors(env | {"total_bytes": 3.0, "files": [{"path": "x", "size": True, "sha256": "z"}]}, "convert")
+    assert bad == ["$.files[0].sha256: 'z' does not match '^[0-9a-f]{64}$'",
+                   "$.files[0].size: True is not of type 'integer'", "$.total_bytes: 3.0 is not of type 'integer'"]
+    with pytest.raises(AssertionError, match="'bundle' is a required property"):
+        assert_valid({"schema_version": 1}, "convert")
+
+
 def test_doctor_json(capsys):
     code, out, _ = run(capsys, "doctor", "--json")
     report = json.loads(out)
     assert code == 0 and report["torch"] and "cache_dir" in report["hf"] and "triton_kernels" in report
+    assert_valid(report, "doctor")
 
 
 def test_doctor_says_when_kernels_are_off(capsys, monkeypatch):
@@ -167,12 +212,29 @@ def test_generate_needs_one_prompt(capsys):
 
 def test_plan_numbers(capsys):
     code, out, _ = run(capsys, "plan", "--shape", "llama-3.1-8b", "--json", "-c", "kv,xquant-4,xquant-3,xquant-2")
+    assert_valid(json.loads(out), "plan")
     rows = {r["kind"]: r["bytes_per_token"] for r in json.loads(out)["rows"]}
     assert code == 0 and rows == {"kv": 131072, "xquant-4": 34816, "xquant-3": 26624, "xquant-2": 18432}
     code, out, _ = run(capsys, "plan", "--shape", "llama-2-7b", "--json", "-c", "xquant-4,xquant-cl-2", "--budget", "24GiB")
+    assert_valid(json.loads(out), "plan")
     rows = {r["kind"]: r for r in json.loads(out)["rows"]}
     assert rows["xquant-4"]["bytes_per_token"] == 69632 and rows["xquant-cl-2"]["bytes_per_token"] == 39936
     assert rows["xquant-4"]["max_context"] > 100_000
+
+
+def test_bits_for_budget_inverts_the_paper_formula():
+    from xqcli.cache.spec import CacheSpec
+    from xqcli.errors import InputError
+    from xqcli.readouts.budget import bits_for_budget
+    from xqcli.readouts.plan import paper_bytes_per_token, shape_config
+
+    cfg = shape_config("llama-3.1-8b")
+    for bits in (2, 3, 4, 8):
+        per_token = paper_bytes_per_token(cfg, CacheSpec.parse(f"xquant-{bits}"))
+        assert bits_for_budget(cfg, int(per_token * 32768), 32768) == bits
+    assert bits_for_budget(cfg, 2**40, 1024) == 8.0  # capped at the widest
+    with pytest.raises(InputError, match="no plan fits"):
+        bits_for_budget(cfg, 2**20, 32768)
 
 
 @pytest.mark.parametrize("args,code,needle", [
@@ -211,6 +273,7 @@ def test_eval_json_rows(capsys, smollm2_dir):
     code, out, _ = run(capsys, "eval", str(smollm2_dir), "--text", "news", "--seq-len", "128", "--max-tokens", "256",
                        "--methods", "kv,kivi-4,xquant-4,xquant-cl-4,xquant-2", "--json")
     assert code == 0
+    assert_valid(json.loads(out), "eval")
     rows = {r["method"]: r for r in json.loads(out)["rows"]}
     assert rows["kv"]["delta_ppl"] == 0 and rows["kv"]["kl"] == 0 and rows["kv"]["top1"] == 1
     assert rows["kv"]["scored_tokens"] == 2 * 127
@@ -223,3 +286,54 @@ def test_usage_error_is_one_line(capsys):
     code, _, err = run(capsys, "plan", "--bogus")
     assert code == 2
     assert_one_line_error(err, "No such option: --bogus", "xq plan --help")
+
+
+# ----------------------------------------------------------------------------- the JSON envelope
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf():
+    import assets
+
+    return str(assets.tiny_gguf("llama"))
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tiny_gguf, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundle") / "b"
+    assert main(["convert", tiny_gguf, "-o", str(out), "--dtype", "float32", "--calib-tokens", "32"]) == 0
+    return out
+
+
+def json_output(name: str, tiny_gguf: str, tiny_bundle, tmp_path) -> list[str]:
+    text = tmp_path / "text.txt"
+    text.write_text("The cat sat on the mat and looked at the dog, who looked back at the cat. " * 3)
+    return {
+        "doctor": ["doctor", "--json"],
+        "plan": ["plan", "--shape", "smollm2-135m", "-c", "kv,xquant-4", "--json"],
+        "generate": ["generate", tiny_gguf, "-p", "the cat", "-n", "3", "--json"],
+        "eval": ["eval", tiny_gguf, "--text", str(text), "--seq-len", "32", "--methods", "kv,xquant-4", "--json"],
+        "bench": ["bench", tiny_gguf, "--context", "32", "--cache", "kv", "--decode-tokens", "1", "--reps", "1",
+                  "--warmup", "0", "--device", "cpu", "--format", "json"],
+        "convert": ["convert", tiny_gguf, "-o", str(tmp_path / "b"), "--calib-tokens", "32", "--json"],
+        "inspect": ["inspect", str(tiny_bundle), "--verify", "--json"],
+    }[name]
+
+
+@pytest.mark.parametrize("name", ["doctor", "plan", "generate", "eval", "bench", "convert", "inspect"])
+def test_every_json_output_has_the_envelope(capsys, tiny_gguf, tiny_bundle, tmp_path, name):
+    """schema_version, tool and xq_version come first in every --json object, which matches its schema."""
+    code, out, err = run(capsys, *json_output(name, tiny_gguf, tiny_bundle, tmp_path))
+    assert code == 0, err
+    obj = json.loads(out)
+    assert tuple(obj)[:3] == ENVELOPE
+    assert obj["schema_version"] == 1 and obj["tool"] == f"xq {name}" and obj["xq_version"] == __version__
+    assert_valid(obj, name)
+
+
+def test_inspect_json_keeps_the_bundle_versions_apart(capsys, tiny_bundle):
+    code, out, _ = run(capsys, "inspect", str(tiny_bundle), "--json")
+    manifest = json.loads((tiny_bundle / "xq.json").read_text())
+    obj = json.loads(out)
+    assert code == 0 and obj["bundle_schema_version"] == manifest["schema_version"]
+    assert obj["bundle_xq_version"] == manifest["xq_version"] and "schema" not in obj

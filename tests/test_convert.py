@@ -99,15 +99,16 @@ def test_hub_id_bundle(smollm2, smollm2_dir, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_projections_reproduce_kv_on_real_activations(smol_bundle):
     """X·U_k·M_k = X·W_kᵀ, X·U_v·M_v = X·W_vᵀ, X·U_kv·U_kvᵀ·W_kv = X·W_kv: every layer, fp32."""
-    from xqcli.bundle.projections import model_projections
+    from xqcli.load import model_projections
     from xqcli.tokenizer import Tokenizer
 
-    model = load(smol_bundle, dtype="float32").model
+    loaded = load(smol_bundle, dtype="float32")
+    model = loaded.model
     tokens = Tokenizer.from_folder(smol_bundle).encode("The quick brown fox jumps over the lazy dog. " * 12,
                                                        add_special_tokens=False)
     xs = capture_inputs(model, tokens)
     with torch.inference_mode():
-        for layer, x, p in zip(model.layers, xs, model_projections(model)):
+        for layer, x, p in zip(model.layers, xs, model_projections(model, loaded.artifacts)):
             a = layer.self_attn
             w_kv = torch.cat([a.k_proj.weight, a.v_proj.weight])
             assert ((x @ p.k.u) @ p.k.m - x @ a.k_proj.weight.T).abs().max() <= 1e-4

@@ -9,27 +9,17 @@ import math
 import pytest
 import torch
 
-from xqcli.cache.base import KVCache
+from xqcli.bundle.artifacts import Artifacts
+from xqcli.cache.kv import KVCache
 from xqcli.cache.spec import CacheSpec
-from xqcli.load import make_cache
-from xqcli.engine.loop import (
-    Engine,
-    SamplingParams,
-    StaticKVCache,
-    _RowText,
-    _StaticRope,
-    apply_repeat_penalty,
-    collect,
-    load_session,
-    mask_min_p,
-    mask_top_k,
-    mask_top_p,
-    parse_setting,
-    sample,
-    save_session,
-)
+from xqcli.engine import Engine, SamplingParams, collect, load_session, parse_setting, save_session
+from xqcli.engine.graph import static_kv_cache
+from xqcli.engine.sampling import apply_repeat_penalty, mask_min_p, mask_top_k, mask_top_p, sample
+from xqcli.engine.text import RowText
 from xqcli.errors import InputError, ResourceError
+from xqcli.load import make_cache
 from xqcli.readouts.plan import plan
+from xqcli.readouts.stats import memory_lines
 
 KINDS = ["kv", "kivi-4", "xquant-4", "xquant-cl-3", "xquant-8"]
 NEG = float("-inf")
@@ -157,7 +147,7 @@ class _Pieces:
 
 
 def run_text(pieces: list[str], stop: tuple[str, ...]) -> tuple[list[str], bool]:
-    rt = _RowText(None, stop)
+    rt = RowText(None, stop)
     rt.decoder = _Pieces(pieces)
     out = []
     for i in range(len(pieces)):
@@ -338,7 +328,7 @@ def test_state_is_cut_at_the_lengths(tiny_models):
     t = c.state_dict()["tensors"]
     assert t["L0.S0.r0.codes"].shape[0] == 7 and t["L0.S0.r0.tail"].shape[0] == 4
     assert t["L0.S0.r1.codes"].shape[0] == 2 and t["L0.S0.r1.tail"].shape[0] == 4
-    kv = KVCache(model, 2, 128)
+    kv = make_cache(model, "kv", 2, 128)
     model(torch.randint(0, 256, (2, 11)), kv, torch.tensor([11, 6]))
     t = kv.state_dict()["tensors"]
     assert t["k.r0"].shape[2] == 11 and t["v.r1"].shape[2] == 6
@@ -393,6 +383,22 @@ def test_session_file_round_trip_and_mismatches(tmp_path, tiny_chat, tiny_models
         load_session(tmp_path / "junk.safetensors", e2, "tiny")
 
 
+def test_session_of_a_rotated_cache_names_the_rotation_of_the_artifacts(tmp_path, tiny_chat):
+    """`+rot` codes are taken in the rotation the model's artifacts carry (a bundle's choice): a session
+    saved under one rotation is refused under another, and loads under the same one."""
+    model, tok = tiny_chat
+    spec = CacheSpec.parse("xquant-4+rot", window=4, group_size=8)
+    e = Engine(model, tok, spec, context=64, artifacts=Artifacts(rotation=("random", 7)))
+    msgs = [{"role": "user", "content": "the cat"}]
+    collect(e.chat_turn(msgs, max_tokens=3))
+    f = tmp_path / "rot.safetensors"
+    assert save_session(f, e, msgs, "tiny")["model"]["rotation"] == repr(("random", 7))
+    with pytest.raises(InputError, match="rotation"):
+        load_session(f, Engine(model, tok, spec, context=64), "tiny")  # no bundle: the default Hadamard
+    same = Engine(model, tok, spec, context=64, artifacts=Artifacts(rotation=("random", 7)))
+    assert load_session(f, same, "tiny")["ids"] == e.ids[0] == same.ids[0]
+
+
 # -------------------------------------------------------------------- the GPU-only static decode path
 
 
@@ -406,11 +412,11 @@ def test_static_kv_cache_math_matches_kv_on_cpu(tiny_models):
     """The static-shape step the CUDA graph captures (full-length K/V, length mask, device-side scatter),
     run eagerly: same logits as the KV cache, including a finished row that no longer grows."""
     model = tiny_models["qwen2"]
-    ref, st = KVCache(model, 2, 40), StaticKVCache(model, 2, 40)
+    ref, st = make_cache(model, "kv", 2, 40), static_kv_cache(model, 2, 40)
     tokens, n = torch.randint(0, 256, (2, 9)), torch.tensor([9, 4])
     assert torch.equal(model(tokens, ref, n), model(tokens, st, n))  # prefill: the ordinary code
     saved, lengths = model._rope, st.lengths
-    model._rope = _StaticRope(model.rope, 40)
+    model._rope = st.rope
     try:
         for i in range(12):
             n_new = torch.tensor([1, 1 if i < 6 else 0])
@@ -443,7 +449,7 @@ def test_memory_report_agrees_with_plan(tiny_models, kind):
         assert m.context_tokens == 41 and m.cache == e.cache.nbytes() and m.cache.fp_window > 0
         assert m.cache.payload > 0 and m.ratio_now == pytest.approx(41 * kv_tok / m.cache.total)
         assert m.rss and m.allocated is None and m.tokens_left and m.tokens_left > 0
-        text = "\n".join(m.lines())
+        text = "\n".join(memory_lines(m))
         assert f"{row.bytes_per_token:,.0f} B/token" in text and f"ratio {row.ratio:.2f}x" in text
     budgeted = Engine(model, None, "xquant-4", context=64, budget=10_000)
     collect(budgeted.generate([1, 2, 3], max_tokens=2))

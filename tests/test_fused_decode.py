@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import xqcli
-from xqcli.cache.kinds import CacheSpec, Stream
+from xqcli.cache.spec import CacheSpec
+from xqcli.cache.stream import Stream
 from xqcli.load import make_cache
 from xqcli.config import ModelConfig
 from xqcli.model import Transformer

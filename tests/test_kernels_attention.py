@@ -1,7 +1,7 @@
 """Fused decode attention (XQuant, KIVI*) and the XQuant-CL accumulator update against their references.
 
 Run under TRITON_INTERPRET=1 on CPU (tests/conftest.py) or compiled on a GPU. Streams are built the
-way ``xqcli.cache.kinds.Stream`` stores them, and every byte the kernels must not read is poisoned: codes
+way ``xqcli.cache.stream.Stream`` stores them, and every byte the kernels must not read is poisoned: codes
 past a row's sealed tokens are random, scales/zeros and tail slots past it are NaN, outputs are
 prefilled with NaN. Shapes stay small because the interpreter costs ~0.1-0.3 s per launch.
 
@@ -19,8 +19,9 @@ import pytest
 import torch
 
 from xqcli.kernels import _triton
+from xqcli.kernels._common import plan_splits
 from xqcli.kernels.kivi_attention import kivi_attention, kivi_attention_ref
-from xqcli.kernels.packed import PackedStream, plan_splits
+from xqcli.kernels.packed import PackedStream
 from xqcli.kernels.quant import QuantSpec, packed_width, quantize_ref
 from xqcli.kernels.xquant_attention import xquant_attention, xquant_attention_ref
 from xqcli.kernels.xquant_cl import (
@@ -79,7 +80,7 @@ def make_stream(x: torch.Tensor, lens: list[int], sealed: list[int], spec: Quant
 
 
 def kivi_sealed(lens: list[int], window: int, g: int, axis: str) -> list[int]:
-    """Sealed counts the way xqcli.cache.kinds.Stream seals: per token past the window, per-channel in whole blocks."""
+    """Sealed counts the way xqcli.cache.stream.Stream seals: per token past the window, per-channel in whole blocks."""
     if axis == "token":
         return [max(0, n - window) for n in lens]
     return [max(0, n - window) // g * g for n in lens]

@@ -9,10 +9,9 @@ import shutil
 import pytest
 import torch
 
-from xqcli.cache.base import KVCache
 from xqcli.config import ModelConfig
 from xqcli.errors import UnsupportedModelError
-from xqcli.load import load_hf_folder
+from xqcli.load import load_hf_folder, make_cache
 
 transformers = pytest.importorskip("transformers")
 
@@ -22,7 +21,7 @@ def hf_model(folder):
 
 
 def decode_logits(model, tokens: torch.Tensor, prefix: int) -> torch.Tensor:
-    cache = KVCache(model, tokens.shape[0], tokens.shape[1])
+    cache = make_cache(model, "kv", tokens.shape[0], tokens.shape[1])
     outs = [model(tokens[:, :prefix], cache)]
     outs += [model(tokens[:, i:i + 1], cache) for i in range(prefix, tokens.shape[1])]
     return torch.cat(outs, 1)
@@ -141,7 +140,7 @@ def test_mistral_sliding_window_matches_transformers(tmp_path):
     assert (prefill - ref).abs().max() <= 1e-4
     assert (full(tokens) - ref)[:, 8:].abs().amax(-1).min() > 1e-3  # the window changes every later position
     assert (decode_logits(ours, tokens, prefix=5) - prefill).abs().max() <= 1e-4
-    cache = KVCache(ours, 2, 40)  # row 1 is 23 tokens long: right-padded prefill, then one step for both
+    cache = make_cache(ours, "kv", 2, 40)  # row 1 is 23 tokens long: right-padded prefill, then one step for both
     lens = torch.tensor([30, 23])
     first = ours(tokens[:, :30], cache, lens)
     step = ours(torch.stack([tokens[0, 30], tokens[1, 23]])[:, None], cache)
@@ -155,7 +154,6 @@ def test_mistral_sliding_window_matches_transformers(tmp_path):
 def test_sliding_window_through_the_caches(tmp_path, kind):
     """Every cache kind masks to the window; past it the fused kernels step aside for the masked path."""
     from xqcli.cache.spec import CacheSpec
-    from xqcli.load import make_cache
 
     model = load_hf_folder(mistral_with_window(tmp_path, 8))
     tokens = torch.randint(0, 256, (1, 20))
@@ -168,6 +166,16 @@ def test_sliding_window_through_the_caches(tmp_path, kind):
     if kind.endswith("-fp"):  # quantization off: the same logits as the plain model
         assert (runs["off"] - model(tokens)).abs().max() <= 1e-4
     assert (runs["triton"] - runs["off"]).abs().max() <= 2e-3
+
+
+@pytest.mark.parametrize("window", [None, 8])
+def test_forward_without_a_cache_equals_an_empty_kv_cache(tmp_path, window):
+    """No cache: the prompt attends to itself, with the very numbers of a `kv` cache (sliding window too)."""
+    import assets
+
+    model = load_hf_folder(mistral_with_window(tmp_path, window) if window else assets.tiny_hf("qwen2"))
+    tokens = torch.randint(0, model.config.vocab_size, (2, 20))
+    assert torch.equal(model(tokens), model(tokens, make_cache(model, "kv", 2, 20)))
 
 
 def test_sliding_window_configs():

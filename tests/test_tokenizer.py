@@ -391,6 +391,17 @@ def test_stream_decoder_holds_partial_characters(smol_dir: Path) -> None:
     assert partial.flush() == tok.decode(ids[:1])  # an unfinished character is returned at the end
 
 
+def test_stream_decoder_goes_on_through_invalid_bytes(sp_dir: Path) -> None:
+    """Junk a model may sample: with byte fallback, ',' then a lone lead byte decode as two U+FFFD once
+    the next token arrives, which `DecodeStream` refuses; the stream keeps going from what it emitted."""
+    tok = Tokenizer.from_folder(sp_dir)
+    ids = [tok._backend.token_to_id(t) for t in ("<0x2C>", "<0xC9>", "<unk>")]
+    stream = tok.stream_decoder()
+    pieces = [stream.feed(i) for i in ids] + [stream.flush()]
+    assert pieces == [",", "", "\ufffd<unk>", ""]
+    assert tok.decode(ids) == "\ufffd\ufffd<unk>"  # why no stream can match it: ',' was already out
+
+
 def test_missing_tokenizer_json(tmp_path: Path) -> None:
     _write(tmp_path, {"tokenizer_config.json": {"bos_token": "<s>"}})
     with pytest.raises(ModelError, match="tokenizer.json") as info:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Annotated
 
 # Spinning OpenMP threads make a busy CPU several times slower (decode 0.3-1.5 tok/s instead of a steady
 # 10 on a shared 2-core machine); must be set before torch is imported.
@@ -40,16 +41,24 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Show the version and exit.")] = False,
 ) -> None:
     pass
 
 
 def _register() -> None:
+    """Every command is a plain module-level function; this is the one place that names them."""
     from xqcli.commands import bench, chat, convert, doctor, eval_cmd, generate, inspect_cmd, plan
 
-    for mod in (convert, chat, generate, eval_cmd, bench, plan, inspect_cmd, doctor):
-        mod.register(app)
+    app.command("convert")(convert.convert)
+    app.command("chat", help=chat.HELP)(chat.chat)
+    app.command("generate")(generate.generate)
+    app.command("eval")(eval_cmd.eval_)
+    app.command("bench")(bench.bench)
+    app.command("plan")(plan.plan)
+    app.command("inspect")(inspect_cmd.inspect)
+    app.command("doctor")(doctor.doctor)
 
 
 _register()

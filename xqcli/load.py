@@ -1,19 +1,26 @@
-"""Open any model source xq accepts (HF folder, `.gguf`, HF id) as a ready model plus tokenizer."""
+"""Open any model source xq accepts (HF folder, `.gguf`, HF id, xq bundle) as a ready model, tokenizer
+and artifacts, and build caches for it: the one place a source becomes runtime objects."""
 
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from xqcli.bundle.artifacts import Artifacts
+from xqcli.bundle.bitplan import resolve_spec
+from xqcli.bundle.projections import LayerProjections
+from xqcli.cache.base import LayerWeights, ModelCache, ModelParts
+from xqcli.cache.factory import build_cache
+from xqcli.cache.spec import CacheSpec
 from xqcli.config import ModelConfig
-from xqcli.sources.hub import Source, resolve
-from xqcli.model import Transformer
 from xqcli.errors import WeightsError
+from xqcli.model import Transformer
 from xqcli.sources.hf import IGNORED_SUFFIXES, check_model_folder, parse_dtype, read_safetensors, shard_files
+from xqcli.sources.hub import Source, resolve
 
 if TYPE_CHECKING:
     from xqcli.bundle.format import Bundle
@@ -21,14 +28,23 @@ if TYPE_CHECKING:
 
 @dataclass
 class Loaded:
+    """A loaded model with its tokenizer folder and artifacts; pass `artifacts` to every cache built on it."""
+
     model: Transformer
     tokenizer_dir: Path  # folder holding tokenizer.json and friends
     source: Source  # kind "bundle" for an xq bundle folder
     bundle: Bundle | None = None
+    artifacts: Artifacts = field(default_factory=Artifacts)  # a bundle's, else SVD factors computed on demand
 
     @property
     def config(self) -> ModelConfig:
         return self.model.config
+
+    def make_cache(self, spec: CacheSpec | str, batch: int, max_len: int, *, device: torch.device | None = None,
+                   kernels: str = "auto") -> ModelCache:
+        """`make_cache` with this model's artifacts."""
+        return make_cache(self.model, spec, batch, max_len, artifacts=self.artifacts, device=device,
+                          kernels=kernels)
 
     def tokenizer(self):  # -> xqcli.tokenizer.Tokenizer
         from xqcli.tokenizer import Tokenizer
@@ -73,8 +89,7 @@ def load(src: str | Path, *, dtype: str | torch.dtype | None = None, device: str
         if is_bundle(source.path):  # weights as any HF folder, plus the stored projections (no SVD)
             bundle = open_bundle(source.path)
             model = load_hf_folder(source.path, dtype=dt, device=dev)
-            bundle.install(model)
-            return Loaded(model, source.path, replace(source, kind="bundle"), bundle)
+            return Loaded(model, source.path, replace(source, kind="bundle"), bundle, Artifacts.from_bundle(bundle))
     return Loaded(load_hf_folder(source.path, dtype=dt, device=dev), source.path, source)
 
 
@@ -118,9 +133,37 @@ def load_hf_folder(folder: Path, *, dtype: str | torch.dtype = torch.float32,
     return build_model(cfg, tensors, dtype=parse_dtype(dtype), device=device, source=str(folder))
 
 
-def make_cache(model: Transformer, spec, batch: int, max_len: int, *, device: torch.device | None = None,
-               kernels: str = "auto"):
-    """A cache of any kind for `model` (the one entry point callers use; see `xqcli.cache`)."""
-    from xqcli.cache.kinds import make_cache as build
+def model_parts(model: Transformer) -> ModelParts:
+    """What a cache needs from `model`: its config, each layer's K/V weights (the model's own tensors), RoPE, dtype."""
+    attns = [layer.self_attn for layer in model.layers]
+    weights = [LayerWeights(a.k_proj.weight, a.k_proj.bias, a.v_proj.weight, a.v_proj.bias) for a in attns]
+    return ModelParts(model.config, weights, model.rope, model.dtype)
 
-    return build(model, spec, batch, max_len, device=device, kernels=kernels)
+
+def model_projections(model: Transformer, artifacts: Artifacts) -> list[LayerProjections]:
+    """The SVD factors the caches of `model` use, in its dtype (computed now if `artifacts` has none yet)."""
+    return artifacts.projections(model_parts(model).layers, model.dtype)
+
+
+def make_cache(model: Transformer, spec: CacheSpec | str, batch: int, max_len: int, *,
+               artifacts: Artifacts | None = None, device: torch.device | str | None = None,
+               kernels: str = "auto") -> ModelCache:
+    """A cache of any kind for `model`: the one entry point callers use (see `xqcli.cache.factory`).
+
+    Pass the model's `artifacts` (`Loaded.artifacts`) when building more than one cache: without it a
+    fresh one is made, so latent caches run the SVDs again and `+mix` finds no calibration."""
+    if isinstance(spec, str):
+        spec = CacheSpec.parse(spec)
+    artifacts = artifacts if artifacts is not None else Artifacts()
+    spec = resolve_spec(spec, artifacts, model.config.num_hidden_layers)
+    return build_cache(spec, model_parts(model), batch, max_len, device=device if device is not None else model.device,
+                       artifacts=artifacts, kernels=kernels)
+
+
+def measured_bytes_per_token(model: Transformer, spec: CacheSpec, *, artifacts: Artifacts | None = None,
+                             n: int = 8192) -> tuple[float, int, float]:
+    """(payload+scales per token, fixed bytes, workspace per token) past the window, measured from the
+    storage a window-less cache of n tokens allocates on the meta device (no memory, no SVD)."""
+    spec = replace(spec, window=0) if spec.method != "kv" else spec
+    a = make_cache(model, spec, 1, n, artifacts=artifacts, device=torch.device("meta")).allocated()
+    return (a.payload + a.scales) / n, a.fp_window, a.workspace / n

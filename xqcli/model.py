@@ -2,22 +2,46 @@
 
 It is the reference runtime: CPU or CUDA, SDPA attention, batch >= 1 with per-row lengths. Attention
 never branches on the cache kind: each layer hands its post-norm input X to the cache and gets back
-post-RoPE K and V (see `xqcli.cache.base`).
+post-RoPE K and V. The model knows caches only through `StepCache`, the few methods it calls (every
+kind in `xqcli.cache` has them); without a cache it attends over the prompt itself.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from xqcli.config import ModelConfig
-from xqcli.rope import Rope
+from xqcli.rope import Rope, causal_mask
 
-if TYPE_CHECKING:
-    from xqcli.cache.base import ModelCache
+
+class StepCache(Protocol):
+    """What a forward step asks of a cache (`xqcli.cache.base.ModelCache` implements it)."""
+
+    def begin(self, n_new: torch.Tensor | list[int], width: int) -> torch.Tensor:
+        """Start a step of `width` new tokens per row (`n_new` of them valid); returns positions (B, width)."""
+
+    def attention_mask(self) -> torch.Tensor | None:
+        """Boolean (B, 1, T, S) for this step, or None for plain causal attention."""
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """This step's positions (B, T)."""
+
+    def step_total(self) -> int:
+        """Longest row after this step: the S of the keys attention sees."""
+
+    def fused_attention(self, layer: int, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor | None:
+        """Store X and return the attention output from a fused kernel, or None (then update_and_fetch)."""
+
+    def update_and_fetch(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store X and return post-RoPE K and V (B, n_kv, S, head_dim) of every cached token."""
+
+    def end(self) -> None:
+        """Commit the step."""
 
 
 class RMSNorm(nn.Module):
@@ -53,7 +77,7 @@ class Attention(nn.Module):
         n_kv = self.cfg.num_key_value_heads
         return self.split_heads(self.k_proj(x), n_kv), self.split_heads(self.v_proj(x), n_kv)
 
-    def forward(self, x: torch.Tensor, layer: int, cache: "ModelCache", rope: Rope,
+    def forward(self, x: torch.Tensor, layer: int, cache: StepCache, rope: Rope,
                 mask: torch.Tensor | None) -> torch.Tensor:
         cfg = self.cfg
         q = self.split_heads(self.q_proj(x), cfg.num_attention_heads)
@@ -129,12 +153,17 @@ class Transformer(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def hidden_states(self, tokens: torch.Tensor, cache: "ModelCache",
+    def hidden_states(self, tokens: torch.Tensor, cache: StepCache | None = None,
                       n_new: torch.Tensor | list[int] | None = None) -> torch.Tensor:
         """Run one step through every layer and commit it to the cache; returns final-norm hidden (B, T, d).
 
-        n_new: valid tokens per row (default: all T); a list saves reading a device tensor back."""
+        n_new: valid tokens per row (default: all T); a list saves reading a device tensor back. Without a
+        cache every row is the whole prompt (attention is causal, so padding after a row cannot reach it)."""
         b, t = tokens.shape
+        if cache is None:
+            if n_new is not None:
+                raise ValueError("n_new needs a cache: without one every row is the whole prompt")
+            cache = _PromptOnly(self, b, t)
         cache.begin([t] * b if n_new is None else n_new, t)
         mask = cache.attention_mask()
         h = self.model.embed_tokens(tokens)
@@ -146,12 +175,39 @@ class Transformer(nn.Module):
         return self.model.norm(h)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, cache: "ModelCache | None" = None,
+    def forward(self, tokens: torch.Tensor, cache: StepCache | None = None,
                 n_new: torch.Tensor | list[int] | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab) in fp32. Without a cache, a throwaway KV cache of the prompt's size is used."""
-        if cache is None:
-            from xqcli.cache.base import KVCache
-
-            cache = KVCache(self, tokens.shape[0], tokens.shape[1])
+        """Logits (B, T, vocab) in fp32. Without a cache, plain causal attention over the prompt."""
         h = self.hidden_states(tokens, cache, n_new)
         return F.linear(h, self.output_weight()).float()
+
+
+class _PromptOnly:
+    """The `StepCache` of a forward without a cache: each layer attends over the prompt's own K and V
+    (the same numbers as an empty `kv` cache, without storing anything)."""
+
+    def __init__(self, model: Transformer, batch: int, width: int) -> None:
+        self.model, self.width = model, width
+        self.positions = torch.arange(width, device=model.device).expand(batch, width)
+
+    def begin(self, n_new: torch.Tensor | list[int], width: int) -> torch.Tensor:
+        return self.positions
+
+    def step_total(self) -> int:
+        return self.width
+
+    def attention_mask(self) -> torch.Tensor | None:
+        w = self.model.config.sliding_window
+        if w is None or self.width <= w:
+            return None
+        return causal_mask(self.positions, self.width, w).unsqueeze(1)
+
+    def fused_attention(self, layer: int, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def update_and_fetch(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.model.layers[layer].self_attn.project_kv(x)
+        return self.model.rope.apply(k, self.positions, self.width), v
+
+    def end(self) -> None:
+        pass

@@ -1,7 +1,9 @@
-"""Rotary position embeddings in Hugging Face's rotate-half convention, with `llama3` and `linear` scaling.
+"""Positions: rotary embeddings in Hugging Face's rotate-half convention (`llama3` and `linear` scaling),
+and which earlier positions a query sees (`causal_mask`).
 
 Kept apart from the model because every cache kind that stores pre-RoPE keys (KIVI*, XQuant)
-applies RoPE again to rebuilt keys at their absolute positions.
+applies RoPE again to rebuilt keys at their absolute positions, and the caches build the attention
+mask of a step while the model builds it when it runs without a cache.
 """
 
 from __future__ import annotations
@@ -70,3 +72,12 @@ class Rope:
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def causal_mask(positions: torch.Tensor, n_keys: int, window: int | None = None) -> torch.Tensor:
+    """Boolean (..., T, n_keys): the query at position p sees key j iff j <= p, and j > p - window
+    when there is a sliding window (HF's rule: the window counts the query's own token)."""
+    j = torch.arange(n_keys, device=positions.device)
+    p = positions[..., None]
+    mask = j <= p
+    return mask & (j > p - window) if window is not None else mask

@@ -2,7 +2,7 @@
 
 Both ship as test data inside the gensim 4.4.0 wheel, which installs offline from PyPI with
 `pip install --no-deps gensim==4.4.0` (we read the files; gensim is never imported). The wiki
-cleaner is a WikiText-style heuristic (../shared/docs/test-assets.md §3.3): its perplexities are for
+cleaner is a WikiText-style heuristic (`clean_article`): its perplexities are for
 relative comparisons only, not for comparison with published WikiText-2 numbers.
 """
 

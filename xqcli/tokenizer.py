@@ -323,40 +323,48 @@ class StreamDecoder:
     """Turns ids into text one token at a time, emitting only complete characters.
 
     Byte-level BPE splits multibyte characters across tokens, and SentencePiece decoders strip a
-    leading space at the start of a sequence, so a token cannot be decoded alone. Each step decodes
-    a short window that starts one emitted token back and emits only the new suffix, and holds text
-    that ends in U+FFFD (an unfinished UTF-8 sequence) until the next token completes it. The
-    concatenated output equals `Tokenizer.decode` of all ids.
+    leading space at the start of a sequence, so a token cannot be decoded alone: `tokenizers`'
+    `DecodeStream` decodes each new token with the previous emitted ones as context and holds text
+    until it is a complete character. It has no end of sequence, so `flush` decodes what it still
+    holds with the same context. For valid text the concatenated output equals `Tokenizer.decode`
+    of all ids.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
-        self._tokenizer = tokenizer
+        from tokenizers.decoders import DecodeStream
+
+        self._backend = tokenizer._backend
         self._skip = skip_special_tokens
-        self._ids: list[int] = []
-        self._prefix = 0  # window start: context for the decoder, already emitted
-        self._read = 0  # ids before this index have been emitted
-        self._prefix_text = ""  # decode(ids[prefix:read]), cached
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        self._context: list[int] = []  # the ids of the last emitted text: the decoder's context
+        self._held: list[int] = []  # ids fed since then, not yet emitted
 
     def feed(self, token_id: int) -> str:
         """Add one id; return newly completed text, or "" while a character is still partial."""
-        self._ids.append(token_id)
-        text = self._tokenizer.decode(self._ids[self._prefix :], skip_special_tokens=self._skip)
-        if len(text) <= len(self._prefix_text) or text.endswith("\ufffd"):
+        self._held.append(token_id)
+        try:
+            text = self._stream.step(self._backend, token_id)
+        except Exception:  # tokenizers raises a bare Exception ("Invalid prefix encountered ...")
+            # Byte-fallback junk (invalid UTF-8) can decode differently once a byte follows: emit what
+            # the held ids add to the context and go on from there, as at the end of a sequence.
+            return self.flush()
+        if text is None:
             return ""
-        return self._advance(text)
+        self._context, self._held = self._held, []
+        return text
 
     def flush(self) -> str:
         """Return whatever is still held (as U+FFFD if it never completed) at the end of a sequence."""
-        if self._read == len(self._ids):
-            return ""
-        text = self._tokenizer.decode(self._ids[self._prefix :], skip_special_tokens=self._skip)
-        return self._advance(text)
+        from tokenizers.decoders import DecodeStream
 
-    def _advance(self, text: str) -> str:
-        new = text[len(self._prefix_text) :]
-        self._prefix, self._read = self._read, len(self._ids)
-        self._prefix_text = self._tokenizer.decode(self._ids[self._prefix :], skip_special_tokens=self._skip)
-        return new
+        if not self._held:
+            return ""
+        ids = self._context + self._held
+        context_text = self._backend.decode(self._context, skip_special_tokens=self._skip)
+        text = self._backend.decode(ids, skip_special_tokens=self._skip)[len(context_text):]
+        self._context, self._held = ids, []
+        self._stream = DecodeStream(ids=ids, skip_special_tokens=self._skip)  # later feeds continue after it
+        return text
 
 
 @lru_cache(maxsize=8)

@@ -1,6 +1,7 @@
 """The xq bundle: a Hugging Face model folder plus `xq.json`, the SVD projections and a calibration.
 
-Format and schema history: docs/bundle.md. A bundle is written by `xqcli.convert.pipeline` and read here.
+Format and schema history: docs/bundle.md. A bundle is written by `xqcli.convert.pipeline` and read here;
+its data reaches the runtime as `xqcli.bundle.artifacts.Artifacts`, its report is `xqcli.readouts.inspect`.
 Opening is defensive because a bundle is input like any other file: the manifest is checked key by
 key (never trusted to name files outside the folder), every listed file must exist with its recorded
 size, the projection tensors must have the shapes the config implies, and `verify=True` re-hashes
@@ -12,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch
 from xqcli import __version__
 from xqcli.config import ModelConfig
 from xqcli.errors import BundleError, XQError
-from xqcli.fileio import sha256_file, write_json
+from xqcli.fileio import sha256_file
 from xqcli.bundle.projections import LayerProjections, SVDFactors
 
 SCHEMA_VERSION = 1
@@ -72,34 +73,6 @@ class Bundle:
         data = _read_json(self.path / CALIBRATION)
         _check_calibration(self.path / CALIBRATION, data, self.config.num_hidden_layers)
         return data
-
-    def report(self, verified: bool = False) -> dict[str, Any]:
-        """Plain data for `xq inspect` (and its --json): manifest facts, bytes per token, calibration."""
-        from xqcli.cache.spec import uses_latents
-        from xqcli.readouts.plan import DEFAULT_KINDS, plan
-
-        m = self.manifest
-        rows = plan(self.config, list(DEFAULT_KINDS), include_weights=False)
-        return {"schema": 1, "bundle": str(self.path), "verified": verified,
-                "schema_version": m["schema_version"], "xq_version": m["xq_version"], "source": m["source"],
-                "dtype": m["dtype"], "config": self.config.to_dict(), "latents": uses_latents(self.config),
-                "cache_defaults": m.get("cache_defaults"),
-                "files": [asdict(f) for f in self.files.values()],
-                "total_bytes": sum(f.size for f in self.files.values()),
-                "bytes_per_token": [{"kind": r.kind, "bytes_per_token": r.bytes_per_token,
-                                     "vs_fp16_kv": r.normalized} for r in rows],
-                "calibration": self.calibration()}
-
-    def install(self, model) -> None:
-        """Put the stored projections on a model loaded from this bundle (no SVD at run time)."""
-        from xqcli.bundle.projections import set_model_projections
-
-        if self.has_projections:
-            set_model_projections(model, self.projections())
-        model._xq_calibration = self.calibration()  # per-layer errors for `+mix` bit plans
-        rotation = self.manifest.get("rotation")
-        if rotation is not None:
-            model._xq_rotation = (rotation["kind"], int(rotation.get("seed", 0)))
 
 
 def file_entry(folder: Path, name: str) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Per-layer SVD factors for grouped-query XQuant (paper §3.3), computed in float64.
+"""Per-layer SVD factors for grouped-query XQuant (arXiv 2508.10395 §3.3), computed in float64.
 
 Row-vector convention of the paper: K = X·W_k with W_k = k_proj.weight.T (d × d_kv).
 Thin SVD of k_proj.weight (d_kv × d) = U_ S Vh gives
@@ -7,7 +7,7 @@ so X·W_k = (X·U_k)·M_k exactly; the latent X·U_k is cached "without Σ_k" as
 The same for V, and for XQuant-CL on GQA the shared basis U_kv of W_kv = [W_k | W_v] (Σ_kv B_kvᵀ is
 discarded: K/V are rebuilt from the full-width accumulator with W_kv itself).
 
-Sign convention (spec §10.6, our choice): singular vectors are defined up to sign, and per-token
+Sign convention (docs/design.md §3, our choice): singular vectors are defined up to sign, and per-token
 groups over X·U_v care. Each column of U is flipped so that its largest-magnitude entry is positive
 (the matching row of M flips with it), which makes the factors deterministic across SVD backends.
 """
@@ -62,24 +62,3 @@ class LayerProjections:
 def layer_projections(k_weight: torch.Tensor, v_weight: torch.Tensor) -> LayerProjections:
     return LayerProjections(k=svd_factors(k_weight), v=svd_factors(v_weight),
                             kv=svd_factors(torch.cat([k_weight, v_weight], dim=0), keep_m=False))
-
-
-def model_projections(model, dtype: torch.dtype | None = None) -> list[LayerProjections]:
-    """Factors for every layer, computed once per model (or set from a bundle) and kept on it."""
-    cached = getattr(model, "_xq_projections", None)
-    if cached is None:
-        cached = [layer_projections(l.self_attn.k_proj.weight, l.self_attn.v_proj.weight) for l in model.layers]
-        model._xq_projections = cached
-    dtype = dtype or model.dtype
-    key = (dtype, model.device)
-    conv = getattr(model, "_xq_projections_cast", {})
-    if key not in conv:
-        conv[key] = [p.to(dtype, model.device) for p in cached]
-        model._xq_projections_cast = conv
-    return conv[key]
-
-
-def set_model_projections(model, projections: list[LayerProjections]) -> None:
-    """Install precomputed factors (a bundle's), so no cache ever runs an SVD on this model."""
-    model._xq_projections = projections
-    model._xq_projections_cast = {}

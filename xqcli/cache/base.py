@@ -1,4 +1,4 @@
-"""The cache interface every cache kind implements, and the fp16/bf16 KV baseline (`kv`).
+"""The cache interface every cache kind implements (the KV baseline is `xqcli.cache.kv`).
 
 A model forward step talks to one `ModelCache` for all layers:
 
@@ -7,8 +7,11 @@ A model forward step talks to one `ModelCache` for all layers:
     cache.end()                              # commit the new lengths
 
 The cache receives X (not K/V) because XQuant caches X and rebuilds K/V itself; the KV baseline
-projects X with the layer's own weights. `update_and_fetch` returns post-RoPE keys and values for
-every cached position of each row, new tokens included, as (B, n_kv, S, head_dim).
+projects X with the layer's own weights. A cache gets what it needs when it is built (`ModelParts`:
+the model config, each layer's K/V weights as `LayerWeights`, the model's RoPE and dtype; the
+quantized kinds also the bundle's `Artifacts`), so it never reaches into the model.
+`update_and_fetch` returns post-RoPE keys and values for every cached position of each row, new
+tokens included, as (B, n_kv, S, head_dim).
 
 Rows of a batch have their own lengths (`lengths`, shape (B,)): prompts are right-padded, and
 row b's new tokens occupy positions lengths[b] .. lengths[b] + n_new[b] - 1.
@@ -17,14 +20,37 @@ row b's new tokens occupy positions lengths[b] .. lengths[b] + n_new[b] - 1.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
+from xqcli.config import ModelConfig
 from xqcli.errors import InputError, ResourceError
+from xqcli.rope import Rope, causal_mask
 
-if TYPE_CHECKING:
-    from xqcli.model import Transformer
+__all__ = ["CacheBytes", "CacheSnapshot", "LayerWeights", "ModelCache", "ModelParts", "causal_mask", "state_tensor",
+           "tensor_bytes"]
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """One layer's K and V projections as nn.Linear holds them (weight: out × d, bias or None):
+    what every cache kind projects or rebuilds K and V with."""
+
+    w_k: torch.Tensor
+    b_k: torch.Tensor | None
+    w_v: torch.Tensor
+    b_v: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class ModelParts:
+    """What a cache needs from the model it serves (it never holds the model itself)."""
+
+    config: ModelConfig
+    layers: list[LayerWeights]
+    rope: Rope  # the model's RoPE: `apply` for rebuilt keys, `tables` for the decode kernels
+    dtype: torch.dtype  # the model's float dtype: what full-precision cached values are kept in
 
 
 @dataclass
@@ -47,18 +73,18 @@ class CacheBytes:
         return {f.name: getattr(self, f.name) for f in fields(self)} | {"total": self.total}
 
 
+@dataclass
+class CacheSnapshot:
+    """What `ModelCache.snapshot` keeps: row lengths with their host mirror, and the kind's own counters."""
+
+    lengths: torch.Tensor
+    host_lengths: list[int]
+    data: object = None
+
+
 def tensor_bytes(*ts: torch.Tensor | None) -> int:
     """Allocated bytes (works on the meta device, which `xq plan` uses to size caches for free)."""
     return sum(t.numel() * t.element_size() for t in ts if t is not None)
-
-
-def causal_mask(positions: torch.Tensor, n_keys: int, window: int | None = None) -> torch.Tensor:
-    """Boolean (..., T, n_keys): the query at position p sees key j iff j <= p, and j > p - window
-    when there is a sliding window (HF's rule: the window counts the query's own token)."""
-    j = torch.arange(n_keys, device=positions.device)
-    p = positions[..., None]
-    mask = j <= p
-    return mask & (j > p - window) if window is not None else mask
 
 
 class ModelCache:
@@ -66,10 +92,13 @@ class ModelCache:
 
     kind: str = "?"
 
-    def __init__(self, model: "Transformer | None", batch: int, max_len: int, device: torch.device) -> None:
+    def __init__(self, parts: ModelParts, batch: int, max_len: int, device: torch.device | str) -> None:
         if batch < 1 or max_len < 1:
             raise InputError(f"cache needs batch >= 1 and max_len >= 1 (got {batch}, {max_len})")
-        self.model = model
+        if len(parts.layers) != parts.config.num_hidden_layers:
+            raise ValueError(f"{len(parts.layers)} layer weights for a {parts.config.num_hidden_layers}-layer model")
+        self.config, self.weights, self.dtype = parts.config, parts.layers, parts.dtype
+        self.rope = parts.rope  # an attribute: the engine's CUDA-graph step swaps in precomputed tables
         self.batch = batch
         self.max_len = max_len
         self.device = torch.device(device)
@@ -154,7 +183,7 @@ class ModelCache:
     @property
     def attention_window(self) -> int | None:
         """The model's sliding attention window (Mistral), None for full causal attention."""
-        return self.model.config.sliding_window if self.model is not None else None
+        return self.config.sliding_window
 
     def window_applies(self) -> bool:
         """Whether this step has a query that must not see every earlier key."""
@@ -186,6 +215,16 @@ class ModelCache:
         for b, (start, cnt) in enumerate(zip(lens, n)):
             buf[b].narrow(token_dim - 1, start, cnt).copy_(new[b].narrow(token_dim - 1, 0, cnt))
 
+    def project(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-RoPE K and V (B, T, d_kv) of one layer's post-norm X, exactly as the model's k_proj/v_proj."""
+        w = self.weights[layer]
+        return F.linear(x, w.w_k, w.b_k), F.linear(x, w.w_v, w.b_v)
+
+    def heads(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, S, d_kv) -> (B, n_kv, S, head_dim), as the model splits its heads."""
+        b, s, _ = t.shape
+        return t.view(b, s, self.config.num_key_value_heads, self.config.head_dim).transpose(1, 2)
+
     # --- to implement ----------------------------------------------------------------------------
     def update_and_fetch(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -198,6 +237,32 @@ class ModelCache:
     def nbytes(self) -> CacheBytes:
         """Bytes held now, itemized."""
         raise NotImplementedError
+
+    def allocated(self) -> CacheBytes:
+        """Bytes of the preallocated storage (what `max_len` tokens would hold), itemized."""
+        raise NotImplementedError
+
+    def bytes_per_token(self) -> float | None:
+        """Stored bytes (payload + scales) per token and row once tokens are past the full-precision
+        window, summed over the cache's streams; None until every stream holds such a token."""
+        raise NotImplementedError
+
+    # --- snapshot (bench: time decode steps from the same prefill) ---------------------------------
+    def snapshot(self) -> CacheSnapshot:
+        """The state now, to come back to with `restore` after more steps. Cheap: lengths, counters and
+        full-precision windows are copied, not the stored tokens (later steps only write past them)."""
+        return CacheSnapshot(self.lengths.clone(), list(self.host_lengths), self._snapshot_data())
+
+    def restore(self, snapshot: CacheSnapshot) -> None:
+        """Return to the state of `snapshot` (taken from this cache); reads nothing back from the device."""
+        self.set_lengths(snapshot.lengths.clone(), list(snapshot.host_lengths))
+        self._restore_data(snapshot.data)
+
+    def _snapshot_data(self) -> object:
+        return None
+
+    def _restore_data(self, data: object) -> None:
+        pass
 
     def reset(self) -> None:
         """Forget every token (storage is kept)."""
@@ -259,48 +324,3 @@ def state_tensor(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, 
     if tuple(t.shape) != tuple(shape):
         raise InputError(f"saved cache tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
     return t
-
-
-class KVCache(ModelCache):
-    """The baseline: post-RoPE K and V in the model's float dtype, preallocated for max_len tokens."""
-
-    kind = "kv"
-
-    def __init__(self, model: "Transformer", batch: int, max_len: int, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None) -> None:
-        cfg = model.config
-        device = torch.device(device) if device is not None else model.device
-        super().__init__(model, batch, max_len, device)
-        dtype = dtype or model.dtype
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=self.device)
-        self.v = torch.zeros(shape, dtype=dtype, device=self.device)
-
-    def update_and_fetch(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        attn = self.model.layers[layer].self_attn
-        k, v = attn.project_kv(x)  # (B, n_kv, T, hd), pre-RoPE
-        k = self.model.rope.apply(k, self.positions, self.step_total())
-        self.rows_scatter(self.k[layer], k, token_dim=2)
-        self.rows_scatter(self.v[layer], v, token_dim=2)
-        s = self.step_total()
-        return self.k[layer, :, :, :s], self.v[layer, :, :, :s]
-
-    def nbytes(self) -> CacheBytes:
-        per_token = tensor_bytes(self.k, self.v) // self.max_len // self.batch
-        return CacheBytes(payload=per_token * sum(self.host_lengths))
-
-    def allocated(self) -> CacheBytes:
-        return CacheBytes(payload=tensor_bytes(self.k, self.v))
-
-    def _state_tensors(self) -> dict[str, torch.Tensor]:
-        # K is stored post-RoPE; a loaded row restarts at position 0, so its positions are the same.
-        out = {}
-        for b, n in enumerate(self.host_lengths):
-            out[f"k.r{b}"], out[f"v.r{b}"] = self.k[:, b, :, :n], self.v[:, b, :, :n]
-        return out
-
-    def _load_state(self, meta: dict, tensors: dict[str, torch.Tensor], lengths: list[int]) -> None:
-        L, _, h, _, d = self.k.shape
-        for b, n in enumerate(lengths):
-            for name, buf in (("k", self.k), ("v", self.v)):
-                buf[:, b, :, :n] = state_tensor(tensors, f"{name}.r{b}", (L, h, n, d)).to(buf.device, buf.dtype)

@@ -8,34 +8,33 @@ stderr. When stdout is not a terminal, answers are plain streamed text, there is
 
 from __future__ import annotations
 
-import re
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 
 import typer
 
-from xqcli.commands import _options as opt
+from xqcli.commands._options import (
+    BitsOpt,
+    ContextOpt,
+    CudaGraphOpt,
+    DeviceOpt,
+    DtypeOpt,
+    MinPOpt,
+    RepeatPenaltyOpt,
+    RevisionOpt,
+    SeedOpt,
+    StopOpt,
+    TemperatureOpt,
+    TopKOpt,
+    TopPOpt,
+)
+from xqcli.units import format_bytes
 
 if TYPE_CHECKING:
-    from xqcli.engine.loop import Engine
-
-# Sampling options, shared with `xq generate` (which imports them from here).
-TEMPERATURE = typer.Option(None, "--temperature", "--temp", help="0 = greedy. Default: chat 0.7, generate 0.")
-TOP_K = typer.Option(None, "--top-k", help="Keep the k most likely tokens (0 = off).")
-TOP_P = typer.Option(None, "--top-p", help="Nucleus sampling: keep the most likely tokens up to this mass, in (0, 1].")
-MIN_P = typer.Option(None, "--min-p", help="Drop tokens less likely than min-p times the most likely one, in [0, 1).")
-REPEAT_PENALTY = typer.Option(None, "--repeat-penalty",
-                              help="> 1 discourages tokens already in the context (1 = off).")
-SEED = typer.Option(None, "--seed", help="Seed for sampling (each answer starts from it): reproducible output.")
-STOP = typer.Option(None, "--stop", help="Stop when the text contains this string (repeatable); it is not printed.")
-CONTEXT = typer.Option(None, "--context",
-                       help="Tokens the cache holds (allocated up front): 4096, 32k (= 32,000) or 32K (= 32,768). "
-                            "Default: the model's maximum, at most 4096.")
-CUDA_GRAPH = typer.Option(False, "--cuda-graph/--no-cuda-graph",
-                          help="GPU and --cache kv only: capture the decode step in a CUDA graph (experimental).")
+    from xqcli.engine import Engine
 
 CHAT_DEFAULTS = {"temperature": 0.7, "top_p": 0.95, "min_p": 0.05}
 
@@ -60,27 +59,6 @@ Commands:
   /load FILE       restore a saved session and continue it
   /exit            quit (alias /quit, /bye)
 """
-
-def parse_context(text: str) -> int:
-    """'4096' -> 4096, '32k' -> 32000, '32K' -> 32768 (vLLM's convention)."""
-    from xqcli.errors import InputError
-
-    m = re.fullmatch(r"\s*(\d+)\s*([kKmM]?)\s*", text)
-    if not m:
-        raise InputError(f"cannot read --context {text!r}", hint="write it like 4096, 32k (32,000) or 32K (32,768)")
-    n, unit = int(m.group(1)), m.group(2)
-    return n * {"": 1, "k": 1000, "K": 1024, "m": 10**6, "M": 2**20}[unit]
-
-
-def sampling_from_options(defaults: dict[str, Any], **given: Any):
-    """A checked SamplingParams from the command's options (None = not given = the default)."""
-    from xqcli.engine.loop import SamplingParams
-
-    values = defaults | {k: v for k, v in given.items() if v is not None}
-    if values.get("stop") is not None:
-        values["stop"] = tuple(values["stop"])
-    return SamplingParams(**values).check()
-
 
 def read_message(read_line: Callable[[str], Optional[str]], prompt: str, more: str) -> Optional[str]:
     """One user message: a line, `\\`-continued lines, or a \"\"\" block. None at end of input."""
@@ -132,13 +110,13 @@ class ChatSession:
         """A status line on stderr."""
         self.err.print(f"[dim]{_esc(text)}[/]")
 
-    def show(self, obj) -> None:
+    def show(self, plain_lines: list[str], table) -> None:
         """/stats, /mem: a rich table on a terminal, plain lines otherwise."""
         if self.plain:
-            sys.stdout.write("\n".join(obj.lines()) + "\n")
+            sys.stdout.write("\n".join(plain_lines) + "\n")
             sys.stdout.flush()
         else:
-            self.out.print(obj)
+            self.out.print(table)
 
     def error(self, e: Exception) -> None:
         from rich.markup import escape
@@ -149,8 +127,9 @@ class ChatSession:
     # --- commands ----------------------------------------------------------------------------------
     def command(self, line: str) -> bool:
         """Run a slash command; False means quit."""
-        from xqcli.engine.loop import load_session, parse_setting, save_session
+        from xqcli.engine import load_session, parse_setting, save_session
         from xqcli.errors import InputError
+        from xqcli.readouts.stats import generation_lines, generation_table, memory_lines, memory_table
 
         cmd, _, arg = line.strip().partition(" ")
         cmd, arg = cmd.lower(), arg.strip()
@@ -159,9 +138,11 @@ class ChatSession:
         if cmd in ("/help", "/?"):
             self.out.print(HELP.split("Commands:")[1].replace("\b", "").strip("\n"), markup=False, highlight=False)
         elif cmd == "/stats":
-            self.show(self.engine.stats)
+            stats = self.engine.stats
+            self.show(generation_lines(stats), generation_table(stats))
         elif cmd == "/mem":
-            self.show(self.engine.memory())
+            mem = self.engine.memory()
+            self.show(memory_lines(mem), memory_table(mem))
         elif cmd in ("/reset", "/clear"):
             self.messages = [{"role": "system", "content": self.system}] if self.system else []
             self.engine.reset()
@@ -236,7 +217,7 @@ class ChatSession:
         self.messages.append({"role": "assistant", "content": "".join(pieces)})
         mem = engine.memory()
         self.say(f"{stats.generated_tokens} tokens, {stats.decode_tok_s:.1f} tok/s | context {mem.context_tokens:,} | "
-                 f"cache {_bytes(mem.cache.total)}, {mem.bytes_per_token:,.0f} B/token past the window "
+                 f"cache {format_bytes(mem.cache.total)}, {mem.bytes_per_token:,.0f} B/token past the window "
                  f"({mem.ratio:.2f}x vs fp16 KV)")
 
     def run(self, read_line: Callable[[str], Optional[str]], prompt: str, more: str) -> None:
@@ -308,34 +289,13 @@ class _PanelSink:
         from rich.panel import Panel
         from rich.text import Text
 
-        e = self.s.engine
-        mem, st = e.memory(), e.stats
-        c = mem.cache
-        rows = [
-            ("context", f"{mem.context_tokens:,} tokens ({mem.context_left:,} of {mem.capacity_tokens:,} left)"),
-            ("cache", (f"{_bytes(c.total)} = payload {_bytes(c.payload)} + scales {_bytes(c.scales)} + fp window "
-                       f"{_bytes(c.fp_window)} + CL workspace {_bytes(c.workspace)}")),
-            ("fp16 KV", (f"{_bytes(mem.kv_fp16_bytes)} for these tokens"
-                         + (f" ({mem.ratio_now:.2f}x now)" if mem.ratio_now else "")
-                         + f"; {mem.bytes_per_token:,.0f} B/token past the window: {mem.ratio:.2f}x")),
-        ]
-        if mem.allocated is not None:
-            rows.append(("device", (f"allocated {_bytes(mem.allocated)} / reserved {_bytes(mem.reserved)} / "
-                                    f"peak {_bytes(mem.peak)}")))
-        else:
-            rows.append(("device", f"{mem.device}: RSS {_bytes(mem.rss)} (peak {_bytes(mem.peak)})"))
-        if mem.tokens_left is not None:
-            rows.append(("budget", f"{mem.tokens_left:,} more tokens in {_bytes(mem.budget)} ({mem.budget_source})"))
-        rows.append(("speed", (f"prefill {st.prefill_tok_s:,.1f} tok/s, decode {st.decode_tok_s:,.1f} tok/s, "
-                               f"{st.generated_tokens} generated")))
-        from rich.table import Table
+        from xqcli.readouts.render import key_value_table
+        from xqcli.readouts.stats import panel_rows
 
-        t = Table(show_header=False, box=None, pad_edge=False)
-        t.add_column(style="bold cyan", no_wrap=True)
-        t.add_column(overflow="fold")
-        for k, v in rows:
-            t.add_row(k, v)
-        panel = Panel(t, title=f"xq · {e.spec.name} · {mem.device}", title_align="left", border_style="dim")
+        e = self.s.engine
+        mem = e.memory()
+        table = key_value_table(None, panel_rows(mem, e.stats))
+        panel = Panel(table, title=f"xq · {e.spec.name} · {mem.device}", title_align="left", border_style="dim")
         return Group(Text(self.line), panel) if self.line else panel
 
     def piece(self, text: str) -> None:
@@ -353,115 +313,87 @@ class _PanelSink:
         self.s.err.print(self.line, markup=False, highlight=False, soft_wrap=True)
 
 
-def _bytes(n) -> str:
-    from xqcli.engine.loop import _b
-
-    return _b(n)
-
-
 def _esc(text: str) -> str:
     from rich.markup import escape
 
     return escape(text)
 
 
-def register(app: typer.Typer) -> None:
-    @app.command(help=HELP)
-    def chat(
-        model: str = typer.Argument(..., help="Bundle, model folder, .gguf file or HF id org/name[@revision]."),
-        cache: Optional[str] = typer.Option(
-            None, "--cache", "-c",
-            help="xquant, xquant-cl, kivi or kv (with --bits), or a full kind like xquant-4. "
-                 "Default: the bundle's cache settings, else xquant-4."),
-        bits: Optional[int] = opt.BITS,
-        window: Optional[int] = typer.Option(None, "--window", help="Newest tokens kept in full precision (default 128)."),
-        system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt."),
-        context: Optional[str] = CONTEXT,
-        max_tokens: int = typer.Option(512, "--max-tokens", "-n", help="Tokens per answer at most."),
-        temperature: Optional[float] = TEMPERATURE,
-        top_k: Optional[int] = TOP_K,
-        top_p: Optional[float] = TOP_P,
-        min_p: Optional[float] = MIN_P,
-        repeat_penalty: Optional[float] = REPEAT_PENALTY,
-        seed: Optional[int] = SEED,
-        stop: Optional[list[str]] = STOP,
-        chat_template: Optional[Path] = typer.Option(None, "--chat-template",
-                                                     help="Jinja chat template file (or chat_template.json)."),
-        budget: Optional[str] = typer.Option(None, "--budget",
-                                             help="Memory for the cache, e.g. 8GiB, for 'tokens left' (default: "
-                                                  "free GPU memory, or available RAM on CPU)."),
-        mem: bool = typer.Option(True, "--mem/--no-mem", help="The live memory panel (on a terminal only)."),
-        cuda_graph: bool = CUDA_GRAPH,
-        device: str = opt.DEVICE,
-        dtype: Optional[str] = opt.DTYPE,
-        revision: Optional[str] = opt.REVISION,
-    ) -> None:
-        from rich.console import Console
+def chat(
+    model: Annotated[str, typer.Argument(help="Bundle, model folder, .gguf file or HF id org/name[@revision].")],
+    cache: Annotated[Optional[str], typer.Option(
+        "--cache", "-c", help="xquant, xquant-cl, kivi or kv (with --bits), or a full kind like xquant-4. "
+                              "Default: the bundle's cache settings, else xquant-4.")] = None,
+    bits: BitsOpt = None,
+    window: Annotated[Optional[int], typer.Option(
+        "--window", help="Newest tokens kept in full precision (default 128).")] = None,
+    system: Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt.")] = None,
+    context: ContextOpt = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Tokens per answer at most.")] = 512,
+    temperature: TemperatureOpt = None,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    min_p: MinPOpt = None,
+    repeat_penalty: RepeatPenaltyOpt = None,
+    seed: SeedOpt = None,
+    stop: StopOpt = None,
+    chat_template: Annotated[Optional[Path], typer.Option(
+        "--chat-template", help="Jinja chat template file (or chat_template.json).")] = None,
+    budget: Annotated[Optional[str], typer.Option(
+        "--budget", help="Memory for the cache, e.g. 8GiB, for 'tokens left' (default: free GPU memory, or "
+                         "available RAM on CPU).")] = None,
+    mem: Annotated[bool, typer.Option("--mem/--no-mem", help="The live memory panel (on a terminal only).")] = True,
+    cuda_graph: CudaGraphOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+    revision: RevisionOpt = None,
+) -> None:
+    from rich.console import Console
 
-        from xqcli.errors import InputError
+    from xqcli.bundle.defaults import choose_spec
+    from xqcli.engine import Engine, SamplingParams
+    from xqcli.errors import InputError
+    from xqcli.load import load
+    from xqcli.units import parse_bytes, parse_tokens
 
-        spec_args = {"bits": bits} | ({"window": window} if window is not None else {})
-        params = sampling_from_options(CHAT_DEFAULTS | {"max_tokens": max_tokens}, temperature=temperature,
-                                       top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
-                                       seed=seed, stop=stop)
-        ctx = parse_context(context) if context is not None else None
-        from xqcli.readouts.plan import parse_bytes
-
-        budget_b = parse_bytes(budget) if budget else None
-        from xqcli.cache.spec import CacheSpec
-
-        if cache is not None:
-            CacheSpec.parse(cache, **spec_args)  # fail on a bad kind before loading anything
-        err = Console(stderr=True, highlight=False, soft_wrap=True)
-        out = Console(highlight=False)
-        with err.status(f"loading {model}"):
-            from xqcli.engine.loop import Engine
-            from xqcli.load import load
-
-            loaded = load(model, dtype=dtype, device=device, revision=revision)
-            tok = loaded.tokenizer()
-            if chat_template is not None:
-                tok.use_chat_template_file(chat_template)
-            if tok.chat_template is None:
-                raise InputError(f"{model} has no chat template", hint="pass --chat-template FILE")
-            spec = _pick_spec(cache, spec_args, loaded)
-            engine = Engine(loaded.model, tok, spec, context=ctx, cuda_graph=cuda_graph, sampling=params,
-                            budget=budget_b)
-        source = loaded.source.describe()
-        err.print(f"[bold]xq chat[/] [dim]· {_esc(source)} · cache {spec.name} (window {spec.window}) · "
-                  f"{engine.device} {str(loaded.model.dtype).removeprefix('torch.')} · context {engine.context:,} · "
-                  f"decode {engine.decode_mode} · /help for commands[/]")
-        interactive = sys.stdin.isatty() and sys.stdout.isatty()
-        panel = mem and out.is_terminal and err.is_terminal
-        if interactive:
-            try:
-                import readline  # noqa: F401  (line editing and history for input())
-            except ImportError:
-                pass
-        session = ChatSession(engine, source, system, panel=panel, out=out, err=err)
-
-        def read_line(prompt: str) -> Optional[str]:
-            try:
-                return input(prompt)
-            except EOFError:
-                return None
-
-        session.run(read_line, ">>> " if interactive else "", "... " if interactive else "")
-
-
-def _pick_spec(cache: Optional[str], spec_args: dict[str, Any], loaded):
-    """--cache/--bits/--window, else the bundle's `cache_defaults` (with --bits/--window on top), else xquant-4."""
-    from xqcli.cache.spec import CacheSpec
-
+    params = SamplingParams(**CHAT_DEFAULTS, max_tokens=max_tokens).with_(
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed,
+        stop=stop)
+    ctx = parse_tokens(context) if context is not None else None
+    budget_b = parse_bytes(budget) if budget else None
     if cache is not None:
-        return CacheSpec.parse(cache, **spec_args)
-    defaults = (loaded.bundle.manifest.get("cache_defaults") if loaded.bundle is not None else None) or {}
-    if defaults.get("cache"):
-        settings = {k: v for k, v in defaults.items() if k != "cache"}
-        settings |= {k: v for k, v in spec_args.items() if v is not None and k != "bits"}
-        base = CacheSpec.parse(defaults["cache"], **settings)
-        if spec_args.get("bits") is None:
-            return base
-        return CacheSpec.parse(base.method + ("+ch0" if base.fp16_channel0 else ""), bits=spec_args["bits"],
-                               **settings)
-    return CacheSpec.parse("xquant", **{"bits": 4} | {k: v for k, v in spec_args.items() if v is not None})
+        choose_spec(cache, bits=bits, window=window)  # fail on a bad kind before loading anything
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    out = Console(highlight=False)
+    with err.status(f"loading {model}"):
+        loaded = load(model, dtype=dtype, device=device, revision=revision)
+        tok = loaded.tokenizer()
+        if chat_template is not None:
+            tok.use_chat_template_file(chat_template)
+        if tok.chat_template is None:
+            raise InputError(f"{model} has no chat template", hint="pass --chat-template FILE")
+        bundle_defaults = loaded.bundle.manifest.get("cache_defaults") if loaded.bundle is not None else None
+        spec = choose_spec(cache, bits=bits, window=window, cache_defaults=bundle_defaults)
+        engine = Engine(loaded.model, tok, spec, context=ctx, cuda_graph=cuda_graph, sampling=params,
+                        budget=budget_b, artifacts=loaded.artifacts)
+    source = loaded.source.describe()
+    err.print(f"[bold]xq chat[/] [dim]· {_esc(source)} · cache {spec.name} (window {spec.window}) · "
+              f"{engine.device} {str(loaded.model.dtype).removeprefix('torch.')} · context {engine.context:,} · "
+              f"decode {engine.decode_mode} · /help for commands[/]")
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    panel = mem and out.is_terminal and err.is_terminal
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+    session = ChatSession(engine, source, system, panel=panel, out=out, err=err)
+
+    def read_line(prompt: str) -> Optional[str]:
+        try:
+            return input(prompt)
+        except EOFError:
+            return None
+
+    session.run(read_line, ">>> " if interactive else "", "... " if interactive else "")
+

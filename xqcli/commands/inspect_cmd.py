@@ -2,41 +2,44 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
-from xqcli.commands import _options as opt
+from xqcli.commands._options import JsonOpt
 
 
-def register(app: typer.Typer) -> None:
-    @app.command()
-    def inspect(
-        bundle: Path = typer.Argument(..., help="Bundle folder (made by xq convert)."),
-        verify: bool = typer.Option(False, "--verify", help="Re-hash every file against xq.json."),
-        as_json: bool = opt.JSON,
-    ) -> None:
-        """Summarize a bundle: its manifest, bytes per token of each cache kind, the latent channel-0 energy
-        and calibration of every layer. --verify re-hashes every file (a changed byte is an error)."""
-        from xqcli.bundle.format import open_bundle
+def inspect(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder (made by xq convert).")],
+    verify: Annotated[bool, typer.Option("--verify", help="Re-hash every file against xq.json.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Summarize a bundle: its manifest, bytes per token of each cache kind, the latent channel-0 energy
+    and calibration of every layer. --verify re-hashes every file (a changed byte is an error)."""
+    from xqcli.bundle.format import open_bundle
+    from xqcli.readouts.inspect import bundle_report
+    from xqcli.readouts.render import dumps
 
-        report = open_bundle(bundle, verify=verify).report(verified=verify)
-        if as_json:
-            typer.echo(json.dumps(report, indent=2))
-            return
-        _render(report)
+    report = bundle_report(open_bundle(bundle, verify=verify), verified=verify)
+    if as_json:
+        typer.echo(dumps("inspect", report))
+        return
+    _render(report)
 
 
 def _render(r: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from xqcli.units import format_bytes
+
     console = Console(soft_wrap=True)
     cfg, src = r["config"], r["source"]
     origin = " ".join(f"{k}={v}" for k, v in src.items() if k != "kind")
-    console.print(f"[bold]{r['bundle']}[/]: xq bundle schema {r['schema_version']} (xq {r['xq_version']}), "
-                  f"{r['dtype']} weights, {len(r['files'])} files, {r['total_bytes'] / 2**20:,.1f} MiB"
+    console.print(f"[bold]{r['bundle']}[/]: xq bundle schema {r['bundle_schema_version']} "
+                  f"(xq {r['bundle_xq_version']}), "
+                  f"{r['dtype']} weights, {len(r['files'])} files, {format_bytes(r['total_bytes'])}"
                   + (", [green]every sha256 verified[/]" if r["verified"] else ""))
     console.print(f"source: {src.get('kind')} {origin}")
     console.print(f"model: {cfg['model_type']}, {cfg['num_hidden_layers']} layers, d={cfg['hidden_size']}, "

@@ -5,43 +5,39 @@ output of `input_layernorm`: exactly what the caches store). Per layer we record
 
 - X statistics (mean |X|, max |X|, the channels with the largest |X|) and, for grouped-query models,
   the same for the latents X·U_k and X·U_v plus the energy fraction of latent channel 0 of X·U_k
-  (the paper's §3.3.1 outlier channel);
+  (the outlier channel of arXiv 2508.10395 §3.3.1);
 - for `xquant` and `kivi` at 2/3/4/8 bits, the clip ratio from `CLIP_GRID` that minimizes the relative
   Frobenius error of the rebuilt K and V (streams quantized exactly as the caches do: group 128,
   per-channel keys / latents X·U_k, per-token values / X·U_v / X), and that error;
 - for `xquant`, the relative error of the layer's attention output at each bit width (with its best
   clip): the sensitivity used by the bit plan (3 bits is reported as "sensitivity").
 
-The bit plan is greedy: every layer starts at 2 bits and the layer whose next step (2→3→4→8) buys the
-largest attention-error drop per extra bit is upgraded, while the average stays within the target.
-It is a recommendation recorded in the bundle; the runtime applies only the clip ratios, and only when
-asked (`xq eval --calibrated`). XQuant-CL deltas are not calibrated (their statistics depend on the
-accumulator, not on X alone).
+The bit plans (`xqcli.bundle.bitplan.bit_plan`) are recommendations recorded in the bundle; the runtime
+applies the clip ratios only when asked (`xq eval --calibrated`) and plans bits only for `+mix` caches.
+XQuant-CL deltas are not calibrated (their statistics depend on the accumulator, not on X alone).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from xqcli.cache.base import causal_mask
-from xqcli.cache.spec import BITS, CacheSpec, uses_latents
-from xqcli.errors import BundleError, InputError
+from xqcli.bundle.artifacts import Artifacts
+from xqcli.bundle.bitplan import CALIBRATED_METHODS, attention_errors, bit_plan
+from xqcli.bundle.projections import LayerProjections
+from xqcli.cache.spec import BITS, uses_latents
+from xqcli.errors import InputError
 from xqcli.kernels.quant import QuantSpec, fake_quantize
+from xqcli.load import model_projections
 from xqcli.model import Transformer
-from xqcli.bundle.projections import LayerProjections, model_projections
-
-if TYPE_CHECKING:
-    from xqcli.bundle.format import Bundle
+from xqcli.rope import causal_mask
 
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7)
 TARGETS = (2.5, 3.0, 3.5)
-CALIBRATED_METHODS = ("xquant", "kivi")
 DEFAULT_TOKENS = 2048
 GROUP_SIZE = 128
 TOP_CHANNELS = 8
@@ -55,16 +51,19 @@ def builtin_text() -> str:
 
 
 @torch.inference_mode()
-def calibrate(model: Transformer, tokens: list[int], *, text: str) -> dict[str, Any]:
-    """The calibration record (calibration.json) of an fp32 `model` on `tokens`; `text` names the text."""
+def calibrate(model: Transformer, tokens: list[int], *, text: str, artifacts: Artifacts | None = None
+              ) -> dict[str, Any]:
+    """The calibration record (calibration.json) of an fp32 `model` on `tokens`; `text` names the text.
+
+    `artifacts`: the model's (its projections are the ones measured), else the SVDs are computed here."""
     if model.dtype != torch.float32:
         raise ValueError(f"calibration runs in float32 (the model is {model.dtype})")
     if len(tokens) < 16:
         raise InputError(f"calibration needs at least 16 tokens (the text gave {len(tokens)})")
     xs = capture_inputs(model, tokens)
-    projections = model_projections(model) if uses_latents(model.config) else None
+    projections = model_projections(model, artifacts or Artifacts()) if uses_latents(model.config) else None
     layers = [_layer_record(model, i, x, projections[i] if projections else None) for i, x in enumerate(xs)]
-    errors = [{int(b): e for b, e in rec["attn_error"]["xquant"].items()} for rec in layers]
+    errors = attention_errors({"layers": layers})
     return {"text": text, "tokens": len(tokens), "group_size": GROUP_SIZE, "clip_grid": list(CLIP_GRID),
             "latents": projections is not None, "layers": layers,
             "bit_plans": {_target_key(t): bit_plan(errors, t) for t in TARGETS}}
@@ -72,15 +71,13 @@ def calibrate(model: Transformer, tokens: list[int], *, text: str) -> dict[str, 
 
 @torch.inference_mode()
 def capture_inputs(model: Transformer, tokens: list[int]) -> list[torch.Tensor]:
-    """Each layer's post-norm X, (T, d) in fp32, from one forward through a plain KV cache."""
-    from xqcli.cache.base import KVCache
-
+    """Each layer's post-norm X, (T, d) in fp32, from one forward (no cache: the prompt attends to itself)."""
     xs: list[torch.Tensor] = []
     hooks = [layer.input_layernorm.register_forward_hook(lambda _m, _i, out: xs.append(out[0].float()))
              for layer in model.layers]
     try:
         t = torch.tensor([tokens], device=model.device)
-        model.hidden_states(t, KVCache(model, 1, t.shape[1]))
+        model.hidden_states(t)
     finally:
         for h in hooks:
             h.remove()
@@ -168,41 +165,3 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 def _target_key(t: float) -> str:
     return f"{t:g}"
-
-
-def bit_plan(errors: list[dict[int, float]], target: float) -> list[int]:
-    """Per-layer bits averaging at most `target`: greedy best error drop per extra bit, from all-2."""
-    bits = [BITS[0]] * len(errors)
-    budget = target * len(errors) + 1e-9
-    while True:
-        best: tuple[float, int, int] | None = None
-        for i, b in enumerate(bits):
-            nxt = next((n for n in BITS if n > b), None)
-            if nxt is None or sum(bits) - b + nxt > budget:
-                continue
-            gain = (errors[i][b] - errors[i][nxt]) / (nxt - b)
-            if best is None or gain > best[0]:
-                best = (gain, i, nxt)
-        if best is None:
-            return bits
-        bits[best[1]] = best[2]
-
-
-def calibrated_specs(bundle: Bundle | None, specs: list[CacheSpec]) -> list[CacheSpec]:
-    """For each quantized xquant/kivi spec, its twin with the bundle's per-layer clip ratios (`... (cal)`)."""
-    cal = bundle.calibration() if bundle is not None else None
-    if cal is None:
-        raise InputError("--calibrated needs a bundle with a calibration",
-                         hint="make one with: xq convert MODEL")
-    out = []
-    for spec in specs:
-        if spec.method not in CALIBRATED_METHODS or spec.bits is None:
-            continue
-        try:
-            clips = tuple(float(layer["clip"][spec.method][str(spec.bits)]) for layer in cal["layers"])
-        except KeyError:
-            raise BundleError(f"calibration.json has no clip ratios for {spec.name}") from None
-        out.append(replace(spec, clips=clips))
-    if not out:
-        raise InputError("--calibrated: calibration covers xquant-B and kivi-B; --methods names neither")
-    return out

@@ -23,8 +23,9 @@ from typing import Any
 import torch
 
 from xqcli import __version__
+from xqcli.bundle.artifacts import Artifacts
+from xqcli.bundle.bitplan import attention_errors, bit_plan
 from xqcli.bundle.format import (
-    rotation_widths,
     CALIBRATION,
     MANIFEST,
     PROJECTIONS,
@@ -33,18 +34,19 @@ from xqcli.bundle.format import (
     file_entry,
     projection_tensors,
     projections_from_tensors,
-    write_json,
+    rotation_widths,
 )
-from xqcli.cache.spec import CacheSpec, uses_latents
-from xqcli.convert.calibrate import DEFAULT_TOKENS, bit_plan, builtin_text, calibrate
-from xqcli.config import ModelConfig
-from xqcli.errors import InputError
-from xqcli.sources.hub import ALLOW_PATTERNS, Source, resolve
-from xqcli.bundle.projections import layer_projections, set_model_projections
+from xqcli.bundle.projections import layer_projections
 from xqcli.bundle.rotation import Rotation
-from xqcli.texts import read_user_text
+from xqcli.cache.spec import CacheSpec, uses_latents
+from xqcli.config import ModelConfig
+from xqcli.convert.calibrate import DEFAULT_TOKENS, builtin_text, calibrate
+from xqcli.errors import InputError
+from xqcli.fileio import write_json
 from xqcli.load import build_model
 from xqcli.sources.hf import check_model_folder, parse_dtype, read_safetensors, shard_files
+from xqcli.sources.hub import ALLOW_PATTERNS, Source, resolve
+from xqcli.texts import read_user_text
 
 DEFAULT_SHARD_SIZE = 2 * 10**9
 INDEX = "model.safetensors.index.json"
@@ -110,13 +112,14 @@ def convert(src: str | Path, out_dir: str | Path | None = None, *, dtype: str | 
         written = ["config.json", *_present(tmp, TOKENIZER_FILES),
                    *save_weights(model, tmp, out_dt, shard_size)]
         projections = None
+        artifacts = Artifacts()  # calibration measures the projections the bundle stores
         if uses_latents(cfg):
             say("computing SVD projections (float64)")
             tensors = projection_tensors([layer_projections(layer.self_attn.k_proj.weight,
                                                             layer.self_attn.v_proj.weight)
                                           for layer in model.layers], torch.float32)
             save_safetensors(tensors, tmp / PROJECTIONS)
-            set_model_projections(model, projections_from_tensors(tensors, cfg.num_hidden_layers))
+            artifacts.set_projections(projections_from_tensors(tensors, cfg.num_hidden_layers))
             written.append(PROJECTIONS)
             projections = {"file": PROJECTIONS, "dtype": "float32", "svd": "float64, of the stored weights",
                            "sign_convention": SIGN_CONVENTION}
@@ -124,10 +127,9 @@ def convert(src: str | Path, out_dir: str | Path | None = None, *, dtype: str | 
         from xqcli.tokenizer import Tokenizer
 
         tokens = Tokenizer.from_folder(tmp).encode(text, add_special_tokens=False)[:calib_tokens]
-        calibration = calibrate(model, tokens, text=text_label)
+        calibration = calibrate(model, tokens, text=text_label, artifacts=artifacts)
         if budget_bits is not None:  # the user's target joins the default plans (2.5, 3, 3.5)
-            errors = [{int(b): e for b, e in layer["attn_error"]["xquant"].items()} for layer in calibration["layers"]]
-            calibration["bit_plans"][f"{budget_bits:g}"] = bit_plan(errors, budget_bits)
+            calibration["bit_plans"][f"{budget_bits:g}"] = bit_plan(attention_errors(calibration), budget_bits)
         write_json(tmp / CALIBRATION, calibration)
         written.append(CALIBRATION)
         defaults = CacheSpec.parse("xquant-4")

@@ -20,10 +20,14 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from xqcli.cache.spec import CacheSpec
-from xqcli.load import make_cache
+from xqcli.bundle.artifacts import Artifacts
+from xqcli.bundle.bitplan import resolve_spec
+from xqcli.cache.spec import CacheSpec, kv_bytes_per_token
 from xqcli.errors import InputError
+from xqcli.load import make_cache
 from xqcli.model import Transformer
+from xqcli.load import measured_bytes_per_token
+from xqcli.readouts.plan import meta_model
 
 
 @dataclass
@@ -62,14 +66,14 @@ def windows(tokens: list[int], seq_len: int, max_tokens: int | None) -> torch.Te
     return torch.tensor(tokens[: k * seq_len], dtype=torch.long).view(k, seq_len)
 
 
-def method_logits(model: Transformer, spec: CacheSpec, window: torch.Tensor, protocol: str,
-                  prefix: int) -> torch.Tensor:
+def method_logits(model: Transformer, artifacts: Artifacts, spec: CacheSpec, window: torch.Tensor,
+                  protocol: str, prefix: int) -> torch.Tensor:
     """(T, vocab) logits of one window through a fresh cache of kind `spec`."""
     t = window.shape[0]
     tokens = window.view(1, t).to(model.device)
     if spec.method != "kv" and protocol == "paper":
         spec = replace(spec, window=0, quantize_partial=True)
-    cache = make_cache(model, spec, 1, t)
+    cache = make_cache(model, spec, 1, t, artifacts=artifacts)
     if protocol == "paper":
         return model(tokens, cache)[0]
     outs = [model(tokens[:, :prefix], cache)[0]]
@@ -80,15 +84,16 @@ def method_logits(model: Transformer, spec: CacheSpec, window: torch.Tensor, pro
 
 def evaluate(model: Transformer, tokens: list[int], methods: list[CacheSpec], *, seq_len: int = 2048,
              max_tokens: int | None = None, protocol: str = "paper", prefix: int | None = None,
+             artifacts: Artifacts | None = None,
              progress: Callable[[int, int, str], None] | None = None) -> list[EvalRow]:
-    """One row per method, in order. `kv` is always computed (it is the reference) but only reported if asked."""
-    from xqcli.readouts.plan import measured_bytes_per_token, meta_model
-
+    """One row per method, in order. `kv` is always computed (it is the reference) but only reported if asked.
+    `artifacts`: the loaded model's (`Loaded.artifacts`: a bundle's projections and calibration); by
+    default a fresh one, so the SVDs run once for the whole evaluation."""
     if protocol not in ("paper", "decode"):
         raise InputError(f"unknown protocol {protocol!r} (paper or decode)")
-    from xqcli.cache.kinds import resolve
-
-    methods = [resolve(model, s) for s in methods]  # +mix: per-layer bits from the bundle
+    artifacts = artifacts if artifacts is not None else Artifacts()
+    layers = model.config.num_hidden_layers
+    methods = [resolve_spec(s, artifacts, layers) for s in methods]  # +mix: per-layer bits, checked up front
     wins = windows(tokens, seq_len, max_tokens)
     prefix = seq_len // 2 if prefix is None else prefix
     if not 1 <= prefix <= seq_len:
@@ -105,7 +110,7 @@ def evaluate(model: Transformer, tokens: list[int], methods: list[CacheSpec], *,
             if progress:
                 progress(done, total, spec.name)
             logp = ref if spec.method == "kv" else F.log_softmax(
-                method_logits(model, spec, w, protocol, prefix)[:-1].float(), -1)
+                method_logits(model, artifacts, spec, w, protocol, prefix)[:-1].float(), -1)
             a = accs[spec.name]
             a.nll += float(-logp.gather(-1, target[:, None]).sum())
             a.kl += float((ref.exp() * (ref - logp)).sum())
@@ -116,11 +121,12 @@ def evaluate(model: Transformer, tokens: list[int], methods: list[CacheSpec], *,
         progress(total, total, "")
     kv_ppl = math.exp(ref_nll / (wins.shape[0] * (seq_len - 1)))
     meta = meta_model(model.config, torch.float16)
-    kv_bpt = measured_bytes_per_token(meta, CacheSpec.parse("kv"))[0]
+    kv_bpt = kv_bytes_per_token(model.config)
     rows = []
     for spec in methods:
         a = accs[spec.name]
         ppl = math.exp(a.nll / a.n)
         bpt = measured_bytes_per_token(meta, spec)[0]
-        rows.append(EvalRow(spec.name, bpt, bpt / kv_bpt, kv_bpt / bpt, ppl, ppl - kv_ppl, a.kl / a.n, a.agree / a.n, a.n))
+        rows.append(EvalRow(spec.name, bpt, bpt / kv_bpt, kv_bpt / bpt, ppl, ppl - kv_ppl, a.kl / a.n,
+                            a.agree / a.n, a.n))
     return rows

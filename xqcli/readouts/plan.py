@@ -2,7 +2,8 @@
 
 Caches are allocated on PyTorch's meta device, which records shapes and dtypes without memory, so
 a 128k-token Llama-3.1-8B cache is "allocated" for free and its bytes come from the same code that
-allocates real caches. The paper's formula (bits + 32/g bits per element, spec §6) is shown beside it.
+allocates real caches. The paper's formula (bits + 32/g bits per element, docs/design.md §7) is shown
+beside it.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from xqcli.cache.spec import CacheSpec, uses_latents
-from xqcli.load import make_cache
+from xqcli.cache.spec import CacheSpec, kv_bytes_per_token, uses_latents
 from xqcli.config import ModelConfig
 from xqcli.errors import InputError, ResourceError
+from xqcli.load import measured_bytes_per_token
 from xqcli.model import Transformer
 
 SHAPES: dict[str, dict] = {
@@ -36,10 +37,11 @@ SHAPES: dict[str, dict] = {
                          rope_theta=100000.0, rms_norm_eps=1e-5, max_position_embeddings=8192,
                          tie_word_embeddings=True),
 }
-DEFAULT_KINDS = ("kv", "kivi-4", "kivi-3", "kivi-2", "xquant-8", "xquant-4", "xquant-3", "xquant-2",
-                 "xquant-cl-4", "xquant-cl-3", "xquant-cl-2")
-UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
-         "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+# Default kind lists: `xq plan` is free (meta-device caches), so it shows every method at every width;
+# `xq bench` times each kind at each context, so it runs one representative per method and two xquant widths.
+PLAN_KINDS = ("kv", "kivi-4", "kivi-3", "kivi-2", "xquant-8", "xquant-4", "xquant-3", "xquant-2",
+              "xquant-cl-4", "xquant-cl-3", "xquant-cl-2")
+BENCH_KINDS = ("kv", "kivi-4", "xquant-4", "xquant-2", "xquant-cl-3")
 
 
 def shape_config(name: str) -> ModelConfig:
@@ -49,18 +51,18 @@ def shape_config(name: str) -> ModelConfig:
         raise InputError(f"unknown shape {name!r} (known: {', '.join(SHAPES)})") from None
 
 
-def parse_bytes(text: str) -> int:
-    """'24GiB', '6GB', '512MiB', '1e9' -> bytes."""
-    t = text.strip().lower().replace(" ", "")
-    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = t[len(num):]
-    try:
-        value = float(num)
-    except ValueError:
-        value = -1
-    if unit not in UNITS or value <= 0:
-        raise InputError(f"cannot read the memory size {text!r}", hint="write it like 24GiB, 6GB or 512MiB")
-    return int(value * UNITS[unit])
+def parse_kinds(text: str | list[str] | tuple[str, ...], option: str = "--cache") -> list[str]:
+    """Canonical cache kind names, in order, without duplicates ('kv, xquant-4' or a list)."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    out: list[str] = []
+    for k in items:
+        if k.strip():
+            name = CacheSpec.parse(k).name
+            if name not in out:
+                out.append(name)
+    if not out:
+        raise InputError(f"{option} is empty", hint=f"e.g. {option} {','.join(BENCH_KINDS)}")
+    return out
 
 
 def meta_model(cfg: ModelConfig, dtype: torch.dtype = torch.float16) -> Transformer:
@@ -84,21 +86,11 @@ class PlanRow:
     max_context: int | None  # for the budget, if one was given
 
 
-def measured_bytes_per_token(model: Transformer, spec: CacheSpec, n: int = 8192) -> tuple[float, int, float]:
-    """(payload+scales per token, fixed bytes, workspace per token) from a meta cache of n tokens."""
-    from dataclasses import replace
-
-    spec = replace(spec, window=0) if spec.method != "kv" else spec
-    cache = make_cache(model, spec, 1, n, device=torch.device("meta"))
-    a = cache.allocated()
-    return (a.payload + a.scales) / n, a.fp_window, a.workspace / n
-
-
 def paper_bytes_per_token(cfg: ModelConfig, spec: CacheSpec) -> float:
-    """Spec §6: e-bit payload plus one fp16 scale and zero per group (32/g bits per element)."""
-    L, kv, d = cfg.num_hidden_layers, cfg.kv_dim, cfg.hidden_size
+    """docs/design.md §7: e-bit payload plus one fp16 scale and zero per group (32/g bits per element)."""
     if spec.method == "kv":
-        return L * 2 * kv * 2
+        return kv_bytes_per_token(cfg)
+    L, kv, d = cfg.num_hidden_layers, cfg.kv_dim, cfg.hidden_size
     g = spec.group_size
     per = lambda bits, width: width * (bits + 32 / g) / 8  # noqa: E731
     bits = spec.bits or 16
@@ -114,7 +106,7 @@ def paper_bytes_per_token(cfg: ModelConfig, spec: CacheSpec) -> float:
 def plan(cfg: ModelConfig, kinds: list[str], *, budget: int | None = None, include_weights: bool = True,
          dtype: torch.dtype = torch.float16, group_size: int = 128, base_layers: int = 3) -> list[PlanRow]:
     model = meta_model(cfg, dtype)
-    kv_bpt = cfg.num_hidden_layers * 2 * cfg.kv_dim * torch.empty(0, dtype=dtype).element_size()
+    kv_bpt = kv_bytes_per_token(cfg, torch.empty(0, dtype=dtype).element_size())
     weights = weight_bytes(cfg, dtype) if include_weights else 0
     if budget is not None and budget <= weights:
         raise ResourceError(f"the budget ({budget / 2**30:.2f} GiB) is not larger than the weights "

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 
-from xqcli.config import ModelConfig
 from xqcli.errors import InputError, ModelError, WeightsError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,

@@ -1,0 +1,175 @@
+"""`xquant-cl-B`: closed-loop cross-layer deltas.
+
+Layers < base_layers are plain XQuant at base_bits (4); layer base_layers-1 seeds the accumulator X̂;
+layer i >= base_layers stores Q(X_i − X̂_{i−1}) and X̂_i = X̂_{i−1} + deq(...). For GQA the delta is
+projected on U_kv (2·d_kv wide) and X̂_i = X̂_{i−1} + deq(Q(ΔX_i·U_kv))·U_kvᵀ, [K|V] = X̂_i·[W_k|W_v].
+
+Choices (ours, docs/design.md §9): deltas are quantized per-token; the running accumulator is kept in
+the model dtype, rebuilt every step from the base layer, and counted as `workspace` (the fused decode
+path keeps it in one (B, max_len, d) buffer that the CL kernel updates in place, layer after layer); on
+GQA the base layer stores Q4(X·U_kv) (KV-sized, like the paper's Table 4 sizes) and seeds
+X̂ = deq(...)·U_kvᵀ; the current token's own K/V come from X̂ like every other token's.
+
+The full-precision window holds X (GQA: X·U_kv); a token's delta is formed when it is sealed, against
+the accumulator of that moment, so encoder and decoder always see the same X̂_{i−1} (no drift). A window
+token's X̂ is X̂_{i−1} + (X_i·U_kv − X̂_{i−1}·U_kv)·U_kvᵀ, whose K/V are exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from xqcli.bundle.artifacts import Artifacts
+from xqcli.cache.base import CacheBytes, ModelParts, tensor_bytes
+from xqcli.cache.spec import CacheSpec, uses_latents
+from xqcli.cache.stream import Stream, StreamCache
+from xqcli.cache.xquant import XQuantCache
+from xqcli.kernels.quant import fake_quantize
+
+
+@dataclass
+class DeltaLayer:
+    """One XQuant-CL seed/delta layer in this step: its stream, delta rule and (folded) weights."""
+
+    stream: Stream
+    seed: bool  # the first layer of the chain: X̂ = Δ
+    delta: Callable[[int, int, torch.Tensor], torch.Tensor]  # (row, first token, raw values) -> deltas
+    w_k: torch.Tensor  # (d_kv, d), R folded in under +rot (MHA)
+    w_v: torch.Tensor
+    u: torch.Tensor | None  # U_kv (d, 2·d_kv) for GQA, None for MHA
+    b_k: torch.Tensor | None
+    b_v: torch.Tensor | None
+
+
+class XQuantCLCache(XQuantCache):
+    """XQuant-CL: base layers plain XQuant, then closed-loop deltas against a running accumulator X̂."""
+
+    def __init__(self, parts: ModelParts, spec: CacheSpec, batch: int, max_len: int, device: torch.device | str,
+                 artifacts: Artifacts, kernels: str = "auto") -> None:
+        StreamCache.__init__(self, parts, spec, batch, max_len, device, artifacts, kernels)
+        cfg = self.config
+        self.latent = uses_latents(cfg)
+        self.base = min(spec.base_layers, cfg.num_hidden_layers)
+        self.acc: torch.Tensor | None = None  # X̂_{i-1} for every token of every row: (B, S, d)
+        self._acc_buf: torch.Tensor | None = None  # the fused path's accumulator, (B, max_len, d), kept
+        self._acc_bytes = 0
+        self.streams = []
+        for i in range(cfg.num_hidden_layers):
+            bits = spec.base_bits if (i < self.base and spec.bits is not None) else spec.bits
+            if i < self.base - 1:
+                self.streams.append(self.layer_streams(bits, i))
+            elif self.latent:  # seed layer and delta layers: Q(ΔX·U_kv), X·U_kv in the window
+                self.streams.append([self.stream(2 * cfg.kv_dim, spec.quant("token", bits))])
+            else:
+                self.streams.append([self.stream(cfg.hidden_size, spec.quant("token", bits))])
+
+    def append_delta_layer(self, layer: int, x: torch.Tensor) -> DeltaLayer:
+        """Append this step's X of a seed/delta layer (its deltas are formed as tokens are sealed)."""
+        w = self.weights[layer]
+        stream = self.streams[layer][0]
+        seed = layer == self.base - 1
+        w_k, w_v = w.w_k, w.w_v
+        u = None
+        if self.latent:  # +rot folds R into the basis: U_kv·R still has orthonormal columns
+            u = self.projections()[layer].kv.u
+            r = self.rotation(2 * self.config.kv_dim)
+            if r is not None:
+                u = self.folded(("ukv", layer, r[0]), lambda: u.double() @ r[1].double())
+            down = prev_down = (lambda t: t @ u)  # the accumulator lives in X's space
+        else:  # +rot: the accumulator lives in the rotated space, R folded into W_kv
+            r = self.rotation(self.config.hidden_size)
+            down, prev_down = (lambda t: self.rotate(t, r)), (lambda t: t)
+            if r is not None:  # the same folded weights as plain XQuant's rotated X
+                w_k = self.folded(("wk", layer, r[0]), lambda: w_k.double() @ r[1].double())
+                w_v = self.folded(("wv", layer, r[0]), lambda: w_v.double() @ r[1].double())
+        prev = self.acc
+
+        def delta(b: int, start: int, raw: torch.Tensor) -> torch.Tensor:
+            """What layer i quantizes: (X_i − X̂_{i−1})·U_kv, formed against the accumulator right now."""
+            return raw if seed else raw - prev_down(prev[b, start:start + raw.shape[0]])
+
+        # The stream holds X·U_kv (GQA) or X (MHA); deltas are formed when tokens are sealed.
+        self.append(stream, down(x), delta)
+        return DeltaLayer(stream, seed, delta, w_k, w_v, u, w.b_k, w.b_v)
+
+    def tail_deltas(self, dl: DeltaLayer, b: int) -> torch.Tensor:
+        """Row b's waiting tokens as deltas against the accumulator of this moment."""
+        st = dl.stream
+        if st.spec is None:  # unquantized: the stream already holds deltas, nothing waits
+            return st.full.new_zeros(0, st.width)
+        n, t = st.sealed[b], st.tail_len[b]
+        d_tail = dl.delta(b, n, st.tail[b, :t])
+        if self.spec.quantize_partial and t:
+            d_tail = fake_quantize(d_tail, st.spec)  # paper protocol: the waiting tokens too
+        return d_tail
+
+    def update_and_fetch(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer < self.base - 1:
+            return super().update_and_fetch(layer, x)
+        dl = self.append_delta_layer(layer, x)
+        prev, st = self.acc, dl.stream
+        acc = torch.zeros(self.batch, self.step_total(), self.config.hidden_size, dtype=self.dtype, device=self.device)
+        for b in range(self.batch):
+            d = torch.cat([st.sealed_values(b), self.tail_deltas(dl, b)])
+            if dl.u is not None:
+                d = d @ dl.u.T
+            n = d.shape[0]
+            acc[b, :n] = d if dl.seed else prev[b, :n] + d
+        self.acc = acc
+        self._acc_bytes = max(self._acc_bytes, tensor_bytes(acc))
+        k, v = F.linear(acc, dl.w_k, dl.b_k), F.linear(acc, dl.w_v, dl.b_v)  # no per-step weight concatenation
+        return self.finish_kv(k, v)
+
+    def fused_attention(self, layer: int, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor | None:
+        """Base layers: the XQuant kernel. Seed and delta layers: the CL update kernel (dequantize the
+        deltas, X̂ += Δ(·U_kvᵀ) in place on a persistent accumulator), then attention over X̂ with K
+        rebuilt per tile and V absorbed (K and V never stored)."""
+        if layer < self.base - 1:
+            return super().fused_attention(layer, x, q)
+        if not self.fused_ready():
+            return None
+        from xqcli.kernels.xquant_cl import xquant_cl_attention, xquant_cl_update
+
+        qq, cos, sin, seq, s = self.kernel_inputs(q)
+        if layer == self.base - 1:  # the seed overwrites: the buffer's old contents do not matter
+            if self._acc_buf is None:
+                self._acc_buf = torch.empty(self.batch, self.max_len, self.config.hidden_size, dtype=self.dtype,
+                                            device=self.device)
+            self.acc = self._acc_buf[:, :s]
+        dl = self.append_delta_layer(layer, x)  # seals against X̂_{i−1}: before the in-place update
+        packed = self.packed(dl.stream, seq)
+        if dl.stream.spec is not None and not dl.seed:
+            tail = torch.empty_like(dl.stream.tail)  # read only up to each row's waiting tokens
+            for b in range(self.batch):
+                d = self.tail_deltas(dl, b)
+                tail[b, :d.shape[0]] = d
+            packed = replace(packed, tail=tail)
+        xquant_cl_update(self.acc, packed, seq, u_kv=dl.u, seed=dl.seed, max_seq_len=s, backend="triton")
+        self._acc_bytes = max(self._acc_bytes, tensor_bytes(self.acc))
+        out = xquant_cl_attention(qq, self.acc, dl.w_k, dl.w_v, cos, sin, seq, b_k=dl.b_k, b_v=dl.b_v,
+                                  max_seq_len=s, backend="triton")
+        return out[:, :, None]
+
+    def end(self) -> None:
+        super().end()
+        self.acc = None  # transient: rebuilt from the base layer at every step
+
+    def nbytes(self) -> CacheBytes:
+        return super().nbytes() + CacheBytes(workspace=self._acc_bytes)
+
+    def _state_meta(self) -> dict:
+        return super()._state_meta() | {"workspace_bytes": self._acc_bytes}
+
+    def _load_state(self, meta: dict, tensors: dict[str, torch.Tensor], lengths: list[int]) -> None:
+        super()._load_state(meta, tensors, lengths)
+        self._acc_bytes = int(meta.get("workspace_bytes", 0))
+
+    def allocated(self) -> CacheBytes:
+        # The accumulator at full context: one layer's X for every cached token (model dtype).
+        acc = self.batch * self.max_len * self.config.hidden_size * torch.empty(0, dtype=self.dtype).element_size()
+        return super().allocated() + CacheBytes(workspace=acc)
+
