@@ -11,7 +11,16 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from xqcli.kernels.decode_ops import (
+        add_rms_norm,
+        add_rms_norm_ref,
+        rms_norm,
+        rms_norm_ref,
+        silu_mul,
+        silu_mul_ref,
+    )
     from xqcli.kernels.kivi_attention import kivi_attention, kivi_attention_ref
+    from xqcli.kernels.kv_attention import kv_append_rope, kv_append_rope_ref, kv_attention, kv_attention_ref
     from xqcli.kernels.packed import PackedStream
     from xqcli.kernels.quant import (
         QTensor,
@@ -22,6 +31,17 @@ if TYPE_CHECKING:
         packed_width,
         quantize,
         quantize_ref,
+    )
+    from xqcli.kernels.rope_q import rope_q, rope_q_ref
+    from xqcli.kernels.stream_append import (
+        StreamBuffers,
+        allocate_stream,
+        ring_capacity,
+        ring_view,
+        sealed_count,
+        stream_append,
+        stream_append_ref,
+        stream_values_ref,
     )
     from xqcli.kernels.xquant_attention import xquant_attention, xquant_attention_ref
     from xqcli.kernels.xquant_cl import (
@@ -35,9 +55,14 @@ _EXPORTS = {
     "quant": ("QTensor", "QuantSpec", "dequantize", "dequantize_ref", "fake_quantize", "packed_width", "quantize",
               "quantize_ref"),
     "packed": ("PackedStream",),
+    "stream_append": ("StreamBuffers", "allocate_stream", "ring_capacity", "ring_view", "sealed_count", "stream_append",
+                      "stream_append_ref", "stream_values_ref"),
     "xquant_attention": ("xquant_attention", "xquant_attention_ref"),
     "kivi_attention": ("kivi_attention", "kivi_attention_ref"),
+    "kv_attention": ("kv_append_rope", "kv_append_rope_ref", "kv_attention", "kv_attention_ref"),
     "xquant_cl": ("xquant_cl_attention", "xquant_cl_attention_ref", "xquant_cl_update", "xquant_cl_update_ref"),
+    "rope_q": ("rope_q", "rope_q_ref"),
+    "decode_ops": ("add_rms_norm", "add_rms_norm_ref", "rms_norm", "rms_norm_ref", "silu_mul", "silu_mul_ref"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 

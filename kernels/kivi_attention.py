@@ -9,8 +9,10 @@ tail of the newest tokens. One new query token per row attends over a row's cach
 
 Flash-decoding in two launches: ``_kivi_split_kernel`` (B, H_kv, splits) dequantizes K and V tiles
 in registers, applies RoPE to the two rotate-half halves, scores the G query heads of the kv group
-and keeps an online softmax with a (G, D) float32 accumulator; ``_kivi_reduce_kernel`` (B, H_kv)
-merges the splits. Nothing but the (B, H, splits, D) partial outputs is written.
+and keeps an online softmax with a (G, D) float32 accumulator; ``_common.merge_splits_kernel``
+(B, H_kv) merges the splits. Nothing but the (B, H, splits, D) partial outputs is written. Each
+program reads its row's length on the device (``_common.row_span``), so a launch sized for a
+static ``capacity`` is the same every step (see ``_common.plan_splits``).
 """
 
 from __future__ import annotations
@@ -22,14 +24,18 @@ from torch import Tensor
 
 from xqcli.kernels._common import (
     check_query,
+    launch_merge,
     load_query,
     load_tile,
-    plan_splits,
+    online_softmax,
+    plan_flash,
     resolve_len,
     rope_scores,
     rotate_half,
+    row_span,
+    store_split,
 )
-from xqcli.kernels._triton import INTERPRET, check_device, jit, next_pow2, on_device, tl, use_triton
+from xqcli.kernels._triton import check_device, jit, next_pow2, on_device, tl, use_triton
 from xqcli.kernels.packed import PackedStream
 
 __all__ = ["kivi_attention", "kivi_attention_ref"]
@@ -71,7 +77,7 @@ def kivi_attention_ref(
     return out.to(q.dtype)
 
 
-@jit(do_not_specialize=["SPLIT", "s_ab", "s_ah", "s_mlb", "s_mlh"])
+@jit(do_not_specialize=["NS", "SPLIT", "s_ab", "s_ah", "s_mlb", "s_mlh"])
 def _kivi_split_kernel(
     Q, s_qb, s_qh,  # q (B, H, D)
     KC, KS, KZ, KT, K_SEALED,  # pre-RoPE K stream (width H_KV * D)
@@ -82,21 +88,24 @@ def _kivi_split_kernel(
     COS, SIN, s_rope,  # RoPE tables (positions, D)
     ACC, s_ab, s_ah, s_as,  # out: unnormalized per split outputs (B, H, NS, D) float32
     ML, s_mlb, s_mlh,  # out: per split max and sum (B, H, NS, 2) float32
-    SPLIT, qk_scale,  # tokens per split; softmax scale * log2(e)
+    NS, SPLIT,  # split programs per row, least tokens per split (row_span)
+    qk_scale,  # softmax scale * log2(e)
     G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr, DH: tl.constexpr, BDH: tl.constexpr,
     BD: tl.constexpr, BT: tl.constexpr,
     K_BITS: tl.constexpr, K_GS: tl.constexpr, K_PER_CHANNEL: tl.constexpr, K_HAS_CODES: tl.constexpr,
-    K_ALIGNED: tl.constexpr,
+    K_ALIGNED: tl.constexpr, K_RING: tl.constexpr,
     V_BITS: tl.constexpr, V_GS: tl.constexpr, V_PER_CHANNEL: tl.constexpr, V_HAS_CODES: tl.constexpr,
-    V_ALIGNED: tl.constexpr,
+    V_ALIGNED: tl.constexpr, V_RING: tl.constexpr,
     LOWP: tl.constexpr,
 ):
     i_b, i_hk, i_s = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
-    seq = tl.load(SEQ + i_b).to(tl.int64)
+    _lo, seq, split, n_used = row_span(SEQ, i_b, NS, SPLIT, BT, 0)
+    if i_s >= n_used:  # past the row's last split: nothing to read or write
+        return
     k_sealed = tl.load(K_SEALED + i_b).to(tl.int64)
     v_sealed = tl.load(V_SEALED + i_b).to(tl.int64)
-    t_lo = i_s * SPLIT
-    t_hi = tl.minimum(t_lo + SPLIT, seq)
+    t_lo = i_s * split
+    t_hi = tl.minimum(t_lo + split, seq)
 
     m_g, o_h, o_d, m_d, b_q1, b_q2 = load_query(Q + i_b * s_qb, s_qh, i_hk, qk_scale, G, BG, DH, BDH)
     o_c1 = i_hk * D + o_d  # the head's channels, first rotate-half
@@ -113,57 +122,19 @@ def _kivi_split_kernel(
         m_t = o_t < t_hi
         m_qk, m_fk = m_t & (o_t < k_sealed), m_t & (o_t >= k_sealed)
         b_k1 = load_tile(p_kc, s_kct, p_ks, p_kz, s_kst, p_kt, s_ktt, o_t, o_c1, m_qk, m_fk, m_d, k_sealed,
-                          t0, i_hk * D, K_BITS, K_GS, K_PER_CHANNEL, K_HAS_CODES, K_ALIGNED)
+                          t0, i_hk * D, K_BITS, K_GS, K_PER_CHANNEL, K_HAS_CODES, K_ALIGNED, K_RING)
         b_k2 = load_tile(p_kc, s_kct, p_ks, p_kz, s_kst, p_kt, s_ktt, o_t, o_c1 + DH, m_qk, m_fk, m_d, k_sealed,
-                          t0, i_hk * D + DH, K_BITS, K_GS, K_PER_CHANNEL, K_HAS_CODES, K_ALIGNED)
+                          t0, i_hk * D + DH, K_BITS, K_GS, K_PER_CHANNEL, K_HAS_CODES, K_ALIGNED, K_RING)
         b_s = rope_scores(b_q1, b_q2, b_k1, b_k2, COS, SIN, s_rope, o_t, m_t, o_d, m_d, DH, LOWP)  # (BG, BT)
-        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-        b_alpha = tl.exp2(b_m - b_mn)
-        b_p = tl.exp2(b_s - b_mn[:, None])
-        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        b_p, b_alpha, b_m, b_l = online_softmax(b_s, b_m, b_l)
         b_v = load_tile(p_vc, s_vct, p_vs, p_vz, s_vst, p_vt, s_vtt, o_t, i_hk * D + o_dv,
                          m_t & (o_t < v_sealed), m_t & (o_t >= v_sealed), m_dv, v_sealed, t0, i_hk * D,
-                         V_BITS, V_GS, V_PER_CHANNEL, V_HAS_CODES, V_ALIGNED)
+                         V_BITS, V_GS, V_PER_CHANNEL, V_HAS_CODES, V_ALIGNED, V_RING)
         if LOWP:
             b_acc = tl.dot(b_p, b_v, b_acc * b_alpha[:, None], input_precision="tf32")
         else:
             b_acc = tl.dot(b_p, b_v, b_acc * b_alpha[:, None], input_precision="ieee")
-        b_m = b_mn
-    tl.store(ACC + i_b * s_ab + o_h[:, None] * s_ah + i_s * s_as + o_dv[None, :], b_acc,
-             mask=m_g[:, None] & m_dv[None, :])
-    p_ml = ML + i_b * s_mlb + o_h * s_mlh + i_s * 2
-    tl.store(p_ml, b_m, mask=m_g)
-    tl.store(p_ml + 1, b_l, mask=m_g)
-
-
-@jit(do_not_specialize=["NS", "s_ab", "s_ah", "s_mlb", "s_mlh"])
-def _kivi_reduce_kernel(
-    ACC, s_ab, s_ah, s_as,  # per split outputs (B, H, NS, D)
-    ML, s_mlb, s_mlh,  # per split max and sum (B, H, NS, 2)
-    O, s_ob, s_oh,  # out (B, H, D)
-    NS,
-    G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-):
-    i_b, i_hk = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    o_g = tl.arange(0, BG)
-    m_g = o_g < G
-    o_h = i_hk * G + o_g
-    o_d = tl.arange(0, BD)
-    m_gd = m_g[:, None] & (o_d < D)[None, :]
-    p_ml = ML + i_b * s_mlb + o_h * s_mlh
-    b_mx = tl.full([BG], float("-inf"), tl.float32)
-    for i_s in range(NS):
-        b_mx = tl.maximum(b_mx, tl.load(p_ml + i_s * 2, mask=m_g, other=float("-inf")))
-    b_mx = tl.where(b_mx == float("-inf"), 0.0, b_mx)  # a row without tokens
-    b_sum = tl.zeros([BG], tl.float32)
-    b_o = tl.zeros([BG, BD], tl.float32)
-    p_a = ACC + i_b * s_ab + o_h[:, None] * s_ah + o_d[None, :]
-    for i_s in range(NS):
-        b_w = tl.exp2(tl.load(p_ml + i_s * 2, mask=m_g, other=float("-inf")) - b_mx)
-        b_sum += b_w * tl.load(p_ml + i_s * 2 + 1, mask=m_g, other=0.0)
-        b_o += b_w[:, None] * tl.load(p_a + i_s * s_as, mask=m_gd, other=0.0)
-    b_o = b_o * tl.where(b_sum > 0, 1.0 / tl.where(b_sum > 0, b_sum, 1.0), 0.0)[:, None]
-    tl.store(O + i_b * s_ob + o_h[:, None] * s_oh + o_d[None, :], b_o, mask=m_gd)
+    store_split(ACC, s_ab, s_ah, s_as, ML, s_mlb, s_mlh, i_b, i_s, o_h, m_g, o_dv, m_dv, b_acc, b_m, b_l)
 
 
 def kivi_attention(
@@ -176,6 +147,7 @@ def kivi_attention(
     *,
     scale: float | None = None,
     max_seq_len: int | None = None,
+    capacity: int | None = None,
     split_tokens: int | None = None,
     out: Tensor | None = None,
     backend: str = "auto",
@@ -188,7 +160,7 @@ def kivi_attention(
         v: values, width H_kv·D (per-token codes in KIVI*).
         cos, sin: (P, D) RoPE tables in HF rotate-half layout; token t is at position t.
         seq_lens: (B,) int tokens per row (the new token included).
-        scale, max_seq_len, split_tokens, out, backend: as in ``xquant_attention``.
+        scale, max_seq_len, capacity, split_tokens, out, backend: as in ``xquant_attention``.
 
     Returns (B, H, D) in q.dtype. Rows of length 0 give 0.
     """
@@ -206,18 +178,13 @@ def kivi_attention(
         res = kivi_attention_ref(q, k, v, cos, sin, seq_lens, scale=scale)
         return res if out is None else out.copy_(res)
 
-    s_max = resolve_len(op, seq_lens, max_seq_len, cos.shape[0])
+    s_max = resolve_len(op, seq_lens, max_seq_len, cos.shape[0], capacity)
     grp = n_heads // n_kv
     bg = max(16, next_pow2(grp))
     dh = hd // 2
-    lowp = not INTERPRET and q.dtype in (torch.float16, torch.bfloat16)
-    bt = 32 if INTERPRET or not lowp else 64  # float32 (tests) takes the FMA path: smaller tiles
-    split, n_splits = plan_splits(s_max, bsz * n_kv, device, bt, split_tokens)
+    lowp, bt, split, n_splits, ml = plan_flash(q, n_kv, s_max, q.dtype, split_tokens)
     scale = 1.0 / math.sqrt(hd) if scale is None else scale
-    f32 = {"dtype": torch.float32, "device": device}
-    acc = torch.empty(bsz, n_heads, n_splits, hd, **f32)
-    ml = torch.empty(bsz, n_heads, n_splits, 2, **f32)
-    bd = max(16, next_pow2(hd))
+    acc = torch.empty(bsz, n_heads, n_splits, hd, dtype=torch.float32, device=device)
     with on_device(device):
         _kivi_split_kernel[(bsz, n_kv, n_splits)](
             q, q.stride(0), q.stride(1),
@@ -227,19 +194,12 @@ def kivi_attention(
             cos, sin, cos.stride(0),
             acc, acc.stride(0), acc.stride(1), acc.stride(2),
             ml, ml.stride(0), ml.stride(1),
-            split, scale * 1.4426950408889634,
-            G=grp, BG=bg, D=hd, DH=dh, BDH=max(16, next_pow2(dh)), BD=bd, BT=bt,
+            n_splits, split, scale * 1.4426950408889634,
+            G=grp, BG=bg, D=hd, DH=dh, BDH=max(16, next_pow2(dh)), BD=max(16, next_pow2(hd)), BT=bt,
             LOWP=lowp,
             **k.meta(bt, dh, "K_"), **v.meta(bt, hd, "V_"),
             num_warps=8, num_stages=2,
         )
         res = out if out is not None else torch.empty_like(q)
-        _kivi_reduce_kernel[(bsz, n_kv)](
-            acc, acc.stride(0), acc.stride(1), acc.stride(2),
-            ml, ml.stride(0), ml.stride(1),
-            res, res.stride(0), res.stride(1),
-            n_splits,
-            G=grp, BG=bg, D=hd, BD=bd,
-            num_warps=4,
-        )
+        launch_merge(acc, ml, res, seq_lens, split, bt, grp)
     return res

@@ -4,12 +4,15 @@ A stream holds, for each row b of a batch, the tokens 0, 1, ... of one cached te
 (X, a latent X·U, pre-RoPE K or V):
 
 - tokens ``t < sealed[b]`` as packed codes with fp16 scale/zero (``xqcli.kernels.quant`` layout);
-- tokens ``sealed[b] <= t`` in full precision, in ``tail[b, t - sealed[b]]`` (the residual window,
-  plus the not yet sealed part of a per-channel block).
+- tokens ``sealed[b] <= t`` in full precision (the residual window, plus the not yet sealed part of a
+  per-channel block), in one of two tail layouts:
+  shifted (``ring=False``): ``tail[b, t - sealed[b]]``, how ``xqcli.cache.stream.Stream`` stores a row
+  today (``codes``/``scale``/``zero`` of shape ``(B, max_len, ...)``, ``tail`` (B, tail_cap, C));
+  ring (``ring=True``): ``tail[b, t % cap]`` with cap = the tail's rows, how ``stream_append`` stores
+  it on the device (docs/design.md §6), so appending never moves the tail.
 
-This is exactly how ``xqcli.cache.stream.Stream`` stores a row (``codes``/``scale``/``zero`` of shape
-``(B, max_len, ...)``, ``tail`` of shape ``(B, tail_cap, C)``), so a cache passes its buffers as they
-are, with no copy. A dense stream (``PackedStream.dense``) has no codes: every token is in ``tail``.
+A cache passes its buffers as they are, with no copy. A dense stream (``PackedStream.dense``) has no
+codes: every token is in ``tail``.
 
 Kernels read a stream only through ``_common.load_tile``, which takes ``args()``, ``strides()`` and
 ``meta()`` of this class.
@@ -33,7 +36,8 @@ __all__ = ["PackedStream"]
 class PackedStream:
     """One cached stream per row: ``sealed[b]`` quantized tokens, then full-precision ``tail`` tokens.
 
-    tail:   (B, TL, C) fp16/bf16/fp32; row b's token ``sealed[b] + i`` is ``tail[b, i]``.
+    tail:   (B, TL, C) fp16/bf16/fp32; row b's token ``t >= sealed[b]`` is ``tail[b, t - sealed[b]]``,
+            or ``tail[b, t % TL]`` with ``ring``.
     sealed: (B,) int32/int64, on the tensors' device.
     codes:  uint8 (B, S, packed_width(C, bits)), or None for a dense stream (sealed must be 0).
     scale, zero: fp16, token axis (B, S, ceil(C / g)); channel axis (B, ceil(S / g), C), where a
@@ -42,6 +46,7 @@ class PackedStream:
     The stream's width C is the tail's last dimension (the tail may hold 0 tokens). Values are not
     checked on the device (that would sync): a row's tail must hold seq_lens[b] − sealed[b] tokens,
     and codes/scales must cover its sealed tokens (the references raise when they do not).
+    ring:   the tail is a ring buffer (``stream_append``), not shifted to the first unsealed token.
     """
 
     tail: Tensor
@@ -50,6 +55,7 @@ class PackedStream:
     scale: Tensor | None = None
     zero: Tensor | None = None
     spec: QuantSpec | None = None
+    ring: bool = False
 
     @classmethod
     def dense(cls, x: Tensor, sealed: Tensor | None = None) -> PackedStream:
@@ -116,7 +122,11 @@ class PackedStream:
             parts.append(dequantize_ref(q, torch.float32))
         if n - ns > self.tail.shape[1]:
             raise ValueError(f"row {b}: {n - ns} tail tokens needed but the tail holds {self.tail.shape[1]}")
-        parts.append(self.tail[b, : n - ns].float())
+        if self.ring:
+            slots = torch.arange(ns, n, device=self.tail.device) % self.tail.shape[1]
+            parts.append(self.tail[b, slots].float())
+        else:
+            parts.append(self.tail[b, : n - ns].float())
         return torch.cat(parts)
 
     def args(self) -> tuple:
@@ -133,10 +143,11 @@ class PackedStream:
         return codes.stride(0), codes.stride(1), scale.stride(0), scale.stride(1), tail.stride(0), tail.stride(1)
 
     def meta(self, tile_t: int, tile_c: int, prefix: str = "") -> dict:
-        """Constexprs of ``_common.load_tile`` (BITS, GS, PER_CHANNEL, HAS_CODES, ALIGNED), names prefixed.
+        """Constexprs of ``_common.load_tile`` (BITS, GS, PER_CHANNEL, HAS_CODES, ALIGNED, RING), names prefixed.
 
         ``tile_t`` / ``tile_c``: the tokens / channels of the kernel's tiles, whose first token and
         channel are multiples of them. A tile sits in one group when its size divides the group.
+        RING: the ring's capacity (the tail's rows, static per stream), 0 for the shifted layout.
         """
         spec = self.spec
         if self.codes is None:
@@ -145,4 +156,5 @@ class PackedStream:
             g, per_channel = spec.group_size, spec.axis == "channel"
             m = {"BITS": spec.bits, "GS": g, "PER_CHANNEL": per_channel, "HAS_CODES": True,
                  "ALIGNED": g % (tile_t if per_channel else tile_c) == 0}
+        m["RING"] = self.args()[3].shape[1] if self.ring else 0
         return {prefix + key: val for key, val in m.items()}

@@ -59,6 +59,7 @@ padding.
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Literal, NamedTuple
@@ -66,7 +67,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from xqcli.kernels._common import FLOATS
+from xqcli.kernels._common import FLOATS, group_min_max, quant_codes, scale_zero, store_packed
 from xqcli.kernels._triton import INTERPRET, cdiv, jit, next_pow2, on_device, tl, use_triton
 
 __all__ = [
@@ -74,6 +75,7 @@ __all__ = [
     "QTensor",
     "QuantSpec",
     "bytes_per_row",
+    "clip_weight",
     "dequantize",
     "dequantize_ref",
     "fake_quantize",
@@ -81,6 +83,7 @@ __all__ = [
     "pack",
     "pack_ref",
     "packed_width",
+    "packing_unit",
     "qtensor_nbytes",
     "quantize",
     "quantize_pack_triton",
@@ -161,7 +164,7 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
 
 
-def _unit(bits: int) -> tuple[int, int]:
+def packing_unit(bits: int) -> tuple[int, int]:
     """(codes per packing unit, bytes per packing unit) for a bit width."""
     unit_bits = math.lcm(bits, 8)
     return unit_bits // bits, unit_bits // 8
@@ -170,7 +173,7 @@ def _unit(bits: int) -> tuple[int, int]:
 def packed_width(n: int, bits: int) -> int:
     """Bytes that ``n`` codes occupy along the packed axis, padding included."""
     _check_bits(bits)
-    per_unit, unit_bytes = _unit(bits)
+    per_unit, unit_bytes = packing_unit(bits)
     return -(-n // per_unit) * unit_bytes
 
 
@@ -203,6 +206,12 @@ def bytes_per_row(c: int, spec: QuantSpec) -> Fraction:
     return Fraction(qtensor_nbytes((rows, c), spec).total, rows)
 
 
+def clip_weight(clip: float) -> float:
+    """Rule step 3's float32 (1 - clip) / 2, as a Python float for a kernel argument (no tensor, so
+    no host read of one)."""
+    return struct.unpack("f", struct.pack("f", (1.0 - clip) / 2.0))[0]
+
+
 def nominal_bits_per_element(spec: QuantSpec) -> float:
     """The paper's accounting: payload bits plus 32 bits of fp16 scale and zero per full group."""
     return spec.bits + 32 / spec.group_size
@@ -213,7 +222,7 @@ def nominal_bits_per_element(spec: QuantSpec) -> float:
 
 def pack_ref(codes: Tensor, bits: int) -> Tensor:
     """Pack uint8 codes (each < 2**bits) along the last axis; see the module docstring for the layout."""
-    per_unit, unit_bytes = _unit(bits)
+    per_unit, unit_bytes = packing_unit(bits)
     n = codes.shape[-1]
     units = -(-n // per_unit)
     c = torch.nn.functional.pad(codes.to(torch.int32), (0, units * per_unit - n))
@@ -227,7 +236,7 @@ def pack_ref(codes: Tensor, bits: int) -> Tensor:
 
 def unpack_ref(packed: Tensor, bits: int, n: int) -> Tensor:
     """Inverse of ``pack_ref``: the first ``n`` codes of each packed row, as uint8."""
-    per_unit, unit_bytes = _unit(bits)
+    per_unit, unit_bytes = packing_unit(bits)
     b = packed.to(torch.int32).unflatten(-1, (-1, unit_bytes))  # (..., units, unit_bytes)
     byte_shifts = 8 * torch.arange(unit_bytes, dtype=torch.int32, device=packed.device)
     word = (b << byte_shifts).sum(-1)  # (..., units)
@@ -323,35 +332,6 @@ def dequantize_ref(q: QTensor, dtype: torch.dtype) -> Tensor:
 # launches pass ``enable_fp_fusion=False`` so ``mn + (mx - mn) * w`` is never contracted into an FMA.
 
 
-@jit
-def _scale_zero(b_mn, b_mx, clip_w, LEVELS: tl.constexpr):
-    """Rule steps 3-5 on float32 group min/max: fp16 (scale, zero)."""
-    b_w = (b_mx - b_mn) * clip_w
-    b_mn = b_mn + b_w
-    b_mx = b_mx - b_w
-    b_h = b_mn.to(tl.float16)  # round to nearest even
-    b_bits = b_h.to(tl.int16, bitcast=True).to(tl.int32)
-    # one fp16 step toward -inf in sign-magnitude: +x -> bits - 1, +-0 -> 0x8001, -x -> bits + 1
-    b_down = tl.where(b_bits > 0, b_bits - 1, tl.where(b_bits == 0, -0x7FFF, b_bits + 1))
-    b_down = b_down.to(tl.int16).to(tl.float16, bitcast=True)
-    b_zero = tl.where(b_h.to(tl.float32) > b_mn, b_down, b_h)
-    b_z = b_zero.to(tl.float32)
-    b_scale = tl.math.div_rn(b_mx - b_z, tl.full(b_mx.shape, LEVELS, tl.float32)).to(tl.float16)
-    b_up = (b_scale.to(tl.int16, bitcast=True).to(tl.int32) + 1).to(tl.int16).to(tl.float16, bitcast=True)
-    b_scale = tl.where(b_scale.to(tl.float32) * LEVELS + b_z < b_mx, b_up, b_scale)
-    return b_scale, b_zero
-
-
-@jit
-def _codes(b_x, b_scale, b_zero, LEVELS: tl.constexpr):
-    """Rule steps 6-7: int32 codes of float32 x for fp16 scale/zero (broadcastable)."""
-    b_s = b_scale.to(tl.float32)
-    b_s = tl.where(b_s == 0, 1.0, b_s)
-    b_q = tl.floor(tl.math.div_rn(b_x - b_zero.to(tl.float32), b_s) + 0.5)
-    b_q = tl.minimum(tl.maximum(b_q, 0.0), LEVELS * 1.0)
-    return b_q.to(tl.int32)
-
-
 @jit(do_not_specialize=["R"])
 def _quant_token_kernel(
     X, P, S, Z,  # x (R, C) rows; packed (R, PW) uint8; scale, zero (R, NG) fp16
@@ -372,9 +352,8 @@ def _quant_token_kernel(
         b_x = tl.load(X + o_r[:, None, None] * s_x + o_c[None, :, :], mask=m_x, other=0.0).to(tl.float32)
         b_x = tl.minimum(tl.maximum(b_x, -65504.0), 65504.0)
         m_s = m_r[:, None] & (o_g < NG)[None, :]
-        b_mn = tl.where(m_s, tl.min(tl.where(m_x, b_x, float("inf")), axis=2), 0.0)
-        b_mx = tl.where(m_s, tl.max(tl.where(m_x, b_x, float("-inf")), axis=2), 0.0)
-        b_scale, b_zero = _scale_zero(b_mn, b_mx, clip_w, LEVELS)
+        b_mn, b_mx = group_min_max(b_x, m_x, m_s, 2)
+        b_scale, b_zero = scale_zero(b_mn, b_mx, clip_w, LEVELS)
         o_s = o_r[:, None] * s_s + o_g[None, :]
         tl.store(S + o_s, b_scale, mask=m_s)
         tl.store(Z + o_s, b_zero, mask=m_s)
@@ -389,12 +368,9 @@ def _quant_token_kernel(
         o_s = o_r[:, None, None] * s_s + (o_c // G)[None, :, :]
         b_scale = tl.load(S + o_s, mask=m_x, other=0.0)
         b_zero = tl.load(Z + o_s, mask=m_x, other=0.0)
-        b_q = tl.where(m_x, _codes(b_x, b_scale, b_zero, LEVELS), 0)
-        b_w = tl.sum(b_q << (o_j * BITS)[None, None, :], axis=2)  # (BR, BU) little-endian unit words
+        b_q = tl.where(m_x, quant_codes(b_x, b_scale, b_zero, LEVELS), 0)
         m_u = m_r[:, None] & (o_u < NU)[None, :]
-        p_p = P + o_r[:, None] * s_p + o_u[None, :] * UB
-        for k in tl.static_range(UB):
-            tl.store(p_p + k, ((b_w >> (8 * k)) & 0xFF).to(tl.uint8), mask=m_u)
+        store_packed(P + o_r[:, None] * s_p + o_u[None, :] * UB, b_q, m_u, BITS, PU, UB)
 
 
 @jit(do_not_specialize=["T", "NB", "s_xn", "s_pn", "s_sn"])
@@ -419,18 +395,14 @@ def _quant_channel_kernel(
     p_x = X + i_n * s_xn + o_t[:, None, None] * s_xt + o_c[None, :, :]
     b_x = tl.load(p_x, mask=m_x, other=0.0).to(tl.float32)
     b_x = tl.minimum(tl.maximum(b_x, -65504.0), 65504.0)
-    b_mn = tl.where(m_c, tl.min(tl.where(m_x, b_x, float("inf")), axis=0), 0.0)
-    b_mx = tl.where(m_c, tl.max(tl.where(m_x, b_x, float("-inf")), axis=0), 0.0)
-    b_scale, b_zero = _scale_zero(b_mn, b_mx, clip_w, LEVELS)  # (BU, PU)
+    b_mn, b_mx = group_min_max(b_x, m_x, m_c, 0)
+    b_scale, b_zero = scale_zero(b_mn, b_mx, clip_w, LEVELS)  # (BU, PU)
     o_s = i_n * s_sn + i_blk * s_sb + o_c
     tl.store(S + o_s, b_scale, mask=m_c)
     tl.store(Z + o_s, b_zero, mask=m_c)
-    b_q = tl.where(m_x, _codes(b_x, b_scale[None, :, :], b_zero[None, :, :], LEVELS), 0)
-    b_w = tl.sum(b_q << (o_j * BITS)[None, None, :], axis=2)  # (GT, BU)
+    b_q = tl.where(m_x, quant_codes(b_x, b_scale[None, :, :], b_zero[None, :, :], LEVELS), 0)
     m_w = m_t[:, None] & (o_u < NU)[None, :]
-    p_p = P + i_n * s_pn + o_t[:, None] * s_pt + o_u[None, :] * UB
-    for k in tl.static_range(UB):
-        tl.store(p_p + k, ((b_w >> (8 * k)) & 0xFF).to(tl.uint8), mask=m_w)
+    store_packed(P + i_n * s_pn + o_t[:, None] * s_pt + o_u[None, :] * UB, b_q, m_w, BITS, PU, UB)
 
 
 def _check_out(name: str, t: Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
@@ -460,7 +432,7 @@ def quantize_pack_triton(x: Tensor, spec: QuantSpec, *, out: tuple[Tensor, Tenso
     *batch, t, c = x.shape
     n = math.prod(batch)
     g, bits = spec.group_size, spec.bits
-    per_unit, unit_bytes = _unit(bits)
+    per_unit, unit_bytes = packing_unit(bits)
     pw, n_units = packed_width(c, bits), -(-c // per_unit)
     sz_shape = (*batch, t, -(-c // g)) if spec.axis == "token" else (*batch, -(-t // g), c)
     if out is None:
@@ -473,7 +445,7 @@ def quantize_pack_triton(x: Tensor, spec: QuantSpec, *, out: tuple[Tensor, Tenso
         _check_out("scale", scale, sz_shape, torch.float16, x.device)
         _check_out("zero", zero, sz_shape, torch.float16, x.device)
     xc = x.reshape(n, t, c).contiguous()
-    clip_w = float(torch.tensor((1.0 - spec.clip) / 2.0, dtype=torch.float32))
+    clip_w = clip_weight(spec.clip)
     levels = spec.levels
     with on_device(x.device):
         if spec.axis == "token":

@@ -22,6 +22,9 @@ Flash-decoding in three launches, the cached sequence split across programs:
    dequantized V latent tile, accumulated per split into (B, H, splits, C_v) float32.
 3. ``_xq_reduce_kernel`` (B, H_kv): merge the splits (rescale by exp2(m_s - M), divide by the sum),
    then project once per head with M_v's head slice and add b_v.
+Every program reads its row's length on the device (``_common.row_span``) and programs past the
+row's last split return at once, so a launch sized for a static ``capacity`` has the same grid and
+arguments every step (capturable in a CUDA graph; ``_common.plan_splits`` has the split rule).
 Keeping the V latent accumulator (G x C_v, up to 16 x 4096 for MHA) out of the scores kernel's
 registers is why PV is a separate pass over stored logits (4 bytes per head and token, against
 C_v·bits/8 bytes of codes per token) rather than fused into one loop.
@@ -51,10 +54,12 @@ from xqcli.kernels._common import (
     check_query,
     load_query,
     load_tile,
-    plan_splits,
+    merged_max,
+    plan_flash,
     resolve_len,
     rope_scores,
     rotate_half,
+    row_span,
 )
 from xqcli.kernels._triton import INTERPRET, check_device, jit, next_pow2, on_device, tl, use_triton
 from xqcli.kernels.packed import PackedStream
@@ -118,7 +123,7 @@ def xquant_attention_ref(
 # ----------------------------------------------------------------------------- kernels
 
 
-@jit(do_not_specialize=["SPLIT", "s_mlb", "s_mlh"])
+@jit(do_not_specialize=["NS", "SPLIT", "s_mlb", "s_mlh"])
 def _xq_scores_kernel(
     Q, s_qb, s_qh,  # q (B, H, D)
     KC, KS, KZ, KT, K_SEALED,  # K-latent stream: codes, scale, zero, tail, sealed (B,)
@@ -128,21 +133,23 @@ def _xq_scores_kernel(
     BK,  # b_k (H_KV * D,), read only if HAS_BIAS
     CH0, s_ch0b, MK0,  # channel 0 of the latent (B, S) and its M_k row (H_KV * D,), if HAS_CH0
     COS, SIN, s_rope,  # RoPE tables (positions, D)
-    SC, s_scb, s_sch,  # out: logits * log2(e) / sqrt(D), (B, H, S_pad) float32
+    SC, s_scb, s_sch,  # out: logits * log2(e) / sqrt(D), (B, H, S_bound) float32
     ML, s_mlb, s_mlh,  # out: per split running max and sum, (B, H, NS, 2) float32
     C_K,  # channels of the K-latent codes/tail
-    SPLIT,  # tokens per split (a multiple of BT)
+    NS, SPLIT,  # split programs per row, least tokens per split (a multiple of BT; row_span)
     qk_scale,  # softmax scale * log2(e)
     G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr, DH: tl.constexpr, BDH: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr,
     BITS: tl.constexpr, GS: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_CODES: tl.constexpr,
-    ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CH0: tl.constexpr, LOWP: tl.constexpr,
+    ALIGNED: tl.constexpr, RING: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CH0: tl.constexpr, LOWP: tl.constexpr,
 ):
     i_b, i_hk, i_s = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
-    seq = tl.load(SEQ + i_b).to(tl.int64)
+    _lo, seq, split, n_used = row_span(SEQ, i_b, NS, SPLIT, BT, 0)
+    if i_s >= n_used:  # past the row's last split: nothing to read or write
+        return
     sealed = tl.load(K_SEALED + i_b).to(tl.int64)
-    t_lo = i_s * SPLIT
-    t_hi = tl.minimum(t_lo + SPLIT, seq)
+    t_lo = i_s * split
+    t_hi = tl.minimum(t_lo + split, seq)
 
     m_g, o_h, o_d, m_d, b_q1, b_q2 = load_query(Q + i_b * s_qb, s_qh, i_hk, qk_scale, G, BG, DH, BDH)
     o_n = i_hk * D + o_d  # M_k columns of the head's first rotate-half
@@ -161,7 +168,7 @@ def _xq_scores_kernel(
             o_c = c0 + tl.arange(0, BC)
             m_c = o_c < C_K
             b_x = load_tile(p_kc, s_kct, p_ks, p_kz, s_kst, p_kt, s_ktt, o_t, o_c, m_q, m_f, m_c, sealed, t0, c0,
-                             BITS, GS, PER_CHANNEL, HAS_CODES, ALIGNED)
+                             BITS, GS, PER_CHANNEL, HAS_CODES, ALIGNED, RING)
             p_m = MK + o_c[:, None] * s_mkc + o_n[None, :] * s_mkn
             m_m = m_c[:, None] & m_d[None, :]
             b_m1 = tl.load(p_m, mask=m_m, other=0.0)
@@ -190,25 +197,27 @@ def _xq_scores_kernel(
     tl.store(p_ml + 1, b_l, mask=m_g)
 
 
-@jit(do_not_specialize=["SPLIT", "NVC", "s_mlb", "s_mlh", "s_ab", "s_ah"])
+@jit(do_not_specialize=["NS", "SPLIT", "NVC", "s_mlb", "s_mlh", "s_ab", "s_ah"])
 def _xq_pv_kernel(
     VC, VS, VZ, VT, V_SEALED,  # V-latent stream
     s_vcb, s_vct, s_vsb, s_vst, s_vtb, s_vtt,
     SEQ,  # (B,) tokens per row
-    SC, s_scb, s_sch,  # logits (B, H, S_pad)
+    SC, s_scb, s_sch,  # logits (B, H, S_bound)
     ML, s_mlb, s_mlh,  # per split max and sum (B, H, NS, 2)
     ACC, s_ab, s_ah, s_as,  # out: sum_t exp2(logit - split max) * lat_v[t], (B, H, NS, C_V) float32
-    C_V, SPLIT, NVC,  # latent width, tokens per split, latent chunks per split
+    C_V, NS, SPLIT, NVC,  # latent width, the split plan (row_span), latent chunks per split
     G: tl.constexpr, BG: tl.constexpr, BT: tl.constexpr, BCV: tl.constexpr,
     BITS: tl.constexpr, GS: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_CODES: tl.constexpr,
-    ALIGNED: tl.constexpr, LOWP: tl.constexpr,
+    ALIGNED: tl.constexpr, RING: tl.constexpr, LOWP: tl.constexpr,
 ):
     i_b, i_hk, i_x = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     i_s, i_v = i_x // NVC, i_x % NVC
-    seq = tl.load(SEQ + i_b).to(tl.int64)
+    _lo, seq, split, n_used = row_span(SEQ, i_b, NS, SPLIT, BT, 0)
+    if i_s >= n_used:
+        return
     sealed = tl.load(V_SEALED + i_b).to(tl.int64)
-    t_lo = i_s * SPLIT
-    t_hi = tl.minimum(t_lo + SPLIT, seq)
+    t_lo = i_s * split
+    t_hi = tl.minimum(t_lo + split, seq)
     o_g = tl.arange(0, BG)
     m_g = o_g < G
     o_h = i_hk * G + o_g
@@ -225,7 +234,7 @@ def _xq_pv_kernel(
         b_p = tl.exp2(b_s - b_m[:, None])
         b_v = load_tile(p_vc, s_vct, p_vs, p_vz, s_vst, p_vt, s_vtt, o_t, o_c,
                          m_t & (o_t < sealed), m_t & (o_t >= sealed), m_c, sealed, t0, i_v * BCV,
-                         BITS, GS, PER_CHANNEL, HAS_CODES, ALIGNED)
+                         BITS, GS, PER_CHANNEL, HAS_CODES, ALIGNED, RING)
         if LOWP:
             b_acc = tl.dot(b_p, b_v, b_acc, input_precision="tf32")
         else:
@@ -234,28 +243,26 @@ def _xq_pv_kernel(
              mask=m_g[:, None] & m_c[None, :])
 
 
-@jit(do_not_specialize=["NS", "s_ab", "s_ah", "s_mlb", "s_mlh"])
+@jit(do_not_specialize=["NS", "SPLIT", "s_ab", "s_ah", "s_mlb", "s_mlh"])
 def _xq_reduce_kernel(
     ACC, s_ab, s_ah, s_as,  # per split latent sums (B, H, NS, C_V)
     ML, s_mlb, s_mlh,  # per split max and sum (B, H, NS, 2)
     MV, s_mvc, s_mvn,  # M_v (C_V, H_KV * D)
     BV,  # b_v (H_KV * D,), read only if HAS_BIAS
     O, s_ob, s_oh,  # out (B, H, D)
-    C_V, NS,
+    SEQ, C_V, NS, SPLIT,  # tokens per row, latent width, the split plan (row_span)
     G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
-    HAS_BIAS: tl.constexpr, LOWP: tl.constexpr,
+    BT: tl.constexpr, HAS_BIAS: tl.constexpr, LOWP: tl.constexpr,
 ):
     i_b, i_hk = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    _lo, _hi, _split, n_used = row_span(SEQ, i_b, NS, SPLIT, BT, 0)  # splits past it were never written
     o_g = tl.arange(0, BG)
     m_g = o_g < G
     o_h = i_hk * G + o_g
     p_ml = ML + i_b * s_mlb + o_h * s_mlh
-    b_mx = tl.full([BG], float("-inf"), tl.float32)
-    for i_s in range(NS):
-        b_mx = tl.maximum(b_mx, tl.load(p_ml + i_s * 2, mask=m_g, other=float("-inf")))
-    b_mx = tl.where(b_mx == float("-inf"), 0.0, b_mx)  # a row without tokens
+    b_mx = merged_max(p_ml, n_used, m_g, BG)
     b_sum = tl.zeros([BG], tl.float32)
-    for i_s in range(NS):
+    for i_s in range(n_used):
         b_sum += tl.exp2(tl.load(p_ml + i_s * 2, mask=m_g, other=float("-inf")) - b_mx) * \
             tl.load(p_ml + i_s * 2 + 1, mask=m_g, other=0.0)
     b_inv = tl.where(b_sum > 0, 1.0 / tl.where(b_sum > 0, b_sum, 1.0), 0.0)
@@ -267,7 +274,7 @@ def _xq_reduce_kernel(
         o_c = c0 + tl.arange(0, BC)
         m_c = o_c < C_V
         b_lat = tl.zeros([BG, BC], tl.float32)
-        for i_s in range(NS):
+        for i_s in range(n_used):
             b_w = tl.exp2(tl.load(p_ml + i_s * 2, mask=m_g, other=float("-inf")) - b_mx)
             b_part = tl.load(p_a + i_s * s_as + o_c[None, :], mask=m_g[:, None] & m_c[None, :], other=0.0)
             b_lat += b_w[:, None] * b_part
@@ -301,6 +308,7 @@ def xquant_attention(
     k_ch0: Tensor | None = None,
     scale: float | None = None,
     max_seq_len: int | None = None,
+    capacity: int | None = None,
     split_tokens: int | None = None,
     out: Tensor | None = None,
     backend: str = "auto",
@@ -320,8 +328,13 @@ def xquant_attention(
         k_ch0: optional (B, S) or (B, S, 1) channel 0 of X·U_k kept in full precision (arXiv 2508.10395 App. B):
             ``k`` then holds channels 1.. and row 0 of m_k multiplies k_ch0.
         scale: softmax scale, default 1/sqrt(D).
-        max_seq_len: an upper bound of seq_lens known on the host (saves a device sync; sizes the splits).
-        split_tokens: tokens per split (default: about two programs per SM).
+        max_seq_len: an upper bound of seq_lens known on the host (saves a device sync; sizes the
+            grid): for eager steps.
+        capacity: the allocated context (the cache's max_len) instead: a static launch whose grid,
+            scratch buffers and scalar arguments do not depend on the current lengths, so one CUDA
+            graph capture serves every step; each program reads its row's length from seq_lens and
+            programs past it return at once (``_common.plan_splits``). cos/sin must cover it.
+        split_tokens: tokens per split (default: about two programs per SM, spread per row).
         out: optional (B, H, D) output buffer in q.dtype.
         backend: "auto" (Triton for CUDA tensors, else the reference), "triton" or "ref".
 
@@ -363,25 +376,21 @@ def xquant_attention(
         res = xquant_attention_ref(q, k, v, m_k, m_v, cos, sin, seq_lens, b_k=b_k, b_v=b_v, k_ch0=k_ch0, scale=scale)
         return res if out is None else out.copy_(res)
 
-    s_max = resolve_len(op, seq_lens, max_seq_len, cos.shape[0])
+    s_max = resolve_len(op, seq_lens, max_seq_len, cos.shape[0], capacity)
     if k_ch0 is not None and k_ch0.shape[1] < s_max:
         raise ValueError(f"{op}: k_ch0 holds {k_ch0.shape[1]} tokens but rows reach {s_max}")
     grp = n_heads // n_kv
     bg = max(16, next_pow2(grp))
     dh = hd // 2
     bdh = max(16, next_pow2(dh))
-    lowp = not INTERPRET and m_k.dtype in (torch.float16, torch.bfloat16)
-    # Tiles: big under the interpreter (fewer numpy steps); on a GPU sized to avoid register spills
-    # (checked with ptxas -v for sm_90); float32 weights use the FMA path (ieee dots), so smaller.
-    bt = 32 if INTERPRET or not lowp else 64
+    plan = plan_flash(q, n_kv, s_max, m_k.dtype, split_tokens)  # the K rebuild's operands: weights
+    lowp, bt, split, n_splits, ml = plan
     bc = 128 if INTERPRET else 64
-    split, n_splits = plan_splits(s_max, bsz * n_kv, device, bt, split_tokens)
     scale = 1.0 / math.sqrt(hd) if scale is None else scale
     qk_scale = scale * 1.4426950408889634  # log2(e): the kernels use exp2
 
     f32 = {"dtype": torch.float32, "device": device}
-    logits = torch.empty(bsz, n_heads, n_splits * split, **f32)
-    ml = torch.empty(bsz, n_heads, n_splits, 2, **f32)
+    logits = torch.empty(bsz, n_heads, s_max, **f32)
     kc, ks, kz, kt, ksealed = k.args()
     m_k_main, mk0 = (m_k[1:], m_k[0]) if k_ch0 is not None else (m_k, m_k)
     ch0 = k_ch0 if k_ch0 is not None else q
@@ -396,7 +405,7 @@ def xquant_attention(
             cos, sin, cos.stride(0),
             logits, logits.stride(0), logits.stride(1),
             ml, ml.stride(0), ml.stride(1),
-            k.c, split, qk_scale,
+            k.c, n_splits, split, qk_scale,
             G=grp, BG=bg, D=hd, DH=dh, BDH=bdh, BT=bt, BC=bc,
             HAS_BIAS=b_k is not None, HAS_CH0=k_ch0 is not None, LOWP=lowp, **k.meta(bt, bc),
             num_warps=8, num_stages=2,
@@ -412,7 +421,7 @@ def xquant_attention(
             logits, logits.stride(0), logits.stride(1),
             ml, ml.stride(0), ml.stride(1),
             acc, acc.stride(0), acc.stride(1), acc.stride(2),
-            c_v, split, nvc,
+            c_v, n_splits, split, nvc,
             G=grp, BG=bg, BT=bt, BCV=bcv, LOWP=lowp, **v.meta(bt, bcv),
             num_warps=8, num_stages=2,
         )
@@ -423,8 +432,9 @@ def xquant_attention(
             m_v, m_v.stride(0), m_v.stride(1),
             b_v if b_v is not None else q,
             res, res.stride(0), res.stride(1),
-            c_v, n_splits,
+            seq_lens, c_v, n_splits, split,
             G=grp, BG=bg, D=hd, BD=max(16, next_pow2(hd)), BC=256 if INTERPRET else (64 if lowp else 32),
+            BT=bt,
             HAS_BIAS=b_v is not None, LOWP=lowp,
             num_warps=4,
         )

@@ -8,25 +8,33 @@ projected on U_kv, 2·d_kv wide) and the decoder keeps one running accumulator
 
 ``xquant_cl_update`` does this in place on the accumulator for every token t < seq_lens[b] of each
 row, reading Δ from a delta stream: dequantized codes for t < sealed[b], the stream's full-precision
-tail after that. The tail must hold *deltas* too: ``xqcli.cache.xquant_cl`` keeps X·U_kv (or X) in its window
-and forms a waiting token's delta against the accumulator of the moment, so the caller passes
-``tail − X̂_{i−1}[window]·U_kv`` there (at most window + g − 1 tokens; a small torch op). Tokens at or
+tail after that. The tail deltas are formed against the accumulator of the moment:
+``xqcli.cache.xquant_cl`` keeps X·U_kv (or X) in its window, so a waiting token's delta is
+``tail − X̂_{i−1}[t]·U_kv``. The caller either passes a tail of deltas, or the raw tail and that projection
+as ``tail_sub`` (laid out like the tail), which the kernel subtracts in float32 as it reads the tail:
+one launch fewer per layer in the static decode step. Tokens at or
 after seq_lens[b] are not touched. ``seed=True`` starts the chain (the base layer): X̂ = Δ (·U_kvᵀ).
 The accumulator is a materialized buffer by design (the paper's transient accumulator); K and V are
 not: ``xquant_cl_attention`` runs the fused XQuant attention kernel in MHA form over it (M_k = W_kᵀ,
 M_v = W_vᵀ, K rebuilt per tile, V absorbed).
 
-The kernel ``_cl_update_kernel`` has a program per (row, BT tokens, BN accumulator channels): it
-dequantizes BC delta channels at a time and, for GQA, ``tl.dot``s them with the matching U_kv block,
-then adds the previous accumulator in float32 and stores in the accumulator's dtype.
+The kernel ``_cl_update_kernel`` has a program per (row, token slot, BN accumulator channels): slot
+i handles the row's BT-token tiles i, i + NT, i + 2·NT, ... up to the row's length read on the
+device. Per tile it dequantizes BC delta channels at a time and, for GQA, ``tl.dot``s them with the
+matching U_kv block, then adds the previous accumulator in float32 and stores in the accumulator's
+dtype. NT, the slots per row, comes from the launch's host bound alone (one slot per tile for short
+bounds, about eight programs per SM for long ones), so a launch sized for a static ``capacity`` is
+the same every step and slots past a row's length do nothing.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor
 
-from xqcli.kernels._common import FLOATS, check_seq_lens, load_tile
+from xqcli.kernels._common import FLOATS, check_seq_lens, load_tile, plan_splits, resolve_len
 from xqcli.kernels._triton import INTERPRET, cdiv, check_device, jit, next_pow2, on_device, tl, use_triton
 from xqcli.kernels.packed import PackedStream
 from xqcli.kernels.xquant_attention import xquant_attention, xquant_attention_ref
@@ -40,8 +48,11 @@ def xquant_cl_update_ref(
     *,
     u_kv: Tensor | None = None,
     seed: bool = False,
+    tail_sub: Tensor | None = None,
 ) -> Tensor:
     """Reference of ``xquant_cl_update`` (float32 math, one rounding to acc.dtype); updates acc in place."""
+    if tail_sub is not None:
+        delta = replace(delta, tail=delta.tail.float() - tail_sub.float())
     for b in range(acc.shape[0]):
         n = int(seq_lens[b])
         if n == 0:
@@ -54,49 +65,70 @@ def xquant_cl_update_ref(
 
 
 @jit
+def _tail_sub_tile(p_ts, s_tst, o_t, o_c, m_f, m_c, sealed, RING: tl.constexpr):
+    """The (BT, BC) float32 tile of ``tail_sub`` at the tail tokens (m_f), addressed as ``load_tile`` addresses
+    the tail; 0 elsewhere."""
+    if RING:
+        o_f = o_t % RING
+    else:
+        o_f = o_t - sealed
+    return tl.load(p_ts + o_f[:, None] * s_tst + o_c[None, :], mask=m_f[:, None] & m_c[None, :],
+                   other=0.0).to(tl.float32)
+
+
+@jit(do_not_specialize=["NT"])
 def _cl_update_kernel(
     A, s_ab, s_at,  # accumulator (B, S, N), updated in place
     DC, DS, DZ, DT, D_SEALED,  # delta stream (width C): codes, scale, zero, full-precision tail, sealed
     s_dcb, s_dct, s_dsb, s_dst, s_dtb, s_dtt,
+    TS, s_tsb, s_tst,  # tail_sub, laid out like the tail, read only if HAS_TS
     SEQ,  # (B,) tokens per row
     U, s_un, s_uc,  # U_kv (N, C), read only if HAS_U
-    N, C,  # accumulator width, delta width
+    N, C, NT,  # accumulator width, delta width, token slots per row
     BT: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
     BITS: tl.constexpr, GS: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_CODES: tl.constexpr,
-    ALIGNED: tl.constexpr, HAS_U: tl.constexpr, SEED: tl.constexpr, LOWP: tl.constexpr,
+    ALIGNED: tl.constexpr, RING: tl.constexpr, HAS_U: tl.constexpr, SEED: tl.constexpr, LOWP: tl.constexpr,
+    HAS_TS: tl.constexpr,
 ):
     i_b, i_t, i_n = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     seq = tl.load(SEQ + i_b).to(tl.int64)
     sealed = tl.load(D_SEALED + i_b).to(tl.int64)
-    o_t = i_t * BT + tl.arange(0, BT).to(tl.int64)
-    m_t = o_t < seq
-    m_q = m_t & (o_t < sealed)
-    m_f = m_t & (o_t >= sealed)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     p_dc, p_ds, p_dz, p_dt = DC + i_b * s_dcb, DS + i_b * s_dsb, DZ + i_b * s_dsb, DT + i_b * s_dtb
-    if HAS_U:
-        b_u = tl.zeros([BT, BN], tl.float32)
-        for c0 in range(0, C, BC):
-            o_c = c0 + tl.arange(0, BC)
-            m_c = o_c < C
-            b_x = load_tile(p_dc, s_dct, p_ds, p_dz, s_dst, p_dt, s_dtt, o_t, o_c, m_q, m_f, m_c, sealed,
-                             i_t * BT, c0, BITS, GS, PER_CHANNEL, HAS_CODES, ALIGNED)
-            b_w = tl.load(U + o_n[None, :] * s_un + o_c[:, None] * s_uc, mask=m_c[:, None] & m_n[None, :], other=0.0)
-            if LOWP:
-                b_u = tl.dot(b_x.to(b_w.dtype), b_w, b_u)
-            else:
-                b_u = tl.dot(b_x, b_w.to(tl.float32), b_u, input_precision="ieee")
-    else:
-        b_u = load_tile(p_dc, s_dct, p_ds, p_dz, s_dst, p_dt, s_dtt, o_t, o_n, m_q, m_f, m_n, sealed,
-                         i_t * BT, i_n * BN, BITS, GS, PER_CHANNEL, HAS_CODES, ALIGNED)
-    p_a = A + i_b * s_ab + o_t[:, None] * s_at + o_n[None, :]
-    m_a = m_t[:, None] & m_n[None, :]
-    if SEED:
-        b_new = b_u
-    else:
-        b_new = tl.load(p_a, mask=m_a, other=0.0).to(tl.float32) + b_u
-    tl.store(p_a, b_new, mask=m_a)
+    p_ts = TS + i_b * s_tsb
+    for t0 in range(i_t * BT, seq, NT * BT):  # empty for slots past the row's length
+        o_t = t0 + tl.arange(0, BT).to(tl.int64)
+        m_t = o_t < seq
+        m_q = m_t & (o_t < sealed)
+        m_f = m_t & (o_t >= sealed)
+        if HAS_U:
+            b_u = tl.zeros([BT, BN], tl.float32)
+            for c0 in range(0, C, BC):
+                o_c = c0 + tl.arange(0, BC)
+                m_c = o_c < C
+                b_x = load_tile(p_dc, s_dct, p_ds, p_dz, s_dst, p_dt, s_dtt, o_t, o_c, m_q, m_f, m_c, sealed,
+                                 t0, c0, BITS, GS, PER_CHANNEL, HAS_CODES, ALIGNED, RING)
+                if HAS_TS:
+                    b_x = b_x - _tail_sub_tile(p_ts, s_tst, o_t, o_c, m_f, m_c, sealed, RING)
+                b_w = tl.load(U + o_n[None, :] * s_un + o_c[:, None] * s_uc, mask=m_c[:, None] & m_n[None, :],
+                              other=0.0)
+                if LOWP:
+                    b_u = tl.dot(b_x.to(b_w.dtype), b_w, b_u)
+                else:
+                    b_u = tl.dot(b_x, b_w.to(tl.float32), b_u, input_precision="ieee")
+        else:
+            b_u = load_tile(p_dc, s_dct, p_ds, p_dz, s_dst, p_dt, s_dtt, o_t, o_n, m_q, m_f, m_n, sealed,
+                             t0, i_n * BN, BITS, GS, PER_CHANNEL, HAS_CODES, ALIGNED, RING)
+            if HAS_TS:
+                b_u = b_u - _tail_sub_tile(p_ts, s_tst, o_t, o_n, m_f, m_n, sealed, RING)
+        p_a = A + i_b * s_ab + o_t[:, None] * s_at + o_n[None, :]
+        m_a = m_t[:, None] & m_n[None, :]
+        if SEED:
+            b_new = b_u
+        else:
+            b_new = tl.load(p_a, mask=m_a, other=0.0).to(tl.float32) + b_u
+        tl.store(p_a, b_new, mask=m_a)
 
 
 def xquant_cl_update(
@@ -106,7 +138,9 @@ def xquant_cl_update(
     *,
     u_kv: Tensor | None = None,
     seed: bool = False,
+    tail_sub: Tensor | None = None,
     max_seq_len: int | None = None,
+    capacity: int | None = None,
     backend: str = "auto",
 ) -> Tensor:
     """X̂_i = X̂_{i−1} + Δ_i (·U_kvᵀ), in place on ``acc``; returns ``acc``.
@@ -118,7 +152,11 @@ def xquant_cl_update(
         seq_lens: (B,) int tokens per row; tokens at or after seq_lens[b] are not touched.
         u_kv: (d, 2·d_kv) shared basis U_kv (GQA); None for MHA.
         seed: start the chain: X̂ = Δ (·U_kvᵀ), ignoring the previous contents of acc.
-        max_seq_len: an upper bound of seq_lens known on the host (saves a device sync).
+        tail_sub: subtracted (in float32) from the tail's values as they are read, the same shape as
+            ``delta.tail`` and laid out like it (unit last stride): the raw tail's projected accumulator.
+        max_seq_len: an upper bound of seq_lens known on the host (saves a device sync): eager steps.
+        capacity: the allocated context instead (at most acc's S): a static launch, the same every
+            step (capturable in a CUDA graph); see the module docstring.
         backend: "auto" (Triton for CUDA tensors, else the reference), "triton" or "ref".
     """
     op = "xquant_cl_update"
@@ -126,7 +164,7 @@ def xquant_cl_update(
         raise ValueError(f"{op}: acc must be a float (B, S, d) tensor with unit last stride, "
                          f"got {acc.dtype} {tuple(acc.shape)}")
     bsz, s_acc, d = acc.shape
-    device = check_device(op, acc=acc, seq_lens=seq_lens, u_kv=u_kv)
+    device = check_device(op, acc=acc, seq_lens=seq_lens, u_kv=u_kv, tail_sub=tail_sub)
     delta.check(op, "delta", bsz, device)
     if delta.codes is not None and delta.spec.axis != "token":
         raise ValueError(f"{op}: deltas are quantized per token, got a {delta.spec.axis}-axis stream")
@@ -136,12 +174,15 @@ def xquant_cl_update(
     elif u_kv.shape != (d, delta.c) or u_kv.dtype not in FLOATS:
         raise ValueError(f"{op}: u_kv must be a float (d={d}, {delta.c}) matrix, "
                          f"got {u_kv.dtype} {tuple(u_kv.shape)}")
+    if tail_sub is not None and (tail_sub.shape != delta.tail.shape or tail_sub.dtype not in FLOATS
+                                 or tail_sub.stride(-1) != 1):
+        raise ValueError(f"{op}: tail_sub must be a float tensor shaped like delta's tail "
+                         f"{tuple(delta.tail.shape)} with unit last stride, got {tail_sub.dtype} "
+                         f"{tuple(tail_sub.shape)}")
     check_seq_lens(op, seq_lens, bsz)
-    if not use_triton(op, backend, acc, u_kv):
-        return xquant_cl_update_ref(acc, delta, seq_lens, u_kv=u_kv, seed=seed)
-    s_max = int(seq_lens.max()) if max_seq_len is None else int(max_seq_len)
-    if s_max > s_acc:
-        raise ValueError(f"{op}: rows reach {s_max} tokens but acc holds {s_acc}")
+    if not use_triton(op, backend, acc, u_kv, tail_sub):
+        return xquant_cl_update_ref(acc, delta, seq_lens, u_kv=u_kv, seed=seed, tail_sub=tail_sub)
+    s_max = resolve_len(op, seq_lens, max_seq_len, s_acc, capacity, holder="acc's buffers")
     if s_max == 0:
         return acc
     lowp = not INTERPRET and u_kv is not None and u_kv.dtype in (torch.float16, torch.bfloat16)
@@ -149,16 +190,20 @@ def xquant_cl_update(
     bn = min(256 if INTERPRET else 64, max(16, next_pow2(d)))
     bc = 128 if INTERPRET else 64
     u = u_kv if u_kv is not None else acc
+    ts = tail_sub if tail_sub is not None and tail_sub.shape[1] else acc  # an empty tail is never read
+    n_chunks = cdiv(d, bn)
+    _, n_slots = plan_splits(s_max, bsz * n_chunks, device, bt, per_sm=8)
     with on_device(device):
-        _cl_update_kernel[(bsz, cdiv(s_max, bt), cdiv(d, bn))](
+        _cl_update_kernel[(bsz, n_slots, n_chunks)](
             acc, acc.stride(0), acc.stride(1),
             *delta.args(), *delta.strides(),
+            ts, ts.stride(0), ts.stride(1),
             seq_lens,
             u, u.stride(0), u.stride(1),
-            d, delta.c,
+            d, delta.c, n_slots,
             BT=bt, BN=bn, BC=bc,
             HAS_U=u_kv is not None, SEED=seed,
-            LOWP=lowp,
+            LOWP=lowp, HAS_TS=ts is not acc,
             **delta.meta(bt, bc if u_kv is not None else bn),
             num_warps=8, num_stages=2,
         )
@@ -179,8 +224,8 @@ def xquant_cl_attention_ref(
 def xquant_cl_attention(
     q: Tensor, acc: Tensor, w_k: Tensor, w_v: Tensor, cos: Tensor, sin: Tensor, seq_lens: Tensor, *,
     b_k: Tensor | None = None, b_v: Tensor | None = None, scale: float | None = None,
-    max_seq_len: int | None = None, split_tokens: int | None = None, out: Tensor | None = None,
-    backend: str = "auto",
+    max_seq_len: int | None = None, capacity: int | None = None, split_tokens: int | None = None,
+    out: Tensor | None = None, backend: str = "auto",
 ) -> Tensor:
     """Decode attention over the accumulator X̂_i (B, S, d): the XQuant kernel in MHA form.
 
@@ -191,4 +236,5 @@ def xquant_cl_attention(
         raise ValueError(f"xquant_cl_attention: acc must be (B, S, d), got {tuple(acc.shape)}")
     dense = PackedStream.dense(acc)
     return xquant_attention(q, dense, dense, w_k.T, w_v.T, cos, sin, seq_lens, b_k=b_k, b_v=b_v, scale=scale,
-                            max_seq_len=max_seq_len, split_tokens=split_tokens, out=out, backend=backend)
+                            max_seq_len=max_seq_len, capacity=capacity, split_tokens=split_tokens, out=out,
+                            backend=backend)

@@ -1,5 +1,5 @@
 """Bundles on tiny models: round trip, sharding, defensive opening (tampering, paths, schema), a manifest
-fuzz, atomic writes, and the calibration pieces the runtime uses (per-layer clips, bit plans)."""
+fuzz, atomic writes, and the calibration record (statistics, per-layer clips, versions, progress)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import torch
 from xqcli.bundle.format import MANIFEST, open_bundle
 from xqcli.cache.spec import CacheSpec
 from xqcli.load import make_cache
-from xqcli.bundle.bitplan import bit_plan
 from xqcli.cli import main
 from xqcli.convert.pipeline import convert
 from xqcli.errors import BundleError, InputError
@@ -268,9 +267,8 @@ def test_fuzzed_manifests(bundle_copy):
 # ------------------------------------------------------------------------------------ writing safely
 
 
-def test_existing_target_and_force(gqa_dir, tmp_path, capsys):
-    out = tmp_path / "target"
-    out.mkdir()
+def test_existing_target_and_force(gqa_dir, gqa_bundle, tmp_path, capsys):
+    out = Path(shutil.copytree(gqa_bundle, tmp_path / "target"))  # --force replaces bundles only
     (out / "keep.txt").write_text("mine")
     code, _, err = run_cli(capsys, "convert", str(gqa_dir), "-o", str(out), "--calib-tokens", "32")
     assert code == 2 and "already exists" in err and "--force" in err
@@ -320,23 +318,83 @@ def test_bad_convert_arguments(gqa_dir, tmp_path):
 
 def test_calibration_record(gqa_bundle):
     cal = open_bundle(gqa_bundle).calibration()
-    assert cal["tokens"] == 64 and len(cal["layers"]) == 2 and cal["latents"]
+    assert cal["version"] == 2 and cal["tokens"] == 64 and len(cal["layers"]) == 2 and cal["latents"]
+    assert "bit_plans" not in cal
     for rec in cal["layers"]:
+        assert set(rec) == {"layer", "x", "latent", "clip", "kv_error"}
         assert 0 < rec["latent"]["k_channel0_energy"] < 1
         assert set(rec["clip"]) == {"xquant", "kivi"} and set(rec["clip"]["xquant"]) == {"2", "3", "4", "8"}
-        errs = rec["attn_error"]["xquant"]
-        assert errs["2"] > errs["3"] > errs["4"] > errs["8"] > 0 and rec["sensitivity"] == errs["3"]
-    for target, plan in cal["bit_plans"].items():
-        assert sum(plan) / len(plan) <= float(target)
+        errs = rec["kv_error"]["xquant"]
+        assert errs["2"] > errs["3"] > errs["4"] > errs["8"] > 0
+    assert "most_sensitive_layers" not in json.loads((gqa_bundle / MANIFEST).read_text())["calibration"]
 
 
-def test_bit_plan_greedy():
-    errors = [{2: 1.0, 3: 0.5, 4: 0.25, 8: 0.0}, {2: 0.2, 3: 0.15, 4: 0.1, 8: 0.0},
-              {2: 0.9, 3: 0.1, 4: 0.05, 8: 0.0}]
-    assert bit_plan(errors, 2.0) == [2, 2, 2]
-    assert bit_plan(errors, 8 / 3) == [3, 2, 3]  # the two largest drops first
-    assert bit_plan(errors, 3.0) == [4, 2, 3]  # then layer 0's 3 -> 4 (0.25) beats layer 1's 2 -> 3 (0.05)
-    assert bit_plan(errors, 8.0) == [8, 8, 8]
+def test_calibration_progress_counts_every_layer(tiny_models):
+    from xqcli.convert.calibrate import calibrate
+
+    model = tiny_models["qwen2"]
+    n = model.config.num_hidden_layers
+    calls: list[tuple[int, int]] = []
+    calibrate(model, list(range(32)), text="t", progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(i, n) for i in range(n + 1)]
+
+
+def test_calibration_bar_on_a_terminal_only(gqa_dir, tmp_path, capsys):
+    """Calibration shows a per-layer bar with an ETA on a terminal's stderr, and nothing on a pipe."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    code, _, err = run_cli(capsys, "convert", str(gqa_dir), "-o", str(tmp_path / "piped"), "--calib-tokens", "32")
+    assert code == 0 and "calibrating" in err and "layers" not in err
+    master, slave = os.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "xqcli", "convert", str(gqa_dir), "-o", str(tmp_path / "tty"),
+                             "--calib-tokens", "32"], stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
+                            env=dict(os.environ, TERM="xterm-256color", COLUMNS="120"))
+    os.close(slave)
+    raw = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        raw += chunk
+    os.close(master)
+    assert proc.wait(120) == 0, raw
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", raw.decode("utf-8", "replace"))
+    assert re.search(r"calibration .*\b[0-2]/2 layers -?[0-9:-]+", text), text
+
+
+def test_calibration_versions(bundle_copy, capsys):
+    """A version-1 record (no "version"; bit plans and sensitivities of the removed +mix) still opens and
+    inspects; a newer version asks for a newer xq; a broken field is refused before any use."""
+    import xqcli.bundle.format as fmt
+
+    path = bundle_copy / "calibration.json"
+    cal = json.loads(path.read_text())
+    old = copy.deepcopy(cal)
+    del old["version"]
+    old["bit_plans"] = {"3": [4, 2]}
+    for rec in old["layers"]:
+        rec |= {"sensitivity": 0.1, "attn_error": {"xquant": {"2": 0.3, "3": 0.1, "4": 0.05, "8": 0.0}}}
+    path.write_text(json.dumps(old))
+    edit_manifest(bundle_copy, lambda m: m.update(files=[fmt.file_entry(bundle_copy, f["path"])
+                                                         for f in m["files"]]))
+    code, out, err = run_cli(capsys, "inspect", str(bundle_copy))
+    assert code == 0 and "K/V err" in out, err
+    with pytest.raises(BundleError, match="newer than this xq") as e:
+        fmt._check_calibration(path, cal | {"version": 3}, 2)
+    assert e.value.hint == "upgrade xq"
+    for broken in ({"version": "2"}, {"version": 0}, {"layers": cal["layers"][:1]}):
+        with pytest.raises(BundleError, match="malformed calibration"):
+            fmt._check_calibration(path, cal | broken, 2)
+    bad = copy.deepcopy(cal)
+    bad["layers"][1]["kv_error"]["kivi"]["3"] = -1.0
+    with pytest.raises(BundleError, match="malformed calibration"):
+        fmt._check_calibration(path, bad, 2)
 
 
 def test_per_layer_clips(gqa_bundle):
@@ -376,24 +434,6 @@ def test_rotation_recorded_and_checked(bundle_copy, capsys):
     assert code == 4 and "rotation" in err
 
 
-def test_budget_no_plan_can_meet(gqa_dir, gqa_bundle, tmp_path, capsys):
-    code, _, err = run_cli(capsys, "convert", str(gqa_dir), "-o", str(tmp_path / "b"), "--budget-bits", "1.5")
-    assert code == 2 and "no per-layer plan" in err and not (tmp_path / "b").exists()
-    code, _, err = run_cli(capsys, "convert", str(gqa_dir), "-o", str(tmp_path / "b"), "--budget", "1KiB",
-                           "--context", "100000")
-    assert code == 2 and "no plan fits" in err and not (tmp_path / "b").exists()
+def test_unknown_rotation_refused(gqa_dir, tmp_path, capsys):
     code, _, err = run_cli(capsys, "convert", str(gqa_dir), "-o", str(tmp_path / "b"), "--rotation", "spiral")
-    assert code == 2 and "unknown rotation" in err
-    code, _, err = run_cli(capsys, "eval", str(gqa_bundle), "--text", "news", "-m", "xquant-1.5+mix")
-    assert code == 2 and "no per-layer plan can average" in err
-
-
-def test_mix_plan_from_bundle(gqa_bundle):
-    from xqcli.bundle.bitplan import resolve_spec
-    from xqcli.load import load
-
-    loaded = load(gqa_bundle)
-    model = loaded.model
-    spec = resolve_spec(CacheSpec.parse("xquant-3+mix"), loaded.artifacts, model.config.num_hidden_layers)
-    assert spec.layer_bits is not None and len(spec.layer_bits) == model.config.num_hidden_layers
-    assert sum(spec.layer_bits) <= 3 * len(spec.layer_bits) and set(spec.layer_bits) <= {2, 3, 4, 8}
+    assert code == 2 and "unknown rotation" in err and not (tmp_path / "b").exists()

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from xqcli.bundle.artifacts import Artifacts
-from xqcli.bundle.bitplan import resolve_spec
 from xqcli.cache.spec import CacheSpec, uses_latents
 from xqcli.cache.stream import Stream
 from xqcli.load import make_cache
@@ -86,10 +85,15 @@ def test_paper_protocol_prefill_equals_fake_quant_of_whole_sequence():
     x = torch.randn(1, 37, 12)
     q = QuantSpec(3, 16, "channel")
     st = Stream(1, 64, 12, q, 0, torch.float32, torch.device("cpu"), quantize_partial=True)
-    st.append(0, x[0])
-    got = torch.cat([st.sealed_values(0), st.tail_values(0)])
-    assert st.sealed[0] == 32 and st.tail_len[0] == 5
+    append(st, x, [0], [37])
+    got = st.values(torch.tensor([37]), 37, [37])[0]
+    assert st.counts(37) == (32, 5)
     assert torch.equal(got, fake_quantize(x[0], q))
+
+
+def append(st: Stream, new: torch.Tensor, lengths: list[int], n_new: list[int]) -> None:
+    """`Stream.append` of host counts, as a CPU cache calls it (device tensors with their host mirror)."""
+    st.append(new, torch.tensor(lengths), torch.tensor(n_new), host_lengths=lengths, host_n_new=n_new)
 
 
 def test_stream_sealing_rules():
@@ -97,14 +101,18 @@ def test_stream_sealing_rules():
     tok = Stream(1, 64, 10, QuantSpec(4, 4, "token"), 6, torch.float32, torch.device("cpu"))
     ch = Stream(1, 64, 10, QuantSpec(4, 8, "channel"), 6, torch.float32, torch.device("cpu"))
     for i in range(50):
-        tok.append(0, x[i:i + 1])
-        ch.append(0, x[i:i + 1])
-        assert tok.tail_len[0] == min(i + 1, 6)
-        assert ch.sealed[0] % 8 == 0 and ch.tail_len[0] <= 6 + 7 and ch.length(0) == i + 1
+        append(tok, x[None, i:i + 1], [i], [1])
+        append(ch, x[None, i:i + 1], [i], [1])
+        assert tok.counts(i + 1)[1] == min(i + 1, 6)
+        sealed, waiting = ch.counts(i + 1)
+        assert sealed % 8 == 0 and waiting <= 6 + 7 and sealed + waiting == i + 1
     # sealed values are exactly the codes of the tokens that left the window, quantized once
-    assert torch.equal(tok.sealed_values(0), fake_quantize(x[:44], QuantSpec(4, 4, "token")))
-    assert torch.equal(ch.sealed_values(0), fake_quantize(x[:ch.sealed[0]], QuantSpec(4, 8, "channel")))
-    assert torch.equal(ch.tail_values(0), x[ch.sealed[0]:])
+    n = ch.counts(50)[0]
+    assert n == 40
+    assert torch.equal(tok.values(torch.tensor([50]), 44)[0], fake_quantize(x[:44], QuantSpec(4, 4, "token")))
+    assert torch.equal(ch.values(torch.tensor([50]), n)[0], fake_quantize(x[:n], QuantSpec(4, 8, "channel")))
+    assert torch.equal(ch.waiting(0, 50), x[n:])
+    assert torch.equal(ch.values(torch.tensor([50]), 50)[0, n:], x[n:])
 
 
 @pytest.mark.parametrize("name", ["kv", "kivi-fp", "xquant-fp", "xquant-cl-fp", "kivi-4", "xquant-3", "xquant-cl-2"])
@@ -147,9 +155,10 @@ def test_cl_is_closed_loop(tiny_models):
     cache = make_cache(model, CacheSpec.parse("xquant-cl-2", window=0, group_size=16, base_layers=1), 1, 24)
     model(tokens, cache)
     # decode X̂ of the last layer from the stored base plus deltas, as a decoder would
-    xh = cache.streams[0][0].sealed_values(0)
+    n = torch.tensor([24])
+    xh = cache.streams[0][0].values(n, 24)[0]
     for layer in range(1, model.config.num_hidden_layers):
-        xh = xh + cache.streams[layer][0].sealed_values(0)
+        xh = xh + cache.streams[layer][0].values(n, 24)[0]
     # the K it rebuilds equals what attention used at the last step (from the running accumulator)
     last = model.layers[-1].self_attn
     cache2 = make_cache(model, CacheSpec.parse("xquant-cl-2", window=0, group_size=16, base_layers=1), 1, 25)
@@ -227,33 +236,16 @@ def test_rotations_are_exact_algebra_and_help_per_token_quantization(tiny_models
     assert not torch.equal(plain, rot)
 
 
-def test_mixed_precision_plan_from_calibration(tiny_models):
-    from xqcli.load import measured_bytes_per_token
-    from xqcli.readouts.plan import meta_model
-
-    model = tiny_models["llama"]
-    n = model.config.num_hidden_layers
-    spec = CacheSpec.parse("xquant-3+mix", window=0)
-    with pytest.raises(InputError, match="calibration"):
-        resolve_spec(spec, Artifacts(), n)
-    # layer 0 is much more sensitive than layer 1: it gets the bits
-    artifacts = Artifacts(calibration={"layers": [
-        {"attn_error": {"xquant": {"2": 1.0, "3": 0.5, "4": 0.25, "8": 0.01}}},
-        {"attn_error": {"xquant": {"2": 0.1, "3": 0.09, "4": 0.08, "8": 0.07}}}]})
-    got = resolve_spec(spec, artifacts, n)
-    assert got.layer_bits == (4, 2) and sum(got.layer_bits) <= 3 * n
-    bpt = measured_bytes_per_token(meta_model(model.config), got)[0]
-    b2 = measured_bytes_per_token(meta_model(model.config), CacheSpec.parse("xquant-2"))[0]
-    b4 = measured_bytes_per_token(meta_model(model.config), CacheSpec.parse("xquant-4"))[0]
-    assert bpt == (b2 + b4) / 2
-    tokens = torch.randint(0, model.config.vocab_size, (1, 20))
-    assert stepped(model, spec, tokens, prefix=10, artifacts=artifacts).isfinite().all()
-
-
-@pytest.mark.parametrize("bad", ["xquant-1.5+mix", "kivi-3+mix", "kivi-4+rot", "xquant-2.5"])
-def test_bad_variants(bad):
-    with pytest.raises(InputError):
+@pytest.mark.parametrize("bad,needle", [
+    ("kivi-4+rot", "+rot applies to xquant"),
+    ("xquant-2.5", "bits must be one of 2, 3, 4, 8 (got 2.5)"),
+    ("xquant-3+mix", "unknown variant +mix"),
+    ("xquant-4+zip", "unknown variant +zip"),
+])
+def test_bad_variants(bad, needle):
+    with pytest.raises(InputError) as e:
         CacheSpec.parse(bad)
+    assert needle in str(e.value)
 
 
 @pytest.mark.parametrize("name", ["kv", "kivi-4", "xquant-3", "xquant-cl-2", "xquant-fp", "xquant-4+ch0"])

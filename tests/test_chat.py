@@ -81,7 +81,7 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
     [],
     ["--cache", "xquant-cl-3", "--window", "4", "--temperature", "0.9", "--top-k", "20", "--top-p", "0.9",
      "--min-p", "0.02", "--repeat-penalty", "1.2", "--seed", "5"],
-    ["--cache", "kivi", "--bits", "2", "--chat", "-s", "be brief", "--context", "1K"],
+    ["--cache", "kivi", "--bits", "2", "--chat", "-s", "be brief", "--context", "0.5K"],
 ])
 def test_generate_json_validates_against_the_schema(capsys, tiny_gguf, args):
     code, out, err = run(capsys, "generate", tiny_gguf, "-p", "the cat sat", "-n", "7", "--json", *args)
@@ -89,14 +89,23 @@ def test_generate_json_validates_against_the_schema(capsys, tiny_gguf, args):
     obj = json.loads(out)
     assert_valid(obj, "generate")
     assert obj["generated_tokens"] == len(obj["tokens"]) == 7 and obj["finish"] == "max_tokens"
-    assert obj["memory"]["context_tokens"] == obj["prompt_tokens"] + 6
+    m = obj["memory"]
+    assert m["context_tokens"] == obj["prompt_tokens"] + 6
+    left = {"context": m["capacity_tokens"] - m["context_tokens"],
+            "trained length": m["trained_tokens"] - m["context_tokens"]}
+    assert m["tokens_left"] == left[m["tokens_left_limit"]] == min(left.values())
+    stored = m["cache_bytes"]["total"] - m["cache_bytes"]["workspace"]
+    assert m["model_dtype"] == "float32" and m["kv_model_bytes"] == 2 * m["kv_fp16_bytes"]
+    assert m["ratio_now"] == pytest.approx(m["kv_fp16_bytes"] / stored, rel=1e-3)
+    word = "larger" if stored > m["kv_fp16_bytes"] else "smaller"
+    assert f"x {word} than fp16 KV" in m["summary"] and f"KiB for {m['capacity_tokens']:,} tokens, " in m["summary"]
     c = obj["memory"]["cache_bytes"]
     assert c["total"] == c["payload"] + c["scales"] + c["fp_window"] + c["workspace"] > 0
 
 
 def test_generate_json_stop_and_plain_text(capsys, tiny_gguf):
-    code, out, _ = run(capsys, "generate", tiny_gguf, "-p", "the cat", "-n", "12", "--json")
-    full = json.loads(out)["text"]
+    code, first, _ = run(capsys, "generate", tiny_gguf, "-p", "the cat", "-n", "12", "--json")
+    full = json.loads(first)["text"]
     stop = full[4:6]
     code, out, _ = run(capsys, "generate", tiny_gguf, "-p", "the cat", "-n", "12", "--json", "--stop", stop)
     obj = json.loads(out)
@@ -105,19 +114,22 @@ def test_generate_json_stop_and_plain_text(capsys, tiny_gguf):
     assert obj["text"] == full[:full.index(stop)]
     code, out, err = run(capsys, "generate", tiny_gguf, "-p", "the cat", "-n", "12")
     assert code == 0 and out == full + "\n" and "12 generated tokens" in err
+    assert json.loads(first)["memory"]["summary"] in " ".join(err.split()), err  # the same words as --json
 
 
 @pytest.mark.parametrize("context,tokens", [("1k", 1024), ("1K", 1024), ("1000", 1000), ("0.5k", 512)])
 def test_generate_context_grammar(capsys, tiny_gguf, context, tokens):
-    """--context reads sizes as every command does (xqcli.units: k = 1024; a plain number is exact)."""
-    code, out, err = run(capsys, "generate", tiny_gguf, "-p", "the cat", "-n", "2", "--json", "--context", context)
+    """--context reads sizes as every command does (xqcli.units: k = 1024; a plain number is exact). The tiny
+    model was trained on 512 positions: longer contexts need --allow-long-context."""
+    code, out, err = run(capsys, "generate", tiny_gguf, "-p", "the cat", "-n", "2", "--json", "--context", context,
+                         "--allow-long-context")
     assert code == 0, err
     assert json.loads(out)["memory"]["capacity_tokens"] == tokens
 
 
 def test_chat_context_grammar(capsys, monkeypatch, tiny_gguf):
     monkeypatch.setattr(sys, "stdin", io.StringIO("/exit\n"))
-    code, _, err = run(capsys, "chat", tiny_gguf, "--cache", "kv", "--context", "1k")
+    code, _, err = run(capsys, "chat", tiny_gguf, "--cache", "kv", "--context", "1k", "--allow-long-context")
     assert code == 0 and "context 1,024" in err, err
 
 
@@ -158,8 +170,14 @@ def test_chat_plain_mode(capsys, monkeypatch, tmp_path, tiny_gguf):
     assert ">>>" not in out and "\x1b[" not in out
     assert re.search(r"^prompt: \d+ tokens prefilled, 0 reused from the cache$", out, re.MULTILINE)
     assert re.search(r"^generated: 5 tokens, finish max_tokens$", out, re.MULTILINE)
-    assert re.search(r"^per token past the window: [\d,]+ B/token \(payload\+scales\) vs fp16 KV [\d,]+ B/token: "
-                     r"ratio [\d.]+x$", out, re.MULTILINE)
+    # a 4-token window: past 10 tokens the cache is below fp16 KV, and the words say so
+    assert re.search(r"^cache xquant-4: [\d.]+ KiB for \d\d+ tokens: [\d.]+x smaller than fp16 KV \([\d.]+ KiB\), "
+                     r"[\d.]+x smaller than float32 KV", out, re.MULTILINE)
+    assert re.search(r"^compression: smaller than fp16 KV from 10 tokens on; past the 4-token window [\d,]+ "
+                     r"B/token, [\d.]+x smaller than fp16 KV \([\d,]+ B/token\)$", out, re.MULTILINE)
+    assert re.search(r"^context: \d+ tokens held, [\d,]+ tokens left \(capped by the 512-token allocation\)$",
+                     out, re.MULTILINE)
+    assert re.search(r"^allocated: [\d.]+ KiB for 512 tokens$", out, re.MULTILINE)
     assert "error: top-p must be in (0, 1] (got 2.0)" in err and "temperature=0.5" in err
     assert "error: unknown command /frobnicate" in err and "/nonexistent.safetensors does not exist" in err
     assert "saved" in err and session.is_file()
@@ -178,16 +196,25 @@ def test_chat_plain_mode(capsys, monkeypatch, tmp_path, tiny_gguf):
 # ------------------------------------------------------------------------------ chat in a terminal
 
 
+def _take_terminal() -> None:
+    """In the child, before exec: its stdin (the pty) becomes its controlling terminal."""
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
 class Pty:
-    """A child process on a pseudo-terminal (stdin, stdout and stderr), read with select and timeouts."""
+    """A child process on a pseudo-terminal (stdin, stdout and stderr), read with select and timeouts. The
+    terminal is the child's controlling terminal, as in a real shell: a Ctrl-C byte written to it (`ctrl_c`)
+    is echoed by the line discipline and becomes SIGINT, exactly as when a user presses the keys."""
 
     def __init__(self, args: list[str], cols: int = 160, rows: int = 50) -> None:
         self.master, slave = os.openpty()
+        self.cols, self.rows = cols, rows
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
         env = dict(os.environ, TERM="xterm-256color", COLUMNS=str(cols), LINES=str(rows))
         env.pop("NO_COLOR", None)
         self.proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=ROOT,
-                                     close_fds=True)
+                                     close_fds=True, start_new_session=True,
+                                     preexec_fn=_take_terminal)  # noqa: PLW1509 (one ioctl, no locks)
         os.close(slave)
         self.raw = b""
         self.mark = 0  # expect() searches the transcript from here
@@ -220,6 +247,15 @@ class Pty:
     def send(self, line: str) -> None:
         os.write(self.master, (line + "\n").encode())
 
+    def ctrl_c(self) -> None:
+        os.write(self.master, b"\x03")
+
+    def screen(self) -> Screen:
+        """What the terminal shows (with its scrollback) after everything read so far."""
+        screen = Screen(self.cols, self.rows)
+        screen.feed(self.raw.decode("utf-8", "replace"))
+        return screen
+
     def turn(self, line: str, timeout: float = 600) -> str:
         """Send a line, wait for the next prompt, return what came in between."""
         self.send(line)
@@ -234,12 +270,56 @@ class Pty:
         os.close(self.master)
 
 
+class Screen:
+    """Just enough of an xterm to replay what rich's Live writes: printable characters wrap at the width
+    (a full line leaves the cursor waiting in the last column, as a terminal does), CR, LF, cursor up
+    (never above the visible screen), erase in line; colours and cursor visibility are ignored. Lines
+    that scroll off the top stay in `lines` (the scrollback)."""
+
+    TOKEN = re.compile(r"\x1b\[([0-?]*)[ -/]*([@-~])|\x1b\][^\x07]*\x07|\x1b[()][A-Z0-9]|\x1b[=>]|[^\x1b]")
+
+    def __init__(self, cols: int, rows: int) -> None:
+        self.cols, self.rows = cols, rows
+        self.lines: list[list[str]] = [[]]
+        self.y = self.x = 0
+
+    def feed(self, text: str) -> None:
+        for m in self.TOKEN.finditer(text):
+            ch, arg, cmd = m.group(0), m.group(1), m.group(2)
+            if cmd == "A":
+                self.y = max(self.y - int(arg or 1), len(self.lines) - self.rows, 0)
+            elif cmd == "K":
+                self.lines[self.y] = [] if arg == "2" else self.lines[self.y][:self.x]
+            elif ch == "\r":
+                self.x = 0
+            elif ch == "\n":
+                self._down()
+            elif not ch.startswith("\x1b") and ch >= " ":
+                if self.x == self.cols:  # the pending wrap of a full line
+                    self.x = 0
+                    self._down()
+                line = self.lines[self.y]
+                line.extend(" " * (self.x + 1 - len(line)))
+                line[self.x] = ch
+                self.x += 1
+
+    def _down(self) -> None:
+        self.y += 1
+        if self.y == len(self.lines):
+            self.lines.append([])
+
+    @property
+    def text(self) -> str:
+        return "\n".join("".join(line).rstrip() for line in self.lines)
+
+
 def xq_chat(model: str, *args: str) -> Pty:
     return Pty([str(Path(sys.executable)), "-m", "xqcli", "chat", model, *args])
 
 
 def test_chat_ctrl_c_stops_the_answer_not_the_session(tiny_gguf):
-    p = xq_chat(tiny_gguf, "--cache", "kv", "--temperature", "0", "-n", "100000", "--context", "4096", "--no-mem")
+    p = xq_chat(tiny_gguf, "--cache", "kv", "--temperature", "0", "-n", "100000", "--context", "4096",
+               "--allow-long-context", "--no-mem")  # a long answer, to interrupt
     try:
         p.expect(r"(?m)^>>> ", 120)
         p.send("tell me a long story")
@@ -251,11 +331,79 @@ def test_chat_ctrl_c_stops_the_answer_not_the_session(tiny_gguf):
         assert "finish interrupted" in out
         out = p.turn("/set max_tokens 3", 30)
         out = p.turn("and then?", 120)
-        assert re.search(r"3 tokens, [\d.]+ tok/s \| context", out)
+        assert re.search(r"3 tokens, [\d.]+ tok/s \| cache kv [\d.]+ KiB for \d+ tokens: 2.0x larger than fp16 KV", out)
         p.send("/exit")
         assert p.proc.wait(30) == 0
     finally:
         p.close()
+
+
+def test_chat_ctrl_c_under_the_live_panel_leaves_the_partial_answer_once(tiny_gguf, tmp_path):
+    """Ctrl-C typed at the terminal while the live panel streams an answer: the partial answer is on the
+    screen exactly once (the echoed ^C must not shift the panel so that its erase leaves a stale copy)."""
+    from safetensors import safe_open
+
+    session = tmp_path / "s.safetensors"
+    # greedy with a repeat penalty, the tiny model answers with newlines and then one long line of U+FFFD
+    p = xq_chat(tiny_gguf, "--cache", "kv", "--temperature", "0", "--repeat-penalty", "1.5", "-n", "100000",
+                "--context", "4096", "--allow-long-context")
+    try:
+        p.expect(r"(?m)^>>> ", 120)
+        p.send("tell me a long story")
+        p.expect("\ufffd{8}", 60)  # the unfinished line streams above the panel
+        p.ctrl_c()
+        p.expect(r"\[interrupted\]", 30)
+        p.expect(r"(?m)^>>> ", 30)
+        p.turn(f"/save {session}", 30)
+        p.send("/exit")
+        assert p.proc.wait(30) == 0
+    finally:
+        p.close()
+    with safe_open(str(session), "pt") as f:
+        answer = json.loads(f.metadata()["session"])["messages"][-1]["content"]
+    screen = p.screen().text
+    assert answer.count("\ufffd") > 8 and screen.count("\ufffd") == answer.count("\ufffd"), screen[-3000:]
+    assert "^C" not in screen
+
+
+def test_chat_banner_and_live_panel_speak_plain_words(tiny_gguf):
+    """The banner names the cache in words (no "decode eager"); the live panel, the line after the answer
+    and /mem say the same memory numbers the same way, with directions and one "tokens left"."""
+    p = xq_chat(tiny_gguf, "--cache", "xquant-4", "--window", "4", "--temperature", "0", "-n", "40",
+                "--context", "512")
+    try:
+        prompt = p.expect(r"(?m)^>>> ", 120)
+        banner = p.text[:prompt.start()]
+        assert "cache: xquant-4 (4-bit X cache, newest 4 tokens kept exact)" in banner, banner
+        assert "context 512 tokens" in banner and "decode" not in banner and "window 4)" not in banner
+        answer = p.turn("hello there")
+        screen = p.screen().text
+        words = re.compile(r"cache xquant-4 ([\d.]+ KiB) for (\d+) tokens: ([\d.]+x (?:larger|smaller)) than fp16 KV")
+        line = re.search(r"40 tokens, [\d.]+ tok/s \| " + words.pattern + r".*\| smaller than fp16 KV from ([\d,]+) "
+                         r"tokens on; past the 4-token window .* \| allocated [\d.]+ KiB for 512 tokens, ([\d,]+) "
+                         r"tokens left \(capped by the 512-token allocation\)", " ".join(screen.split()))
+        assert line, screen[-3000:]
+        held = int(line.group(2))
+        assert int(line.group(5).replace(",", "")) == 512 - held
+        # the panel streamed while the answer was written (the transcript keeps its frames)
+        assert re.search(r"cache xquant-4\s+[\d.]+ KiB for \d+ tokens: [\d.]+x (larger|smaller) than fp16 KV", answer)
+        assert re.search(r"context\s+\d+ tokens held, [\d,]+ tokens left \(capped by", answer)
+        assert re.search(r"allocated\s+[\d.]+ KiB for 512 tokens", answer)
+        assert re.search(r"device cpu\s+RSS [\d.,]+ [KMG]iB, peak [\d.,]+ [KMG]iB", answer)
+        mem = " ".join(p.turn("/mem", 30).split())
+        assert f"cache xquant-4 {line.group(1)} for {held} tokens: {line.group(3)} than fp16 KV" in mem, mem
+        assert f"smaller than fp16 KV from {line.group(4)} tokens on" in mem
+        rss, peak = (in_bytes(v, u) for v, u in re.findall(r"(?:RSS|peak) ([\d.,]+) ([KMG]iB)", mem))
+        assert peak >= rss
+        p.send("/exit")
+        assert p.proc.wait(30) == 0
+    finally:
+        p.close()
+
+
+def in_bytes(value: str, unit: str) -> float:
+    """A size as `format_bytes` prints it ("1.02", "GiB") in bytes."""
+    return float(value.replace(",", "")) * {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[unit]
 
 
 def plan_row(model_dir, kind: str):
@@ -278,23 +426,26 @@ def test_chat_in_a_terminal_smollm2(smollm2_dir, smollm2, tmp_path):
     p = xq_chat(str(smollm2_dir), "--cache", "xquant-4", "--temperature", "0", "--max-tokens", "12")
     try:
         banner = p.expect(r"(?m)^>>> ", 300)
-        assert "cache xquant-4 (window 128)" in p.text[:banner.start()]
+        assert "cache: xquant-4 (4-bit X cache, newest 128 tokens kept exact)" in p.text[:banner.start()]
         first = p.turn("My name is Alice and my cat is called Tom.")
         # the live panel streamed on stderr, with xq plan's bytes per token and ratio for this kind
-        assert re.search(rf"{row.bytes_per_token:,.0f} B/token past the window: {row.ratio:.2f}x", first)
-        assert re.search(r"context\s+\d+ tokens \([\d,]+ of 4,096 left\)", first)
-        assert "fp window" in first and "CL workspace" in first and "decode" in first
+        assert re.search(rf"past the 128-token window {row.bytes_per_token:,.0f} B/token, {row.ratio:.1f}x smaller than "
+                         r"fp16 KV", first)
+        assert re.search(r"context\s+\d+ tokens held, [\d,]+ tokens left \(capped by the 4,096-token allocation\)", first)
+        assert "fp window" in first and re.search(r"allocated\s+[\d.]+ MiB for 4,096 tokens", first) and "decode" in first
         second = p.turn("What is the name of my cat?")
-        assert re.search(r"12 tokens, [\d.]+ tok/s \| context \d+", second)
+        assert re.search(r"12 tokens, [\d.]+ tok/s \| cache xquant-4 [\d.]+ [KM]iB for \d+ tokens: [\d.]+x larger than "
+                         r"fp16 KV", second)  # a short conversation: the window dominates, and it says so
         stats = p.turn("/stats")
         m = re.search(r"prompt\s+(\d+) tokens prefilled, (\d+) reused from the cache", stats)
         assert m and int(m.group(2)) > 0  # the second turn reused the first turn's cache
         assert re.search(r"generated\s+12 tokens, finish max_tokens", stats)
         mem = p.turn("/mem")
-        m = re.search(r"([\d,]+) B/token \(payload\+scales\) vs fp16 KV ([\d,]+) B/token: ratio ([\d.]+)x", mem)
+        m = re.search(r"past the 128-token window ([\d,]+) B/token, ([\d.]+)x smaller than fp16 KV \(([\d,]+) B/token\)",
+                      mem)
         assert m, mem
         assert int(m.group(1).replace(",", "")) == row.bytes_per_token
-        assert int(m.group(2).replace(",", "")) == 30 * 2 * 192 * 2 and m.group(3) == f"{row.ratio:.2f}"
+        assert int(m.group(3).replace(",", "")) == 30 * 2 * 192 * 2 and m.group(2) == f"{row.ratio:.1f}"
         held = int(re.search(r"context\s+(\d+) tokens held", mem).group(1))
         assert f"saved {held} tokens and 4 messages" in p.turn(f"/save {a}")
         assert "conversation cleared" in p.turn("/reset")

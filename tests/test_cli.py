@@ -222,21 +222,6 @@ def test_plan_numbers(capsys):
     assert rows["xquant-4"]["max_context"] > 100_000
 
 
-def test_bits_for_budget_inverts_the_paper_formula():
-    from xqcli.cache.spec import CacheSpec
-    from xqcli.errors import InputError
-    from xqcli.readouts.budget import bits_for_budget
-    from xqcli.readouts.plan import paper_bytes_per_token, shape_config
-
-    cfg = shape_config("llama-3.1-8b")
-    for bits in (2, 3, 4, 8):
-        per_token = paper_bytes_per_token(cfg, CacheSpec.parse(f"xquant-{bits}"))
-        assert bits_for_budget(cfg, int(per_token * 32768), 32768) == bits
-    assert bits_for_budget(cfg, 2**40, 1024) == 8.0  # capped at the widest
-    with pytest.raises(InputError, match="no plan fits"):
-        bits_for_budget(cfg, 2**20, 32768)
-
-
 @pytest.mark.parametrize("args,code,needle", [
     (["plan", "--shape", "llama-3.1-8b", "-c", "xquant-5"], 2, "bits must be one of 2, 3, 4, 8"),
     (["plan", "--shape", "llama-3.1-8b", "-c", "zquant-4"], 2, "unknown cache kind"),

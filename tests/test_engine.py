@@ -13,7 +13,6 @@ from xqcli.bundle.artifacts import Artifacts
 from xqcli.cache.kv import KVCache
 from xqcli.cache.spec import CacheSpec
 from xqcli.engine import Engine, SamplingParams, collect, load_session, parse_setting, save_session
-from xqcli.engine.graph import static_kv_cache
 from xqcli.engine.sampling import apply_repeat_penalty, mask_min_p, mask_top_k, mask_top_p, sample
 from xqcli.engine.text import RowText
 from xqcli.errors import InputError, ResourceError
@@ -408,29 +407,6 @@ def test_cpu_never_takes_the_cuda_graph_path(tiny_models):
     assert Engine(tiny_models["llama"], None, "xquant-4", context=32, cuda_graph=True).decode_mode == "eager"
 
 
-def test_static_kv_cache_math_matches_kv_on_cpu(tiny_models):
-    """The static-shape step the CUDA graph captures (full-length K/V, length mask, device-side scatter),
-    run eagerly: same logits as the KV cache, including a finished row that no longer grows."""
-    model = tiny_models["qwen2"]
-    ref, st = make_cache(model, "kv", 2, 40), static_kv_cache(model, 2, 40)
-    tokens, n = torch.randint(0, 256, (2, 9)), torch.tensor([9, 4])
-    assert torch.equal(model(tokens, ref, n), model(tokens, st, n))  # prefill: the ordinary code
-    saved, lengths = model._rope, st.lengths
-    model._rope = st.rope
-    try:
-        for i in range(12):
-            n_new = torch.tensor([1, 1 if i < 6 else 0])
-            tok = torch.randint(0, 256, (2, 1))
-            want = model(tok, ref, n_new)
-            st.static = True
-            got = model(tok, st, n_new)
-            st.static = False
-            assert (got - want)[n_new.bool()].abs().max() <= 1e-5
-        assert st.lengths is lengths and st.lengths.tolist() == ref.lengths.tolist() == [21, 10]
-    finally:
-        model._rope = saved
-
-
 # ------------------------------------------------------------------------------------------- readouts
 
 
@@ -446,15 +422,30 @@ def test_memory_report_agrees_with_plan(tiny_models, kind):
         m = e.memory()
         assert m.bytes_per_token == row.bytes_per_token and m.ratio == pytest.approx(row.ratio)
         assert m.kv_fp16_bytes_per_token == kv_tok and m.kv_fp16_bytes == 41 * kv_tok
+        assert m.model_dtype == "float32" and m.kv_model_bytes == 2 * m.kv_fp16_bytes
         assert m.context_tokens == 41 and m.cache == e.cache.nbytes() and m.cache.fp_window > 0
-        assert m.cache.payload > 0 and m.ratio_now == pytest.approx(41 * kv_tok / m.cache.total)
-        assert m.rss and m.allocated is None and m.tokens_left and m.tokens_left > 0
+        assert m.cache_allocated == e.cache.allocated().total
+        assert m.cache.payload > 0 and m.ratio_now == pytest.approx(41 * kv_tok / m.stored)
+        assert m.rss and m.allocated is None and m.peak >= m.rss
+        assert (m.tokens_left, m.tokens_left_limit) == (256 - 41, "context")
         text = "\n".join(memory_lines(m))
-        assert f"{row.bytes_per_token:,.0f} B/token" in text and f"ratio {row.ratio:.2f}x" in text
-    budgeted = Engine(model, None, "xquant-4", context=64, budget=10_000)
+        assert f"past the 4-token window {row.bytes_per_token:,.0f} B/token, {row.ratio:.1f}x smaller than fp16 KV" in text
+    budgeted = Engine(model, None, "xquant-4", context=64, budget=100_000)  # more than the allocated storage
     collect(budgeted.generate([1, 2, 3], max_tokens=2))
     m = budgeted.memory()
-    assert m.budget_source == "--budget" and m.tokens_left == int((10_000 - m.cache.total) // m.bytes_per_token)
+    assert m.budget_source == "--budget" and m.tokens_left_limit == "context" and m.tokens_left == 64 - 4
+
+
+def test_tokens_left_is_capped_by_free_memory(tiny_models, monkeypatch):
+    """Default budget: what the cache holds plus the available RAM. When RAM runs short after the cache was
+    allocated, the one "tokens left" figure says so, and names the limit."""
+    e = Engine(tiny_models["mha"], None, "xquant-4", context=64)
+    collect(e.generate([1, 2, 3], max_tokens=2))
+    per = e.memory().bytes_per_token
+    monkeypatch.setattr("xqcli.engine.loop.available_memory", lambda: int(10.5 * per))
+    m = e.memory()
+    assert (m.tokens_left, m.tokens_left_limit) == (10, "budget") and m.budget == m.cache.total + int(10.5 * per)
+    assert "10 tokens left (capped by the budget" in "\n".join(memory_lines(m))
 
 
 # ------------------------------------------------------------------------------------ SmolLM2 (slow)

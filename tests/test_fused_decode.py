@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import os
 import random
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-import xqcli
 from xqcli.cache.spec import CacheSpec
 from xqcli.cache.stream import Stream
 from xqcli.load import make_cache
 from xqcli.config import ModelConfig
 from xqcli.model import Transformer
+from xqcli.readouts.trace import spy_read_backs
 
 needs_triton = pytest.mark.skipif(
     not (os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()), reason="needs Triton")
@@ -107,40 +105,17 @@ def test_sealed_counts_on_the_device_follow_the_host(axis):
 
     rng = random.Random(0)
     st = Stream(3, 400, 8, QuantSpec(4, 8, axis), window=5, dtype=torch.float32, device=torch.device("cpu"))
-    lengths = [0, 0, 0]
+    lengths, values = [0, 0, 0], [torch.zeros(0, 8)] * 3
     for _ in range(60):
-        for b in range(3):
-            n = rng.choice([0, 1, 1, 1, 2, 7, 13])
-            st.append(b, torch.randn(n, 8))
-            lengths[b] += n
-        assert st.sealed_counts(torch.tensor(lengths)).tolist() == st.sealed
-        assert [s + t for s, t in zip(st.sealed, st.tail_len)] == lengths
-
-
-READ_BACKS = ("tolist", "item", "__int__", "__float__", "__bool__", "__index__")
-
-
-def spy_read_backs(monkeypatch) -> list[tuple[str, str, str]]:
-    """Record every read-back of a tensor's values made by xq's own code (not torch's or Triton's),
-    as (what, function, file:line).
-
-    On a GPU each one waits for all queued work; torch.tensor(host data) is the other direction, a
-    copy to the device (recorded too: it waits as well unless pinned and non-blocking)."""
-    ours = (str(Path(xqcli.__file__).parent), str(Path(xqcli.kernels.__path__[0]).resolve()))
-    seen: list[tuple[str, str, str]] = []
-
-    def spy(name, orig):
-        def wrapped(*a, **k):
-            f = sys._getframe(1)
-            if f.f_code.co_filename.startswith(ours):
-                seen.append((name, f.f_code.co_name, f"{f.f_code.co_filename}:{f.f_lineno}"))
-            return orig(*a, **k)
-        return wrapped
-
-    for name in READ_BACKS:
-        monkeypatch.setattr(torch.Tensor, name, spy(name, getattr(torch.Tensor, name)))
-    monkeypatch.setattr(torch, "tensor", spy("torch.tensor", torch.tensor))
-    return seen
+        n_new = [rng.choice([0, 1, 1, 1, 2, 7, 13]) for _ in range(3)]
+        new = torch.randn(3, 13, 8)
+        st.append(new, torch.tensor(lengths), torch.tensor(n_new), host_lengths=lengths, host_n_new=n_new)
+        values = [torch.cat([v, new[b, :n]]) for b, (v, n) in enumerate(zip(values, n_new))]
+        lengths = [n + k for n, k in zip(lengths, n_new)]
+        sealed = st.sealed_counts(torch.tensor(lengths)).tolist()
+        assert sealed == [st.counts(n)[0] for n in lengths]
+        for b, n in enumerate(lengths):  # what waits in the ring is exactly the newest unsealed tokens
+            assert torch.equal(st.waiting(b, n), values[b][sealed[b]:])
 
 
 @needs_triton
@@ -148,7 +123,7 @@ def spy_read_backs(monkeypatch) -> list[tuple[str, str, str]]:
 @pytest.mark.parametrize(("kind", "base"), [("xquant-4+ch0", 3), ("xquant-3+rot", 3), ("kivi-2", 3),
                                             ("xquant-cl-3", 1), ("xquant-fp", 3), ("kv", 3)])
 @pytest.mark.parametrize("which", ["latent", "mha"])
-def test_decode_step_reads_nothing_back(tiny_models, kind, base, which, kernels, monkeypatch):
+def test_decode_step_reads_nothing_back(tiny_models, kind, base, which, kernels):
     """A decode step, through the fused kernels or the reference path, never reads a device tensor
     back (lengths and sealed counts are mirrored on the host, RoPE bounds come from them): on a GPU
     each read-back would stall the step, once per layer."""
@@ -157,9 +132,9 @@ def test_decode_step_reads_nothing_back(tiny_models, kind, base, which, kernels,
                        kernels=kernels)
     tokens = torch.randint(0, model.config.vocab_size, (2, 30))
     model(tokens[:, :20], cache, [20, 13])
-    seen = spy_read_backs(monkeypatch)
-    for i in range(3):
-        model(tokens[:, 20 + i:21 + i], cache, [1, 1])
+    with spy_read_backs() as seen:
+        for i in range(3):
+            model(tokens[:, 20 + i:21 + i], cache, [1, 1])
     # the one copy per step: the new-token counts, from a pinned host tensor without waiting
     assert [what for what, func, _ in seen if func == "begin"] == ["torch.tensor"] * 3
     assert [s for s in seen if s[1] != "begin"] == []

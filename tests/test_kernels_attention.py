@@ -2,8 +2,13 @@
 
 Run under TRITON_INTERPRET=1 on CPU (tests/conftest.py) or compiled on a GPU. Streams are built the
 way ``xqcli.cache.stream.Stream`` stores them, and every byte the kernels must not read is poisoned: codes
-past a row's sealed tokens are random, scales/zeros and tail slots past it are NaN, outputs are
-prefilled with NaN. Shapes stay small because the interpreter costs ~0.1-0.3 s per launch.
+past a row's sealed tokens are random, scales/zeros and tail slots past it are NaN, outputs and the
+launchers' scratch buffers are prefilled with NaN. Shapes stay small because the interpreter costs
+~0.1-0.3 s per launch.
+
+Static launches (``capacity``): rows of very different lengths under a larger allocated context, and
+the recorded launches (grid, scalar arguments, tensor shapes) of two steps with other lengths must be
+equal: what a CUDA graph replays.
 
 Tolerances (float outputs): a fixed (atol, rtol) per output dtype, plus for low precision the
 flash-attention rule: error to the float32 reference <= 2 x the error of the same reference computed
@@ -13,12 +18,12 @@ in that dtype + atol.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
 
-from xqcli.kernels import _triton
+from xqcli.kernels import _common, _triton
 from xqcli.kernels._common import plan_splits
 from xqcli.kernels.kivi_attention import kivi_attention, kivi_attention_ref
 from xqcli.kernels.packed import PackedStream
@@ -94,6 +99,40 @@ def nan_like(q: torch.Tensor) -> torch.Tensor:
     return torch.full_like(q, float("nan"))
 
 
+def poison_scratch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every float ``torch.empty`` NaN for the rest of the test: scratch a kernel reads before it
+    writes (a split past a row's end, say) then shows up as NaN in the output."""
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def _describe(arg: object) -> object:
+    if isinstance(arg, torch.Tensor):
+        return ("tensor", arg.dtype, tuple(arg.shape), arg.stride())
+    return arg
+
+
+def record_launches(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
+    """Record every Triton launch from now on (kernel, grid, scalar arguments, tensor dtypes, shapes and
+    strides; not addresses), still running it. The list fills as launches happen."""
+    calls: list[tuple] = []
+    cls = type(_common.merge_splits_kernel)  # JITFunction, or the interpreter's InterpretedFunction
+    run = cls.run
+
+    def recording_run(self, *args, grid, warmup, **kwargs):
+        calls.append((self.fn.__name__, tuple(grid), tuple(map(_describe, args)),
+                      tuple(sorted((k, _describe(v)) for k, v in kwargs.items()))))
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(cls, "run", recording_run)
+    return calls
+
+
 def check_close(name: str, tri: torch.Tensor, ref32: torch.Tensor, ref_lp: torch.Tensor | None = None) -> None:
     """Table tolerance, no NaN, and for low precision the 2x rule against the same-dtype reference."""
     assert tri.dtype == ref32.dtype and tri.shape == ref32.shape
@@ -128,10 +167,14 @@ class XqCase:
     ch0: bool = False
     dtype: torch.dtype = torch.float32
     split: int | None = 32
+    capacity: int | None = None  # a static launch for this many allocated tokens (else max_seq_len)
 
     def __str__(self) -> str:
         return self.name
 
+
+STATIC_LENS = (1, 37, 300)  # one step's rows under a 512-token capacity
+OTHER_LENS = (300, 2, 150)  # another step's, for the launch comparison
 
 XQ_CASES = [
     XqCase("gqa-d64-c192-k4ch-v3tok-g32-b3", (1, 45, 97), 4, 2, 64, 192,
@@ -150,12 +193,16 @@ XQ_CASES = [
     XqCase("gqa-d64-c192-T1-sealed", (1,), 4, 2, 64, 192,
            QuantSpec(8, 1, "channel"), QuantSpec(2, 32, "token"), split=None),
     XqCase("gqa-d64-c192-dense", (1, 20, 41), 4, 2, 64, 192, None, None, split=None),
+    XqCase("static-gqa-d64-c136-k4ch-v3tok", STATIC_LENS, 4, 2, 64, 136,
+           QuantSpec(4, 32, "channel"), QuantSpec(3, 32, "token"), window=5, split=None, capacity=512),
+    XqCase("static-mha-d128-c200-x4tok-split32-bf16", STATIC_LENS, 2, 2, 128, 200,
+           QuantSpec(4, 64, "token"), None, window=3, mha=True, dtype=torch.bfloat16, capacity=512),
 ]
 
 
 def build_xq(case: XqCase, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
-    bsz, s = len(case.lens), max(case.lens)
+    bsz, s = len(case.lens), case.capacity or max(case.lens)
     hd, n_kv, c = case.head_dim, case.kv_heads, case.width
     lens = list(case.lens)
     k_width = c - 1 if case.ch0 else c
@@ -190,16 +237,22 @@ def build_xq(case: XqCase, seed: int = 0):
     return q, k, v, m_k, m_v, cos.to(DEVICE), sin.to(DEVICE), seq, kw
 
 
+def bound(case: XqCase | KiviCase) -> dict:
+    """The launch bound of a case: its static capacity, else the longest row."""
+    return {"capacity": case.capacity} if case.capacity else {"max_seq_len": max(case.lens)}
+
+
 @pytest.mark.parametrize("case", XQ_CASES, ids=str)
-def test_xquant_attention(case: XqCase):
+def test_xquant_attention(case: XqCase, monkeypatch: pytest.MonkeyPatch):
     q, k, v, m_k, m_v, cos, sin, seq, kw = build_xq(case)
+    poison_scratch(monkeypatch)
     ref = xquant_attention_ref(q, k, v, m_k, m_v, cos, sin, seq, **kw)
     ref_lp = None
     if case.dtype != torch.float32:
         ref_lp = xquant_attention_ref(q, k, v, m_k, m_v, cos, sin, seq, compute_dtype=case.dtype, **kw)
     out = nan_like(q)
     tri = xquant_attention(q, k, v, m_k, m_v, cos, sin, seq, out=out, split_tokens=case.split,
-                           max_seq_len=max(case.lens), backend="triton", **kw)
+                           backend="triton", **bound(case), **kw)
     assert tri.data_ptr() == out.data_ptr()
     check_close(case.name, tri, ref, ref_lp)
 
@@ -236,6 +289,7 @@ class KiviCase:
     window: int
     dtype: torch.dtype = torch.float32
     split: int | None = 32
+    capacity: int | None = None
 
     def __str__(self) -> str:
         return self.name
@@ -247,13 +301,14 @@ KIVI_CASES = [
     KiviCase("mha-d64-k3-v2-g16", (17, 1, 40), 2, 2, 64, 3, 2, 16, 3),
     KiviCase("gqa-d128-k4-v4-g64-bf16", (70, 9), 2, 1, 128, 4, 4, 64, 2, dtype=torch.bfloat16, split=None),
     KiviCase("gqa-d64-k8-v4-g32-fp16", (33, 64, 2), 4, 2, 64, 8, 4, 32, 1, dtype=torch.float16),
+    KiviCase("static-gqa-d128-k4-v2-g32", STATIC_LENS, 4, 2, 128, 4, 2, 32, 5, split=None, capacity=512),
+    KiviCase("static-mha-d64-k2-v4-g64-split32", STATIC_LENS, 3, 3, 64, 2, 4, 64, 3, capacity=512),
 ]
 
 
-@pytest.mark.parametrize("case", KIVI_CASES, ids=str)
-def test_kivi_attention(case: KiviCase):
+def build_kivi(case: KiviCase):
     gen = torch.Generator().manual_seed(3)
-    bsz, s, hd = len(case.lens), max(case.lens), case.head_dim
+    bsz, s, hd = len(case.lens), case.capacity or max(case.lens), case.head_dim
     lens, c = list(case.lens), case.kv_heads * case.head_dim
     ks, vs = QuantSpec(case.k_bits, case.group, "channel"), QuantSpec(case.v_bits, case.group, "token")
     x_k = (torch.randn(bsz, s, c, generator=gen) * 2).to(case.dtype)
@@ -265,42 +320,81 @@ def test_kivi_attention(case: KiviCase):
     cos, sin = (t.to(DEVICE) for t in rope_tables(s, hd))
     q = torch.randn(bsz, case.heads, hd, generator=gen).to(case.dtype).to(DEVICE)
     seq = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    return q, k, v, cos, sin, seq
+
+
+@pytest.mark.parametrize("case", KIVI_CASES, ids=str)
+def test_kivi_attention(case: KiviCase, monkeypatch: pytest.MonkeyPatch):
+    q, k, v, cos, sin, seq = build_kivi(case)
+    poison_scratch(monkeypatch)
     ref = kivi_attention_ref(q, k, v, cos, sin, seq)
     ref_lp = None
     if case.dtype != torch.float32:
         ref_lp = kivi_attention_ref(q, k, v, cos, sin, seq, compute_dtype=case.dtype)
-    tri = kivi_attention(q, k, v, cos, sin, seq, out=nan_like(q), split_tokens=case.split, backend="triton")
+    kw = bound(case) if case.capacity else {}  # eager cases read the longest row from the device
+    tri = kivi_attention(q, k, v, cos, sin, seq, out=nan_like(q), split_tokens=case.split, backend="triton",
+                         **kw)
     check_close(case.name, tri, ref, ref_lp)
 
 
 # ----------------------------------------------------------------------------- XQuant-CL
 
 
-@pytest.mark.parametrize(
-    "gqa,bits,group,seed,dtype",
-    [
-        pytest.param(False, 3, 32, False, torch.float32, id="mha-3bit-g32-fp32"),
-        pytest.param(False, 8, 256, True, torch.bfloat16, id="mha-8bit-g256-seed-bf16"),
-        pytest.param(True, 4, 128, False, torch.float32, id="gqa-4bit-g128-fp32"),
-        pytest.param(True, 2, 32, True, torch.float32, id="gqa-2bit-g32-seed-fp32"),
-        pytest.param(True, 2, 64, False, torch.bfloat16, id="gqa-2bit-g64-bf16"),
-    ],
-)
-def test_xquant_cl_update(gqa, bits, group, seed, dtype):
-    """X̂ += Δ (·U_kvᵀ) in place: quantized deltas for sealed tokens, full-precision deltas in the tail."""
+def build_cl_update(gqa: bool, bits: int, group: int, dtype: torch.dtype, lens: tuple[int, ...], d: int,
+                    s: int):
+    """An accumulator (B, s + 2, d) and a delta stream for rows of ``lens`` tokens."""
     gen = torch.Generator().manual_seed(bits)
-    d, s, lens, window = 192, 70, [1, 37, 70], 6
+    window = 6
     c = 128 if gqa else d  # GQA: 2·d_kv-wide deltas on U_kv (d x 2·d_kv)
     u = torch.linalg.qr(torch.randn(d, c, generator=gen))[0].to(dtype).to(DEVICE) if gqa else None
     deltas = (torch.randn(len(lens), s, c, generator=gen) * 0.1).to(dtype)
-    sealed = kivi_sealed(lens, window, 1, "token")
-    delta = make_stream(deltas, lens, sealed, QuantSpec(bits, group, "token"), window, seed=4)
+    sealed = kivi_sealed(list(lens), window, 1, "token")
+    delta = make_stream(deltas, list(lens), sealed, QuantSpec(bits, group, "token"), window, seed=4)
     acc0 = torch.randn(len(lens), s + 2, d, generator=gen).to(dtype).to(DEVICE)
     acc0[0, 30] = float("nan")  # past row 0's length: must stay untouched (and unread)
-    seq = torch.tensor(lens, device=DEVICE)
-    ref = xquant_cl_update_ref(acc0.clone(), delta, seq, u_kv=u, seed=seed)
+    return acc0, delta, u, torch.tensor(lens, device=DEVICE)
+
+
+def cl_tail_sub(delta: PackedStream, lens: tuple[int, ...]) -> torch.Tensor:
+    """A ``tail_sub`` for ``delta``: a strided view (as the decode step's projection slice), NaN past each
+    row's tail tokens (must stay unread)."""
+    gen = torch.Generator().manual_seed(11)
+    bsz, tl_rows, c = delta.tail.shape
+    full = (torch.randn(bsz, tl_rows + 1, c, generator=gen) * 0.1).to(delta.tail.dtype)
+    for b, n in enumerate(lens):
+        full[b, 1 + n - int(delta.sealed[b]):] = float("nan")
+    return full.to(DEVICE)[:, 1:]
+
+
+@pytest.mark.parametrize(
+    "gqa,bits,group,seed,dtype,static,sub",
+    [
+        pytest.param(False, 3, 32, False, torch.float32, False, False, id="mha-3bit-g32-fp32"),
+        pytest.param(False, 8, 256, True, torch.bfloat16, False, False, id="mha-8bit-g256-seed-bf16"),
+        pytest.param(True, 4, 128, False, torch.float32, False, False, id="gqa-4bit-g128-fp32"),
+        pytest.param(True, 2, 32, True, torch.float32, False, False, id="gqa-2bit-g32-seed-fp32"),
+        pytest.param(True, 2, 64, False, torch.bfloat16, False, False, id="gqa-2bit-g64-bf16"),
+        pytest.param(False, 4, 64, False, torch.float32, True, False, id="static-mha-d200-4bit-g64-fp32"),
+        pytest.param(True, 3, 32, True, torch.bfloat16, True, False, id="static-gqa-d200-3bit-g32-seed-bf16"),
+        pytest.param(True, 3, 32, False, torch.float32, False, True, id="gqa-3bit-g32-fp32-tail-sub"),
+        pytest.param(False, 4, 64, False, torch.bfloat16, True, True, id="static-mha-d200-4bit-g64-bf16-tail-sub"),
+    ],
+)
+def test_xquant_cl_update(gqa, bits, group, seed, dtype, static, sub):
+    """X̂ += Δ (·U_kvᵀ) in place: quantized deltas for sealed tokens, full-precision deltas in the tail
+    (sub: the raw tail minus ``tail_sub``). Static: rows of 1, 37 and 400 tokens under a 510-token capacity
+    (under the interpreter's stand-in SM count, the 400-token row has more tiles than the launch has token
+    slots)."""
+    lens, d, s = ((1, 37, 400), 200, 510) if static else ((1, 37, 70), 192, 70)
+    acc0, delta, u, seq = build_cl_update(gqa, bits, group, dtype, lens, d, s)
+    tail_sub = cl_tail_sub(delta, lens) if sub else None
+    ref = xquant_cl_update_ref(acc0.clone(), delta, seq, u_kv=u, seed=seed, tail_sub=tail_sub)
+    if sub:  # the subtraction reaches the result
+        assert not torch.allclose(ref, xquant_cl_update_ref(acc0.clone(), delta, seq, u_kv=u, seed=seed),
+                                  equal_nan=True)
     tri = acc0.clone()
-    assert xquant_cl_update(tri, delta, seq, u_kv=u, seed=seed, backend="triton") is tri
+    bound = {"capacity": s} if static else {}
+    assert xquant_cl_update(tri, delta, seq, u_kv=u, seed=seed, tail_sub=tail_sub, backend="triton", **bound) is tri
     valid = torch.zeros(tri.shape[:2], dtype=torch.bool)
     for b, n in enumerate(lens):
         valid[b, :n] = True
@@ -312,24 +406,35 @@ def test_xquant_cl_update(gqa, bits, group, seed, dtype):
         torch.testing.assert_close(tri.cpu()[valid].float(), ref.cpu()[valid].float(), atol=1e-2, rtol=2**-7)
 
 
-@pytest.mark.parametrize("dtype", [pytest.param(d, id=str(d)[6:]) for d in (torch.float32, torch.bfloat16)])
-def test_xquant_cl_attention(dtype):
-    """Attention over the dense accumulator in MHA form: GQA grouping, W_k/W_v as strided views, biases."""
+def build_cl_attention(dtype: torch.dtype, lens: tuple[int, ...], d: int, hd: int, s: int):
     gen = torch.Generator().manual_seed(7)
-    d, hd, n_kv, heads, lens = 192, 64, 2, 4, [1, 40, 77]
-    acc = torch.randn(3, 80, d, generator=gen).to(dtype).to(DEVICE)
+    n_kv, heads = 2, 4
+    acc = torch.randn(3, s, d, generator=gen).to(dtype).to(DEVICE)
     w_k = (torch.randn(n_kv * hd, d, generator=gen) / math.sqrt(d)).to(dtype).to(DEVICE)
     w_v = (torch.randn(n_kv * hd, d, generator=gen) / math.sqrt(d)).to(dtype).to(DEVICE)
     b_k = torch.randn(n_kv * hd, generator=gen).to(dtype).to(DEVICE)
     b_v = torch.randn(n_kv * hd, generator=gen).to(dtype).to(DEVICE)
     q = torch.randn(3, heads, hd, generator=gen).to(dtype).to(DEVICE)
-    cos, sin = (t.to(DEVICE) for t in rope_tables(80, hd))
-    seq = torch.tensor(lens, device=DEVICE)
+    cos, sin = (t.to(DEVICE) for t in rope_tables(s, hd))
+    return q, acc, w_k, w_v, cos, sin, torch.tensor(lens, device=DEVICE), b_k, b_v
+
+
+@pytest.mark.parametrize("dtype,static", [
+    pytest.param(torch.float32, False, id="float32"),
+    pytest.param(torch.bfloat16, False, id="bfloat16"),
+    pytest.param(torch.float32, True, id="static-d200-hd128-float32"),
+])
+def test_xquant_cl_attention(dtype, static, monkeypatch: pytest.MonkeyPatch):
+    """Attention over the dense accumulator in MHA form: GQA grouping, W_k/W_v as strided views, biases."""
+    lens, d, hd, s = (STATIC_LENS, 200, 128, 512) if static else ((1, 40, 77), 192, 64, 80)
+    q, acc, w_k, w_v, cos, sin, seq, b_k, b_v = build_cl_attention(dtype, lens, d, hd, s)
+    poison_scratch(monkeypatch)
     ref = xquant_cl_attention_ref(q, acc, w_k, w_v, cos, sin, seq, b_k=b_k, b_v=b_v)
     ref_lp = None if dtype == torch.float32 else xquant_cl_attention_ref(q, acc, w_k, w_v, cos, sin, seq, b_k=b_k,
                                                                          b_v=b_v, compute_dtype=dtype)
+    bound = {"capacity": s} if static else {}
     tri = xquant_cl_attention(q, acc, w_k, w_v, cos, sin, seq, b_k=b_k, b_v=b_v, out=nan_like(q), split_tokens=32,
-                              backend="triton")
+                              backend="triton", **bound)
     check_close(f"cl-{dtype}", tri, ref, ref_lp)
 
 
@@ -367,16 +472,27 @@ def test_validation_messages():
         xquant_attention(q, bad, v, m_k, m_v, cos, sin, seq)
     with pytest.raises(ValueError, match="RoPE tables hold"):
         xquant_attention(q, k, v, m_k, m_v, cos[:50], sin[:50], seq, backend="triton")
+    with pytest.raises(ValueError, match="RoPE tables hold 100 positions but rows may reach 512"):
+        xquant_attention(q, k, v, m_k, m_v, cos, sin, seq, capacity=512, backend="triton")
+    with pytest.raises(ValueError, match="capacity .* or max_seq_len .*, not both"):
+        xquant_attention(q, k, v, m_k, m_v, cos, sin, seq, capacity=64, max_seq_len=64, backend="triton")
+    with pytest.raises(ValueError, match="acc's buffers hold 100 positions"):
+        xquant_cl_update(torch.zeros(3, 100, 192, device=DEVICE), v, seq, u_kv=None, capacity=101,
+                         backend="triton")
     with pytest.raises(ValueError, match="out must be"):
         xquant_attention(q, k, v, m_k, m_v, cos, sin, seq, out=q.double())
     with pytest.raises(ValueError, match="backend"):
         xquant_attention(q, k, v, m_k, m_v, cos, sin, seq, backend="cuda")
     with pytest.raises(ValueError, match="k and v must both be"):
         kivi_attention(q, k, v, cos, sin, seq)
+    with pytest.raises(ValueError, match="capacity must be >= 1"):
+        xquant_attention(q, k, v, m_k, m_v, cos, sin, seq, capacity=0, backend="triton")
     with pytest.raises(ValueError, match="per token"):
         xquant_cl_update(torch.zeros(3, 100, 192, device=DEVICE), k, seq, u_kv=None)
     with pytest.raises(ValueError, match="u_kv must be"):
         xquant_cl_update(torch.zeros(3, 100, 256, device=DEVICE), v, seq, u_kv=torch.zeros(192, 256, device=DEVICE))
+    with pytest.raises(ValueError, match="tail_sub must be a float tensor shaped like delta's tail"):
+        xquant_cl_update(torch.zeros(3, 100, 192, device=DEVICE), v, seq, tail_sub=v.tail[:, 1:])
 
 
 def test_plan_splits():
@@ -384,5 +500,38 @@ def test_plan_splits():
     assert plan_splits(100, 4, dev, 32, split_tokens=32) == (32, 4)
     assert plan_splits(100, 4, dev, 32, split_tokens=40) == (64, 2)
     assert plan_splits(1, 4, dev, 32) == (32, 1)
-    split, n = plan_splits(10_000, 1, dev, 64)
-    assert split % 64 == 0 and split * n >= 10_000 and n > 1
+    # Without split_tokens: one-tile least splits (rows spread on the device), about 2 programs per
+    # SM (the interpreter's stand-in has 4), never more splits than the bound has tiles.
+    assert plan_splits(10_000, 1, dev, 64) == (64, 8)
+    assert plan_splits(10_000, 3, dev, 64) == (64, 3)
+    assert plan_splits(100, 1, dev, 32) == (32, 4)
+    assert plan_splits(10_000, 1, dev, 64, per_sm=8) == (64, 32)
+
+
+def static_launches(op: str, lens: tuple[int, ...]) -> None:
+    """Run one static (capacity 512) launch of ``op`` on inputs built for rows of ``lens`` tokens."""
+    if op == "xquant":
+        case = replace(XQ_CASES[-2], lens=lens)  # static GQA, k_ch0 absent
+        q, k, v, m_k, m_v, cos, sin, seq, kw = build_xq(case)
+        xquant_attention(q, k, v, m_k, m_v, cos, sin, seq, capacity=512, backend="triton", **kw)
+    elif op == "kivi":
+        q, k, v, cos, sin, seq = build_kivi(replace(KIVI_CASES[-1], lens=lens))
+        kivi_attention(q, k, v, cos, sin, seq, capacity=512, split_tokens=32, backend="triton")
+    elif op == "cl_update":
+        acc, delta, u, seq = build_cl_update(True, 3, 32, torch.float32, lens, 200, 512)
+        xquant_cl_update(acc, delta, seq, u_kv=u, capacity=512, backend="triton")
+    else:
+        q, acc, w_k, w_v, cos, sin, seq, b_k, b_v = build_cl_attention(torch.float32, lens, 200, 128, 512)
+        xquant_cl_attention(q, acc, w_k, w_v, cos, sin, seq, b_k=b_k, b_v=b_v, capacity=512, backend="triton")
+
+
+@pytest.mark.parametrize("op", ["xquant", "kivi", "cl_update", "cl_attention"])
+def test_static_launches_do_not_depend_on_lengths(op: str, monkeypatch: pytest.MonkeyPatch):
+    """With a capacity, two steps with other row lengths launch the same kernels with the same grids,
+    scalar arguments and tensor shapes and strides: one CUDA graph capture serves both."""
+    calls = record_launches(monkeypatch)
+    static_launches(op, STATIC_LENS)
+    first = list(calls)
+    calls.clear()
+    static_launches(op, OTHER_LENS)
+    assert first and calls == first

@@ -58,13 +58,17 @@ DRIVER = textwrap.dedent(r'''
 
     JITFunction.__getitem__ = lambda self, grid: (lambda *a, **kw: compile_launch(self, a, dict(kw)))
 
+    import xqcli.kernels.decode_ops as ops
     import xqcli.kernels.kivi_attention as ka
+    import xqcli.kernels.kv_attention as kva
     import xqcli.kernels.quant as quant
+    import xqcli.kernels.rope_q as rq
+    import xqcli.kernels.stream_append as sa
     import xqcli.kernels.xquant_attention as xa
     import xqcli.kernels.xquant_cl as cl
     from xqcli.kernels.packed import PackedStream
     from xqcli.kernels.quant import QuantSpec, quantize_ref
-    for m in (quant, xa, ka, cl):
+    for m in (quant, xa, ka, cl, kva, sa, rq, ops):
         m.use_triton = lambda *a, **k: True  # launch "on CUDA" with CPU tensors
 
     def stream(x, sealed, axis, bits):
@@ -84,7 +88,12 @@ DRIVER = textwrap.dedent(r'''
         w = torch.randn(1024, 1024).to(dt)
         xa.xquant_attention(torch.randn(2, 32, 128).to(dt), k, v, w, w, emb, emb, seq, b_k=w[0], b_v=w[0],
                             max_seq_len=250, backend="triton")
-        ka.kivi_attention(torch.randn(2, 32, 128).to(dt), k, v, emb, emb, seq, max_seq_len=250, backend="triton")
+        ka.kivi_attention(torch.randn(2, 32, 128).to(dt), k, v, emb, emb, seq, capacity=256, backend="triton")
+        kv_buf = torch.randn(2, 8, 256, 128).to(dt)  # a layer of the `kv` cache: 32 query heads over 8
+        kv_new = torch.randn(2, 8, 128).to(dt)
+        kva.kv_append_rope(kv_buf, kv_buf, kv_new, kv_new, emb, emb, seq, backend="triton")
+        kva.kv_attention(torch.randn(2, 32, 128).to(dt), kv_buf, kv_buf, seq, window=100, capacity=256,
+                         backend="triton")
         xm = stream(torch.randn(2, 256, 192).to(dt), 200, "token", 4)  # MHA: X per token, W^T views
         wm = torch.randn(192, 192).to(dt)
         xa.xquant_attention(torch.randn(2, 3, 64).to(dt), xm, xm, wm.T, wm.T, emb[:, :64], emb[:, :64], seq,
@@ -92,6 +101,21 @@ DRIVER = textwrap.dedent(r'''
         d = stream(torch.randn(2, 256, 256).to(dt), 200, "token", 2)
         cl.xquant_cl_update(torch.randn(2, 256, 512).to(dt), d, seq, u_kv=torch.randn(512, 256).to(dt),
                             max_seq_len=250, backend="triton")
+        ones = torch.ones(2, dtype=torch.long)
+        for axis, bits in (("token", 4), ("channel", 2)):  # the decode step's quantize-and-append, T = 1
+            spec = QuantSpec(bits, 32, axis)
+            bufs = sa.allocate_stream(2, 256, 200, spec, 16, dt, "cpu")
+            sa.stream_append(torch.randn(2, 1, 200).to(dt), seq, ones, bufs, window=16, spec=spec,
+                             backend="triton")
+        spec = QuantSpec(3, 32, "token")  # XQuant-CL: the closed-loop delta against X̂ of the layer before
+        bufs = sa.allocate_stream(2, 256, 200, spec, 16, dt, "cpu")
+        sa.stream_append(torch.randn(2, 1, 200).to(dt), seq, ones, bufs, window=16, spec=spec,
+                         sub=torch.randn(2, 1, 200).to(dt), sub_start=seq, backend="triton")
+        rq.rope_q(torch.randn(2, 32, 128).to(dt), emb, emb, seq, backend="triton")
+        h, gain = torch.randn(2, 1000).to(dt), torch.randn(1000).to(dt)
+        ops.add_rms_norm(h, h, gain, 1e-6, backend="triton")
+        ops.rms_norm(h, gain, 1e-6, backend="triton")
+        ops.silu_mul(torch.randn(2, 2 * 1000).to(dt), backend="triton")
     print(json.dumps(results))
 ''')
 
@@ -108,6 +132,8 @@ def test_all_kernels_compile_for_sm90(tmp_path):
     assert not failed, "\n\n".join(f"{r['kernel']}: {r['error']}" for r in failed)
     names = {r["kernel"] for r in results}
     assert names == {"_quant_token_kernel", "_quant_channel_kernel", "_xq_scores_kernel", "_xq_pv_kernel",
-                     "_xq_reduce_kernel", "_kivi_split_kernel", "_kivi_reduce_kernel", "_cl_update_kernel"}
+                     "_xq_reduce_kernel", "_kivi_split_kernel", "merge_splits_kernel", "_cl_update_kernel",
+                     "_kv_append_kernel", "_kv_split_kernel", "_append_kernel", "_rope_q_kernel",
+                     "_add_rms_norm_kernel", "_silu_mul_kernel"}
     too_big = [r for r in results if r["shared"] > 227 * 1024]
     assert not too_big, f"shared memory above 227 KB: {too_big}"

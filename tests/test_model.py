@@ -192,23 +192,3 @@ def test_sliding_window_configs():
     cfg = ModelConfig.from_dict(base | {"model_type": "mistral", "sliding_window": 8})
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     assert "sliding_window" not in ModelConfig.from_dict(base | {"model_type": "mistral"}).to_dict()
-
-
-def test_calibration_attention_uses_the_window(tmp_path):
-    """Calibration's own attention (xqcli.convert.calibrate) equals the model's layer output under a window."""
-    from xqcli.convert.calibrate import _attention
-
-    model = load_hf_folder(mistral_with_window(tmp_path, 8))
-    cfg, attn = model.config, model.layers[0].self_attn
-    tokens = torch.randint(0, 256, (1, 20))
-    seen = {}
-    hooks = [model.layers[0].input_layernorm.register_forward_hook(lambda m, i, o: seen.setdefault("x", o)),
-             attn.register_forward_hook(lambda m, i, o: seen.setdefault("out", o))]
-    with torch.inference_mode():
-        model(tokens)
-        for h in hooks:
-            h.remove()
-        x = seen["x"][0]
-        q = model.rope.apply(attn.split_heads(attn.q_proj(x[None]), cfg.num_attention_heads), torch.arange(20)[None])
-        out = _attention(model, 0, q, x @ attn.k_proj.weight.T, x @ attn.v_proj.weight.T)
-    assert (out - seen["out"][0]).abs().max() <= 1e-5

@@ -15,6 +15,7 @@ from typing import Annotated
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 import typer  # noqa: E402
+from typer.core import TyperGroup  # noqa: E402
 
 from xqcli import __version__
 
@@ -29,7 +30,20 @@ cache), bench (memory and speed side by side), plan (bytes per token, longest co
 inspect (a bundle), doctor (this machine).
 """
 
-app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+class StdoutClosed(Exception):
+    """The reader of stdout went away (`| head`): the end of the output, not an error of xq's."""
+
+
+class _Group(TyperGroup):
+    def invoke(self, ctx):
+        """Turn EPIPE into `StdoutClosed` before Typer's own handler sees it (that one exits 1)."""
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError as e:
+            raise StdoutClosed() from e
+
+
+app = typer.Typer(cls=_Group, help=HELP, add_completion=True, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]})
 
 
@@ -39,26 +53,35 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def _root(
+    ctx: typer.Context,
     version: Annotated[bool, typer.Option(
         "--version", callback=_version, is_eager=True, help="Show the version and exit.")] = False,
 ) -> None:
-    pass
+    if ctx.invoked_subcommand is None:  # a bare `xq`: the help, and success (nothing went wrong)
+        text = ctx.get_help()  # Typer's rich help prints itself and returns ""; plain click returns the text
+        if text:
+            typer.echo(text)
 
 
 def _register() -> None:
     """Every command is a plain module-level function; this is the one place that names them."""
     from xqcli.commands import bench, chat, convert, doctor, eval_cmd, generate, inspect_cmd, plan
 
-    app.command("convert")(convert.convert)
-    app.command("chat", help=chat.HELP)(chat.chat)
-    app.command("generate")(generate.generate)
-    app.command("eval")(eval_cmd.eval_)
-    app.command("bench")(bench.bench)
-    app.command("plan")(plan.plan)
-    app.command("inspect")(inspect_cmd.inspect)
-    app.command("doctor")(doctor.doctor)
+    app.command("convert", epilog=_examples(convert.EXAMPLES))(convert.convert)
+    app.command("chat", help=chat.HELP, epilog=_examples(chat.EXAMPLES))(chat.chat)
+    app.command("generate", epilog=_examples(generate.EXAMPLES))(generate.generate)
+    app.command("eval", epilog=_examples(eval_cmd.EXAMPLES))(eval_cmd.eval_)
+    app.command("bench", epilog=_examples(bench.EXAMPLES))(bench.bench)
+    app.command("plan", epilog=_examples(plan.EXAMPLES))(plan.plan)
+    app.command("inspect", epilog=_examples(inspect_cmd.EXAMPLES))(inspect_cmd.inspect)
+    app.command("doctor", epilog=_examples(doctor.EXAMPLES))(doctor.doctor)
+
+
+def _examples(lines: tuple[str, ...]) -> str:
+    """A command's EXAMPLES under its help (blank lines keep Typer from joining them into one paragraph)."""
+    return "Examples:\n\n" + "\n\n".join(f"  {line}" for line in lines)
 
 
 _register()
@@ -69,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     from xqcli.errors import XQError
 
     debug = os.environ.get("XQ_DEBUG") == "1"
+    _open_closed_streams()
     try:
         rv = app(args=argv, prog_name="xq", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
@@ -82,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, typer.Abort):
         _error_line("interrupted", None)
         code = 130
-    except BrokenPipeError:
+    except (BrokenPipeError, StdoutClosed):  # README: a closed pipe ends quietly, exit 0, as `> /dev/null`
+        _discard_stdout()
         code = 0
     except Exception as e:  # the boundary: anything else is a bug, shown briefly unless XQ_DEBUG=1
         if debug:
@@ -96,6 +121,28 @@ def main(argv: list[str] | None = None) -> int:
             _error_line(f"internal error: {type(e).__name__}: {e}", "run again with XQ_DEBUG=1 and report the traceback")
             code = 1
     return _finish(code, argv)
+
+
+def _open_closed_streams() -> None:
+    """A standard stream the caller closed (`>&-`, `<&-`) becomes /dev/null: output goes nowhere, input is
+    empty. Its descriptor must not stay free either, or the next file opened (a model) would take it."""
+    for fd, name, flags in ((0, "stdin", os.O_RDONLY), (1, "stdout", os.O_WRONLY), (2, "stderr", os.O_WRONLY)):
+        if getattr(sys, name) is None:
+            null = os.open(os.devnull, flags)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            setattr(sys, name, open(fd, "r" if flags == os.O_RDONLY else "w", closefd=False))
+
+
+def _discard_stdout() -> None:
+    """After EPIPE, point stdout at /dev/null so the interpreter's final flush of it cannot fail loudly."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+    except (OSError, ValueError):  # a stdout without a descriptor (tests capture it in memory)
+        pass
 
 
 def _finish(code: int, argv: list[str] | None) -> int:

@@ -94,7 +94,7 @@ class ModelConfig:
                 head_dim=head_dim,
                 vocab_size=int(raw["vocab_size"]),
                 rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(_rope_theta(raw)),
+                rope_theta=float(_rope_theta(raw, source)),
                 rope_scaling=_rope_scaling(raw, source),
                 max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
                 tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
@@ -177,14 +177,22 @@ def _sliding_window(raw: dict[str, Any], model_type: str, source: str) -> int | 
     return None
 
 
-def _rope_theta(raw: dict[str, Any]) -> float:
+def _section(raw: dict[str, Any], key: str, source: str) -> dict[str, Any]:
+    """An optional object-valued key (`rope_scaling`, `rope_parameters`); anything but an object is refused."""
+    value = raw.get(key) or {}
+    if not isinstance(value, dict):
+        raise ModelError(f"{source}: {key} must be an object such as {{\"rope_type\": \"linear\", \"factor\": 2.0}} "
+                         f"(got {value!r:.60})")
+    return value
+
+
+def _rope_theta(raw: dict[str, Any], source: str) -> float:
     # transformers 5.x writes `rope_parameters: {rope_theta, rope_type, ...}` instead of top-level keys.
-    params = raw.get("rope_parameters") or {}
-    return raw.get("rope_theta", params.get("rope_theta", 10000.0))
+    return raw.get("rope_theta", _section(raw, "rope_parameters", source).get("rope_theta", 10000.0))
 
 
 def _rope_scaling(raw: dict[str, Any], source: str) -> RopeScaling:
-    rs = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+    rs = _section(raw, "rope_scaling", source) or _section(raw, "rope_parameters", source)
     rope_type = rs.get("rope_type", rs.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedModelError(

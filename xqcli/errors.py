@@ -62,7 +62,7 @@ class MissingDependencyError(XQError):
 
 
 class ResourceError(XQError):
-    """The request does not fit: memory budget smaller than the weights, context too long."""
+    """The request does not fit: memory budget, context beyond the cache or the trained positions, disk space."""
 
     exit_code = 7
 
@@ -81,7 +81,7 @@ EXIT_CODES: dict[int, str] = {
     4: "bundle corrupt, tampered with, or from a newer schema",
     5: "Hugging Face hub: not in the cache while offline, not found, or not authorized",
     6: "an optional dependency is missing",
-    7: "does not fit: memory budget or context",
+    7: "does not fit: memory budget, context, or disk space",
     8: "a --fail-if gate failed",
     130: "interrupted (Ctrl-C)",
 }

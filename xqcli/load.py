@@ -11,13 +11,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from xqcli.bundle.artifacts import Artifacts
-from xqcli.bundle.bitplan import resolve_spec
 from xqcli.bundle.projections import LayerProjections
 from xqcli.cache.base import LayerWeights, ModelCache, ModelParts
 from xqcli.cache.factory import build_cache
 from xqcli.cache.spec import CacheSpec
 from xqcli.config import ModelConfig
-from xqcli.errors import WeightsError
+from xqcli.errors import BundleError, ModelError, WeightsError
 from xqcli.model import Transformer
 from xqcli.sources.hf import IGNORED_SUFFIXES, check_model_folder, parse_dtype, read_safetensors, shard_files
 from xqcli.sources.hub import Source, resolve
@@ -47,9 +46,10 @@ class Loaded:
                           kernels=kernels)
 
     def tokenizer(self):  # -> xqcli.tokenizer.Tokenizer
+        """The tokenizer; a damaged tokenizer file of a bundle is a bundle problem (exit 4), not a source's."""
         from xqcli.tokenizer import Tokenizer
 
-        return Tokenizer.from_folder(self.tokenizer_dir)
+        return Tokenizer.from_folder(self.tokenizer_dir, error=BundleError if self.bundle is not None else ModelError)
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -88,7 +88,10 @@ def load(src: str | Path, *, dtype: str | torch.dtype | None = None, device: str
 
         if is_bundle(source.path):  # weights as any HF folder, plus the stored projections (no SVD)
             bundle = open_bundle(source.path)
-            model = load_hf_folder(source.path, dtype=dt, device=dev)
+            try:
+                model = load_hf_folder(source.path, dtype=dt, device=dev)
+            except ModelError as e:  # the bundle's weights: a bundle problem
+                raise BundleError(str(e), hint=e.hint) from None
             return Loaded(model, source.path, replace(source, kind="bundle"), bundle, Artifacts.from_bundle(bundle))
     return Loaded(load_hf_folder(source.path, dtype=dt, device=dev), source.path, source)
 
@@ -120,8 +123,24 @@ def build_model(cfg: ModelConfig, tensors: dict[str, torch.Tensor], *, dtype: to
     with torch.device("meta"):
         model = Transformer(cfg)
     state = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
+    _check_finite(state, tensors, source)
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval()
+
+
+def _check_finite(state: dict[str, torch.Tensor], given: dict[str, torch.Tensor], source: str) -> None:
+    """NaN or Inf in a weight (or a value the dtype cast overflowed) would only ever produce garbage text."""
+    bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if not bad:
+        return
+
+    def where(k: str) -> str:
+        was, now = (str(t.dtype).removeprefix("torch.") for t in (given[k], state[k]))
+        return k if was == now else f"{k} ({was} -> {now})"
+
+    shown = ", ".join(map(where, bad[:4])) + (f" (+{len(bad) - 4} more)" if len(bad) > 4 else "")
+    raise WeightsError(f"{source}: weights hold NaN or Inf values (not finite): {shown}",
+                       hint="the checkpoint is damaged, or its values overflow this dtype (try float32 or bfloat16)")
 
 
 def load_hf_folder(folder: Path, *, dtype: str | torch.dtype = torch.float32,
@@ -151,11 +170,10 @@ def make_cache(model: Transformer, spec: CacheSpec | str, batch: int, max_len: i
     """A cache of any kind for `model`: the one entry point callers use (see `xqcli.cache.factory`).
 
     Pass the model's `artifacts` (`Loaded.artifacts`) when building more than one cache: without it a
-    fresh one is made, so latent caches run the SVDs again and `+mix` finds no calibration."""
+    fresh one is made, so latent caches run the SVDs again and `+rot` rotates by the default, not the bundle's."""
     if isinstance(spec, str):
         spec = CacheSpec.parse(spec)
     artifacts = artifacts if artifacts is not None else Artifacts()
-    spec = resolve_spec(spec, artifacts, model.config.num_hidden_layers)
     return build_cache(spec, model_parts(model), batch, max_len, device=device if device is not None else model.device,
                        artifacts=artifacts, kernels=kernels)
 

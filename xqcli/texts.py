@@ -1,7 +1,10 @@
-"""Evaluation texts: `wiki` (a cleaned 2016 English Wikipedia excerpt) and `news` (the Lee corpus).
+"""Evaluation texts: `wiki` (a cleaned 2016 English Wikipedia excerpt), `news` (the Lee corpus) and `builtin`.
 
-Both ship as test data inside the gensim 4.4.0 wheel, which installs offline from PyPI with
-`pip install --no-deps gensim==4.4.0` (we read the files; gensim is never imported). The wiki
+`wiki` and `news` ship as test data inside the gensim 4.4.0 wheel, which installs offline from PyPI with
+`pip install --no-deps gensim==4.4.0` (we read the files; gensim is never imported; no xq extra brings it, as
+an extra would pull gensim's dependencies). `builtin` is the English prose every Python ships (the
+standard library's pydoc topics), so `xq eval` works on every install; it is also the default calibration
+text of `xq convert`, so a calibrated bundle scores a little better on it than on unseen text. The wiki
 cleaner is a WikiText-style heuristic (`clean_article`): its perplexities are for
 relative comparisons only, not for comparison with published WikiText-2 numbers.
 """
@@ -18,6 +21,7 @@ from pathlib import Path
 
 from xqcli.errors import InputError, MissingDependencyError
 
+TEXTS = ("wiki", "news", "builtin")
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 NEWS_FILE = "lee_background.cor"
 _STOP_SECTIONS = {"references", "external links", "see also", "further reading", "notes", "bibliography"}
@@ -26,9 +30,30 @@ _STOP_SECTIONS = {"references", "external links", "see also", "further reading",
 def gensim_data_dir() -> Path:
     spec = importlib.util.find_spec("gensim")
     if spec is None or not spec.submodule_search_locations:
-        raise MissingDependencyError("the built-in texts come from gensim's test data, which is not installed",
-                                     hint="pip install --no-deps gensim==4.4.0, or pass --text FILE")
+        raise MissingDependencyError(
+            "the wiki and news texts come from gensim's test data, which is not installed (no xq extra brings it)",
+            hint="pip install --no-deps gensim==4.4.0, or use --text builtin or --text FILE")
     return Path(list(spec.submodule_search_locations)[0]) / "test" / "test_data"
+
+
+def has_gensim_texts() -> bool:
+    """Whether `wiki` and `news` can be read here."""
+    try:
+        return (gensim_data_dir() / NEWS_FILE).is_file()
+    except MissingDependencyError:
+        return False
+
+
+def default_text() -> str:
+    """`wiki` where gensim's test data is installed, else `builtin` (every install has it)."""
+    return "wiki" if has_gensim_texts() else "builtin"
+
+
+def builtin_text() -> str:
+    """English prose every Python ships: the stdlib's pydoc topic texts (the language reference)."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
 
 
 def news_text() -> str:
@@ -90,14 +115,16 @@ def wiki_text() -> str:
 
 
 def load_text(name: str) -> str:
-    """`wiki`, `news` or a path to a UTF-8 text file."""
+    """`wiki`, `news`, `builtin` or a path to a UTF-8 text file."""
     if name == "wiki":
         return wiki_text()
     if name == "news":
         return news_text()
+    if name == "builtin":
+        return builtin_text()
     p = Path(name)
     if not p.is_file():
-        raise InputError(f"--text {name}: not 'wiki', 'news' or an existing file")
+        raise InputError(f"--text {name}: not one of {', '.join(TEXTS)} nor an existing file")
     return read_user_text(p, "--text")
 
 

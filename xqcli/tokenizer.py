@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from xqcli.errors import InputError, ModelError
+from xqcli.errors import InputError, ModelError, XQError
 
 if TYPE_CHECKING:
     import jinja2
@@ -32,20 +32,31 @@ _SPECIAL_TOKEN_KEYS = (
 )
 
 
+# Bounds of one chat-template rendering: the sandbox bounds each range(), these bound the total work, so
+# nested loops, huge repetitions or powers end with an error instead of running for hours.
+MAX_LOOP_STEPS = 1_000_000  # iterations of all `for` loops together
+MAX_RENDER_CHARS = 1 << 24  # characters of output (a prompt of ~4M tokens)
+MAX_POWER_BITS = 1 << 16  # size of an integer `a ** b` may produce
+
+
 class ChatTemplateError(Exception):
     """Raised by a template's `raise_exception(...)`: the conversation breaks the template's rules."""
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    """Parse an optional JSON side file; an absent file reads as empty, a corrupt one is a model error."""
+class TemplateLimitError(Exception):
+    """A chat template's rendering went past one of the bounds above."""
+
+
+def _read_json(path: Path, error: type[XQError] = ModelError) -> dict[str, Any]:
+    """Parse an optional JSON side file; an absent file reads as empty, a corrupt one is an `error`."""
     if not path.is_file():
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"cannot read {path}: {e}") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise error(f"cannot read {path}: {e}") from e
     if not isinstance(data, dict):
-        raise ModelError(f"{path} is not a JSON object")
+        raise error(f"{path} is not a JSON object")
     return data
 
 
@@ -94,6 +105,7 @@ class Tokenizer:
         chat_template: str | None,
         chat_template_source: str,
         template_names: tuple[str, ...] = (),
+        error: type[XQError] = ModelError,
     ) -> None:
         self._backend = backend
         self.name = name  # the folder, for messages
@@ -109,17 +121,20 @@ class Tokenizer:
         self._chat_template_source = chat_template_source
         self._chat_template_overridden = False
         self._template_names = template_names
+        self._error = error  # what a problem of the folder's own files is: ModelError, BundleError in a bundle
         probe_plain = backend.encode("a", add_special_tokens=False).ids
         probe_full = backend.encode("a", add_special_tokens=True).ids
         self.add_bos: bool = bos_id is not None and probe_full[:1] == [bos_id] and probe_plain[:1] != [bos_id]
 
     @classmethod
-    def from_folder(cls, path: str | Path, chat_template_file: str | Path | None = None) -> Tokenizer:
-        """Load from an HF folder (tokenizer.json required; configs and template files optional)."""
+    def from_folder(cls, path: str | Path, chat_template_file: str | Path | None = None, *,
+                    error: type[XQError] = ModelError) -> Tokenizer:
+        """Load from an HF folder (tokenizer.json required; configs and template files optional). Problems of
+        the folder's files raise `error`: a model source's are ModelError (3), a bundle's BundleError (4)."""
         folder = Path(path)
         tokenizer_file = folder / "tokenizer.json"
         if not tokenizer_file.is_file():
-            raise ModelError(
+            raise error(
                 f"{folder} has no tokenizer.json: a tokenizer.json (HF fast tokenizer) is required",
                 hint="re-save it with transformers' save_pretrained, or download the full model repo",
             )
@@ -128,12 +143,12 @@ class Tokenizer:
         try:
             backend = Backend.from_file(str(tokenizer_file))
         except Exception as e:  # the Rust side reports every parse failure as a plain Exception
-            raise ModelError(f"cannot load {tokenizer_file}: {e}") from e
+            raise error(f"cannot load {tokenizer_file}: {e}") from e
 
-        tok_config = _read_json(folder / "tokenizer_config.json")
-        legacy_map = _read_json(folder / "special_tokens_map.json")
-        model_config = _read_json(folder / "config.json")
-        gen_config = _read_json(folder / "generation_config.json")
+        tok_config = _read_json(folder / "tokenizer_config.json", error)
+        legacy_map = _read_json(folder / "special_tokens_map.json", error)
+        model_config = _read_json(folder / "config.json", error)
+        gen_config = _read_json(folder / "generation_config.json", error)
 
         special_tokens: dict[str, str] = {}
         for key in _SPECIAL_TOKEN_KEYS:
@@ -160,7 +175,7 @@ class Tokenizer:
             if i not in eos_ids:
                 eos_ids.append(i)
 
-        template, source = cls._find_chat_template(folder, tok_config)
+        template, source = cls._find_chat_template(folder, tok_config, error)
         names: tuple[str, ...] = ()
         if isinstance(template, dict):
             names = tuple(sorted(template))
@@ -174,6 +189,7 @@ class Tokenizer:
             chat_template=template,
             chat_template_source=source,
             template_names=names,
+            error=error,
         )
         if chat_template_file is not None:
             tokenizer.use_chat_template_file(chat_template_file)
@@ -216,14 +232,17 @@ class Tokenizer:
 
     @staticmethod
     def _find_chat_template(
-        folder: Path, tok_config: dict[str, Any]
+        folder: Path, tok_config: dict[str, Any], error: type[XQError]
     ) -> tuple[dict[str, str] | str | None, str]:
         """Locate the folder's template; separate files win over tokenizer_config.json, as in transformers."""
         jinja_file = folder / "chat_template.jinja"
         if jinja_file.is_file():
-            return jinja_file.read_text(encoding="utf-8"), str(jinja_file)
+            try:
+                return jinja_file.read_text(encoding="utf-8"), str(jinja_file)
+            except (OSError, UnicodeDecodeError) as e:
+                raise error(f"cannot read {jinja_file} as UTF-8 text ({e})") from None
         json_file = folder / "chat_template.json"
-        from_json = _named_templates(_read_json(json_file).get("chat_template"))
+        from_json = _named_templates(_read_json(json_file, error).get("chat_template"))
         if from_json:
             return from_json, str(json_file)
         return _named_templates(tok_config.get("chat_template")), str(folder / "tokenizer_config.json")
@@ -296,13 +315,14 @@ class Tokenizer:
         conversation = [{k: v for k, v in m.items() if v is not None} for m in messages]
         import jinja2
 
+        error = InputError if self._chat_template_overridden else self._error
         try:
             template = _compile_chat_template(self.chat_template)
         except jinja2.TemplateSyntaxError as e:
-            error = InputError if self._chat_template_overridden else ModelError
             raise error(f"chat template from {self._chat_template_source} is not valid Jinja: {e}") from e
         try:
-            text = template.render(
+            text = template.environment.render_bounded(
+                template,
                 messages=conversation,
                 tools=tools,
                 documents=None,
@@ -311,6 +331,9 @@ class Tokenizer:
             )
         except ChatTemplateError as e:
             raise InputError(f"the chat template refused this conversation: {e}") from e
+        except (TemplateLimitError, RecursionError, OverflowError) as e:
+            why = "recursion too deep" if isinstance(e, RecursionError) else str(e)
+            raise error(f"chat template from {self._chat_template_source} was stopped: {why}") from None
         except jinja2.TemplateError as e:
             raise InputError(f"chat template from {self._chat_template_source} failed to render: {e}") from e
         if tokenize:
@@ -367,12 +390,60 @@ class StreamDecoder:
         return text
 
 
+def _bounded_sandbox() -> type:
+    """transformers' sandbox plus a budget for the whole rendering (`MAX_*` above): every `for` loop's
+    iterable is wrapped at parse time in a counter of iterations, `*` and `**` are checked before they
+    build a huge string or number, and `render_bounded` stops at a size of output."""
+    from jinja2 import nodes
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**"})
+        steps = 0  # loop iterations of the rendering under way
+
+        def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
+            tree = super()._parse(source, name, filename)
+            for loop in tree.find_all(nodes.For):
+                counted = nodes.EnvironmentAttribute("counted", lineno=loop.lineno)
+                loop.iter = nodes.Call(counted, [loop.iter], [], None, None, lineno=loop.lineno)
+            return tree
+
+        def counted(self, iterable: Any) -> Any:
+            for item in iterable:
+                self.steps += 1
+                if self.steps > MAX_LOOP_STEPS:
+                    raise TemplateLimitError(f"more than {MAX_LOOP_STEPS:,} loop iterations")
+                yield item
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            if operator == "**" and type(left) is int and type(right) is int and right > 0 \
+                    and left.bit_length() * right > MAX_POWER_BITS:
+                raise TemplateLimitError(f"{left} ** {right} is too large a number")
+            if operator == "*":
+                seq, n = (left, right) if isinstance(left, (str, list, tuple)) else (right, left)
+                if isinstance(seq, (str, list, tuple)) and type(n) is int and len(seq) * n > MAX_RENDER_CHARS:
+                    raise TemplateLimitError(f"a repetition of {len(seq) * n:,} items")
+            return super().call_binop(context, operator, left, right)
+
+        def render_bounded(self, template: Any, **variables: Any) -> str:
+            self.steps = 0
+            parts, size = [], 0
+            for part in template.generate(**variables):
+                size += len(part)
+                if size > MAX_RENDER_CHARS:
+                    raise TemplateLimitError(f"more than {MAX_RENDER_CHARS:,} characters of output")
+                parts.append(part)
+            return "".join(parts)
+
+    return BoundedSandbox
+
+
 @lru_cache(maxsize=8)
 def _compile_chat_template(source: str) -> jinja2.Template:
-    """Compile in the environment transformers uses, so templates render identically."""
+    """Compile in the environment transformers uses (bounded: `_bounded_sandbox`), so templates render
+    identically."""
     import jinja2
     from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class GenerationTag(Extension):
         """`{% generation %}` marks assistant text for training masks; inference renders it as is."""
@@ -405,7 +476,7 @@ def _compile_chat_template(source: str) -> jinja2.Template:
     def strftime_now(fmt: str) -> str:
         return datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(
+    env = _bounded_sandbox()(
         trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, loopcontrols]
     )
     env.filters["tojson"] = tojson

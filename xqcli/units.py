@@ -27,10 +27,13 @@ def parse_tokens(text: str | int, option: str = "--context") -> int:
     """'32k' -> 32768, '1.5k' -> 1536, '4096' -> 4096, '1m' -> 1048576 (k = 1024); at least 1."""
     t = str(text).strip().lower().replace("_", "").replace(",", "")
     m = _COUNT.fullmatch(t)
-    n = int(float(m.group(1)) * _COUNT_SUFFIX[m.group(2)]) if m else 0
+    hint = f"write a whole number of tokens like 4096, 32k or 32000 (k = 1024, at most {MAX_TOKENS:,})"
+    if not m:
+        raise InputError(f"{option}: cannot read {str(text).strip()!r} as a token count", hint=hint)
+    n = int(float(m.group(1)) * _COUNT_SUFFIX[m.group(2)])
     if not 1 <= n <= MAX_TOKENS:
-        raise InputError(f"{option}: cannot read {str(text).strip()!r} as a token count",
-                         hint=f"write a whole number of tokens like 4096, 32k or 32000 (k = 1024, at most {MAX_TOKENS:,})")
+        raise InputError(f"{option} {str(text).strip()}: must be at least 1 and at most {MAX_TOKENS:,} tokens",
+                         hint=hint)
     return n
 
 

@@ -1,8 +1,9 @@
-"""Bundle data for the runtime, as one explicit object: projections, calibration, rotation and memos.
+"""Bundle data for the runtime, as one explicit object: projections, rotation and memos.
 
 Whoever loads a model holds its `Artifacts` (`xqcli.load.Loaded.artifacts`) and passes it to every
-cache built on that model; nothing is stored on the model itself. A bundle provides the SVD factors,
-the calibration record and the rotation chosen at convert time (`from_bundle`). Any other model gets
+cache built on that model; nothing is stored on the model itself. A bundle provides the SVD factors
+and the rotation chosen at convert time (`from_bundle`); its calibration is read only by the commands
+that use it (`xq inspect`, `xq eval --calibrated`). Any other model gets
 an empty one: the SVD factors are then computed from the layer weights the first time a cache needs
 them, once, and kept here like a bundle's. The memos (factors cast to a dtype and device, weights with
 a rotation folded in) live here too, so one object holds everything derived from one model: do not
@@ -12,7 +13,7 @@ share an `Artifacts` between models.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -32,11 +33,10 @@ class KVWeights(Protocol):
 
 
 class Artifacts:
-    """Projections, calibration, rotation (kind, seed) and the derived-weight memos of one model."""
+    """Projections, rotation (kind, seed) and the derived-weight memos of one model."""
 
-    def __init__(self, projections: list[LayerProjections] | None = None, calibration: dict[str, Any] | None = None,
+    def __init__(self, projections: list[LayerProjections] | None = None,
                  rotation: tuple[str, int] = DEFAULT_ROTATION) -> None:
-        self.calibration = calibration  # calibration.json: per-layer errors (`+mix`) and clip ratios
         self.rotation = rotation
         # Per-layer SVD factors as held: a bundle's (float32) or computed (float64); None until set or needed.
         self.factors = projections
@@ -45,9 +45,9 @@ class Artifacts:
 
     @classmethod
     def from_bundle(cls, bundle: Bundle) -> Artifacts:
-        """The stored projections (no SVD at run time), calibration and rotation of an opened bundle."""
+        """The stored projections (no SVD at run time) and rotation of an opened bundle."""
         rotation = bundle.manifest.get("rotation")
-        return cls(bundle.projections() if bundle.has_projections else None, bundle.calibration(),
+        return cls(bundle.projections() if bundle.has_projections else None,
                    (rotation["kind"], int(rotation.get("seed", 0))) if rotation is not None else DEFAULT_ROTATION)
 
     def set_projections(self, projections: list[LayerProjections]) -> None:

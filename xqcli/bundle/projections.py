@@ -59,6 +59,27 @@ class LayerProjections:
         return LayerProjections(conv(self.k), conv(self.v), conv(self.kv))
 
 
+def reproduction_errors(k_weight: torch.Tensor, v_weight: torch.Tensor, lp: LayerProjections) -> dict[str, float]:
+    """How far one layer's factors are from rebuilding that layer's weights, for one fixed probe row x.
+
+    Relative errors ‖(x·U)·M − x·Wᵀ‖ / ‖x·Wᵀ‖ for K and V, and ‖(x·U_kv·U_kvᵀ)·W_kvᵀ − x·W_kvᵀ‖ / ‖x·W_kvᵀ‖
+    for the shared basis: matrix-vector products only, O(d·d_kv), in float64. x is a seeded Gaussian
+    row, so any change of U or M (another layer's, another model's, an edited entry) moves the result
+    with probability one, while the factors of these very weights reproduce it to float32 rounding.
+    """
+    x = torch.randn(k_weight.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def rel(rebuilt: torch.Tensor, want: torch.Tensor) -> float:
+        return float((rebuilt - want).norm() / want.norm().clamp_min(1e-300))
+
+    w_k, w_v = k_weight.double(), v_weight.double()
+    w_kv = torch.cat([w_k, w_v])
+    u_kv = lp.kv.u.double()
+    return {"K": rel((x @ lp.k.u.double()) @ lp.k.m.double(), w_k @ x),
+            "V": rel((x @ lp.v.u.double()) @ lp.v.m.double(), w_v @ x),
+            "K|V basis": rel(w_kv @ (u_kv @ (x @ u_kv)), w_kv @ x)}
+
+
 def layer_projections(k_weight: torch.Tensor, v_weight: torch.Tensor) -> LayerProjections:
     return LayerProjections(k=svd_factors(k_weight), v=svd_factors(v_weight),
                             kv=svd_factors(torch.cat([k_weight, v_weight], dim=0), keep_m=False))

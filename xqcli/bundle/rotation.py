@@ -21,6 +21,7 @@ import torch
 from xqcli.errors import InputError
 
 KINDS = ("hadamard", "random")
+MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes without wrapping
 
 
 def hadamard_block(width: int) -> int:
@@ -72,6 +73,8 @@ class Rotation:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise InputError(f"unknown rotation {self.kind!r} (known: {', '.join(KINDS)})")
+        if type(self.seed) is not int or not 0 <= self.seed <= MAX_SEED:
+            raise InputError(f"rotation seed must be an integer from 0 to 2^63-1 (got {self.seed!r})")
 
     @property
     def block(self) -> int:

@@ -98,7 +98,7 @@ class ModelCache:
         if len(parts.layers) != parts.config.num_hidden_layers:
             raise ValueError(f"{len(parts.layers)} layer weights for a {parts.config.num_hidden_layers}-layer model")
         self.config, self.weights, self.dtype = parts.config, parts.layers, parts.dtype
-        self.rope = parts.rope  # an attribute: the engine's CUDA-graph step swaps in precomputed tables
+        self.rope = parts.rope
         self.batch = batch
         self.max_len = max_len
         self.device = torch.device(device)

@@ -1,8 +1,7 @@
 """Build a cache of any kind by name: `kv`, `kivi-B`, `xquant-B`, `xquant-cl-B` (B in {2, 3, 4, 8}).
 
 One vocabulary everywhere (`xqcli.cache.spec`); `-fp` instead of a bit width turns quantization off.
-The factory takes a resolved spec (`+mix` already turned into per-layer bits by
-`xqcli.bundle.bitplan.resolve_spec`) and what the cache needs from the model; callers go through
+The factory takes a spec and what the cache needs from the model; callers go through
 `xqcli.load.make_cache`, which gathers those from a loaded model.
 """
 
@@ -39,8 +38,6 @@ def build_cache(spec: CacheSpec, parts: ModelParts, batch: int, max_len: int, *,
     `kernels`: "auto" uses the fused Triton decode kernels on CUDA tensors, "triton" forces them (CPU
     tests under TRITON_INTERPRET=1), "off" keeps the pure-torch reference path. The environment
     variable XQ_KERNELS=off turns "auto" off: an escape hatch should a kernel misbehave on some GPU."""
-    if spec.mix is not None and spec.layer_bits is None:
-        raise ValueError(f"{spec.name}: resolve the per-layer bits first (xqcli.bundle.bitplan.resolve_spec)")
     if kernels == "auto":
         kernels = kernels_setting()
     if spec.method == "kv":

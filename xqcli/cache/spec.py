@@ -14,7 +14,10 @@ from xqcli.kernels.quant import QuantSpec
 
 METHODS = ("kv", "kivi", "xquant", "xquant-cl")
 BITS = (2, 3, 4, 8)
-VARIANTS = ("ch0", "rot", "mix")
+VARIANTS = ("ch0", "rot")
+# Variants that existed once: a user who types one learns why it is gone (CHANGELOG).
+REMOVED_VARIANTS = {"mix": "+mix (calibrated bits per layer) was removed: it never beat uniform bits at the "
+                           "same average (CHANGELOG); use xquant-3 or xquant-3+rot"}
 _NAME = re.compile(r"^(kv|kivi|xquant|xquant-cl)(?:-(\d+(?:\.\d+)?|fp))?((?:\+[a-z0-9]+)*)$")
 
 
@@ -33,16 +36,14 @@ class CacheSpec:
     clip: float = 1.0
     clips: tuple[float, ...] | None = None  # per-layer clip ratios (calibration); None: `clip` everywhere
     rotate: bool = False  # `+rot`: per-token streams hold X·R (R orthogonal, folded into the weights)
-    mix: float | None = None  # `+mix`: average bits of a calibrated per-layer plan (xquant only)
-    layer_bits: tuple[int, ...] | None = None  # the per-layer plan, resolved from the bundle (`resolve`)
 
     @property
     def name(self) -> str:
         if self.method == "kv":
             return "kv"
-        bits = f"{self.mix:g}" if self.mix is not None else (self.bits or "fp")
-        flags = [f for f, on in (("ch0", self.fp16_channel0), ("rot", self.rotate), ("mix", self.mix is not None)) if on]
-        return f"{self.method}-{bits}" + "".join("+" + f for f in flags) + (" (cal)" if self.clips is not None else "")
+        flags = [f for f, on in (("ch0", self.fp16_channel0), ("rot", self.rotate)) if on]
+        cal = " (cal)" if self.clips is not None else ""
+        return f"{self.method}-{self.bits or 'fp'}" + "".join("+" + f for f in flags) + cal
 
     @classmethod
     def parse(cls, name: str, **settings) -> "CacheSpec":
@@ -55,12 +56,21 @@ class CacheSpec:
         flags = [v for v in variants.split("+") if v]
         unknown = [v for v in flags if v not in VARIANTS]
         if unknown:
-            raise InputError(f"{name!r}: unknown variant +{unknown[0]} (known: {', '.join('+' + v for v in VARIANTS)})")
+            known = ", ".join("+" + v for v in VARIANTS)
+            raise InputError(f"{name!r}: unknown variant +{unknown[0]} (known: {known})",
+                             hint=REMOVED_VARIANTS.get(unknown[0]))
+        twice = sorted({v for v in flags if flags.count(v) > 1})
+        if twice:
+            raise InputError(f"{name!r}: +{twice[0]} given twice", hint=f"write it once, e.g. {method}-4+{twice[0]}")
         bits = settings.pop("bits", None)
-        if "mix" in flags:
-            return cls._parse_mix(name, method, bits_s if bits_s is not None else bits, flags, settings)
+        if bits is not None and bits_s is not None and bits_s != str(bits):
+            raise InputError(f"{name!r}: {name} names {bits_s} bits but --bits {bits} was given",
+                             hint=f"give the bit width once: --cache {method} --bits {bits}, or --cache {name}")
+        if method == "kv" and bits is not None:
+            raise InputError(f"{name!r}: kv takes no bit width (it stores the model dtype; got --bits {bits})",
+                             hint="drop --bits, or choose a quantized kind like xquant")
         if bits_s is not None and "." in bits_s:
-            raise InputError(f"{name!r}: bits must be one of 2, 3, 4, 8 (fractional averages need +mix)")
+            raise InputError(f"{name!r}: bits must be one of 2, 3, 4, 8 (got {bits_s})")
         if bits_s is not None:
             bits = None if bits_s == "fp" else int(bits_s)
         elif method != "kv" and bits is None:
@@ -77,27 +87,6 @@ class CacheSpec:
         spec.check()
         return spec
 
-    @classmethod
-    def _parse_mix(cls, name: str, method: str, avg: str | float | None, flags: list[str], settings) -> "CacheSpec":
-        """`xquant-3+mix`, `xquant-2.5+mix`: per-layer bits from the bundle's calibration, averaging at most B."""
-        if method != "xquant":
-            raise InputError(f"{name!r}: +mix (calibrated bits per layer) applies to xquant")
-        try:
-            target = float(avg) if avg not in (None, "fp") else None
-        except ValueError:
-            target = None
-        if target is None or not BITS[0] <= target <= BITS[-1]:
-            raise InputError(f"{name!r}: no per-layer plan can average {avg} bits (choose 2 to 8)",
-                             hint="e.g. xquant-3+mix or xquant-2.5+mix")
-        spec = cls(method=method, bits=BITS[-1], fp16_channel0="ch0" in flags, rotate="rot" in flags, mix=target,
-                   **settings)
-        spec.check()
-        return spec
-
-    def bits_for(self, layer: int) -> int | None:
-        """This layer's bit width: the per-layer plan when one is resolved, else `bits`."""
-        return self.layer_bits[layer] if self.layer_bits is not None else self.bits
-
     def check(self) -> None:
         if self.group_size < 1:
             raise InputError(f"group size must be >= 1 (got {self.group_size})")
@@ -113,7 +102,7 @@ class CacheSpec:
 
     def quant(self, axis: str, bits: int | None = None, layer: int | None = None) -> QuantSpec | None:
         """The stream quantizer; `layer` selects that layer's clip ratio when `clips` is set."""
-        bits = (self.bits_for(layer) if layer is not None else self.bits) if bits is None else bits
+        bits = self.bits if bits is None else bits
         clip = self.clips[layer] if self.clips is not None and layer is not None else self.clip
         return None if bits is None else QuantSpec(bits, self.group_size, axis, clip)
 

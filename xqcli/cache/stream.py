@@ -29,116 +29,118 @@ from xqcli.bundle.rotation import Rotation
 from xqcli.cache.base import CacheBytes, ModelCache, ModelParts, state_tensor, tensor_bytes
 from xqcli.cache.spec import CacheSpec
 from xqcli.errors import InputError
-from xqcli.kernels.quant import QTensor, QuantSpec, dequantize, fake_quantize, packed_width, quantize
+from xqcli.kernels.packed import PackedStream
+from xqcli.kernels.quant import QuantSpec, fake_quantize
+from xqcli.kernels.stream_append import (
+    allocate_stream,
+    ring_view,
+    sealed_count,
+    stream_append,
+    stream_values_ref,
+)
 
 
 class Stream:
-    """One cached token sequence of width C per row: quantized sealed tokens plus a full-precision tail.
+    """One cached token sequence of width C per row: quantized sealed tokens plus a full-precision ring.
 
-    `seal_fn(row, start, raw)` may transform raw tail values into what is quantized at sealing time
-    (XQuant-CL forms its closed-loop deltas there); it defaults to the identity.
+    Storage and sealing are `xqcli.kernels.stream_append`'s (docs/design.md §6): codes, fp16 scales and
+    zero points for `max_len` tokens and a ring of `ring_capacity` slots holding the unsealed tokens
+    (token t in slot t % cap). The stream keeps no per-row counters: the sealed count is a function of
+    the row length (`sealed_count`), and the lengths are the cache's, on the device and mirrored on the
+    host. Unquantized (`spec` None): every token in `full` (B, max_len, C), written at its position.
     """
 
     def __init__(self, batch: int, max_len: int, width: int, spec: QuantSpec | None, window: int,
                  dtype: torch.dtype, device: torch.device, *, quantize_partial: bool = False) -> None:
         self.spec, self.width, self.window, self.dtype = spec, width, window, dtype
         self.quantize_partial = quantize_partial
-        self.sealed = [0] * batch
-        self.tail_len = [0] * batch
         if spec is None:  # unquantized: everything lives in `full`
             self.full = torch.zeros(batch, max_len, width, dtype=dtype, device=device)
             return
-        g = spec.group_size
-        self.codes = torch.zeros(batch, max_len, packed_width(width, spec.bits), dtype=torch.uint8, device=device)
-        if spec.axis == "token":
-            sz = (batch, max_len, math.ceil(width / g))
-            tail_cap = window
-        else:
-            sz = (batch, math.ceil(max_len / g), width)
-            tail_cap = window + g - 1
-        self.scale = torch.zeros(sz, dtype=torch.float16, device=device)
-        self.zero = torch.zeros(sz, dtype=torch.float16, device=device)
-        self.tail = torch.zeros(batch, tail_cap, width, dtype=dtype, device=device)
+        self.buffers = allocate_stream(batch, max_len, width, spec, window, dtype, device)
+        self.codes, self.scale, self.zero, self.tail = self.buffers
 
-    def length(self, b: int) -> int:
-        return self.sealed[b] + self.tail_len[b]
-
-    def append(self, b: int, new: torch.Tensor, seal_fn: Callable | None = None) -> None:
-        """Add row b's new tokens (T, width); seal what has left the window."""
+    def sealed_host(self, n: int) -> int:
+        """Sealed tokens of a row of n tokens (unquantized: none, every token is in `full`)."""
         if self.spec is None:
-            n0 = self.sealed[b]
-            self.full[b, n0:n0 + new.shape[0]] = (seal_fn(b, n0, new) if seal_fn else new).to(self.dtype)
-            self.sealed[b] += new.shape[0]
-            return
-        buf = torch.cat([self.tail[b, :self.tail_len[b]], new.to(self.dtype)])
-        n = buf.shape[0]
-        if self.spec.axis == "token":
-            n_seal = max(0, n - self.window)
-        else:
-            g = self.spec.group_size
-            n_seal = max(0, n - self.window) // g * g
-        if n_seal:
-            start = self.sealed[b]
-            vals = seal_fn(b, start, buf[:n_seal]) if seal_fn else buf[:n_seal]
-            q = quantize(vals, self.spec)
-            self.codes[b, start:start + n_seal] = q.packed
-            if self.spec.axis == "token":
-                self.scale[b, start:start + n_seal] = q.scale
-                self.zero[b, start:start + n_seal] = q.zero
-            else:
-                g0 = start // self.spec.group_size
-                self.scale[b, g0:g0 + q.scale.shape[0]] = q.scale
-                self.zero[b, g0:g0 + q.zero.shape[0]] = q.zero
-            self.sealed[b] += n_seal
-        rest = n - n_seal
-        self.tail[b, :rest] = buf[n_seal:]
-        self.tail_len[b] = rest
+            return 0
+        s = max(0, n - self.window)
+        return s if self.spec.axis == "token" else s // self.spec.group_size * self.spec.group_size
+
+    def counts(self, n: int) -> tuple[int, int]:
+        """(stored, waiting in full precision) tokens of a row of n tokens, as session files record them."""
+        if self.spec is None:
+            return n, 0
+        s = self.sealed_host(n)
+        return s, n - s
 
     def sealed_counts(self, lengths: torch.Tensor) -> torch.Tensor:
-        """sealed[b] for rows of these lengths (B,), as int32 on their device, without reading anything
-        back: `append` seals a per-token stream's tokens as they leave the window, a per-channel stream's
-        in whole groups, so sealed = max(0, length − window), rounded down to the group for channels."""
-        n = (lengths - self.window).clamp(min=0)
-        if self.spec.axis == "channel":
-            n = n // self.spec.group_size * self.spec.group_size
-        return n.to(torch.int32)
-
-    def sealed_values(self, b: int) -> torch.Tensor:
-        """Dequantized sealed tokens of row b, (sealed, width)."""
-        n = self.sealed[b]
+        """sealed[b] for rows of these lengths (B,), as int32 on their device, without reading anything back."""
         if self.spec is None:
-            return self.full[b, :n]
-        if n == 0:
-            return self.codes.new_zeros(0, self.width, dtype=self.dtype)
+            return torch.zeros_like(lengths, dtype=torch.int32)
+        return sealed_count(lengths, self.window, self.spec)
+
+    def append(self, new: torch.Tensor, lengths: torch.Tensor, n_new: torch.Tensor, *,
+               host_lengths: list[int] | None = None, host_n_new: list[int] | None = None,
+               sub: torch.Tensor | None = None, backend: str = "auto") -> None:
+        """Append row b's `new[b, :n_new[b]]` after its `lengths[b]` tokens (lengths before the step).
+
+        `sub` (B, S, C): what XQuant-CL subtracts from token t's value when it is quantized,
+        `sub[b, t]` (its deltas, formed at sealing time; unquantized streams store deltas at once).
+        `host_*`: the same counts mirrored on the host, when the caller has them (the reference sizes
+        its work with them; the kernel never reads them)."""
+        new = new.to(self.dtype)
+        if self.spec is None:
+            if sub is not None:
+                pos = lengths[:, None] + torch.arange(new.shape[1], device=new.device)
+                new = new - sub.gather(1, pos.clamp(max=sub.shape[1] - 1)[..., None].expand_as(new))
+            put_rows(self.full, new, lengths, n_new, host_lengths, host_n_new)
+            return
+        sub_start = None if sub is None else torch.zeros_like(lengths)
+        stream_append(new, lengths, n_new, self.buffers, window=self.window, spec=self.spec, sub=sub,
+                      sub_start=sub_start, host_lengths=host_lengths, host_n_new=host_n_new, backend=backend)
+
+    def values(self, lengths: torch.Tensor, n: int, host_lengths: list[int] | None = None, *,
+               quantize_waiting: bool = True) -> torch.Tensor:
+        """(B, n, C) every row's first n tokens in the stream's dtype (dequantized sealed tokens, then the
+        ring's), 0 at and after each row's length. Given the lengths on the host, only the sealed part is
+        dequantized, and in the paper protocol (unless `quantize_waiting` is off) the waiting tokens are
+        returned fake-quantized (a per-channel stream's partial block as one smaller group)."""
+        if self.spec is None:
+            keep = torch.arange(n, device=lengths.device)[None, :, None] < lengths[:, None, None]
+            return torch.where(keep, self.full[:, :n], torch.zeros((), dtype=self.dtype, device=self.full.device))
+        max_sealed = max(map(self.sealed_host, host_lengths)) if host_lengths is not None else None
+        out = stream_values_ref(self.buffers, lengths, window=self.window, spec=self.spec, n=n,
+                                max_sealed=max_sealed).to(self.dtype)
+        if self.quantize_partial and quantize_waiting and host_lengths is not None:
+            for b, length in enumerate(host_lengths):
+                s = self.sealed_host(length)
+                if length > s:
+                    out[b, s:length] = fake_quantize(out[b, s:length], self.spec)
+        return out
+
+    def waiting(self, b: int, length: int) -> torch.Tensor:
+        """Row b's unsealed tokens (raw, as appended) in token order, for a row of `length` tokens."""
+        slots = torch.arange(self.sealed_host(length), length, device=self.tail.device) % self.tail.shape[1]
+        return self.tail[b, slots]
+
+    def packed(self, seq_lens: torch.Tensor, sealed: torch.Tensor) -> PackedStream:
+        """The kernels' view of rows holding `seq_lens` tokens, `sealed` of them sealed (no copy)."""
+        if self.spec is None:
+            return PackedStream.dense(self.full, sealed)
+        return ring_view(self.buffers, seq_lens, window=self.window, spec=self.spec, sealed=sealed)
+
+    def nbytes(self, lengths: list[int]) -> CacheBytes:
+        """Bytes held by rows of these lengths (per-channel scales count per started block)."""
+        if self.spec is None:
+            return CacheBytes(payload=self.width * self.full.element_size() * sum(lengths))
+        sealed = [self.sealed_host(n) for n in lengths]
         if self.spec.axis == "token":
-            scale, zero = self.scale[b, :n], self.zero[b, :n]
+            sz = self.scale.shape[-1] * 4 * sum(sealed)
         else:
-            nb = n // self.spec.group_size
-            scale, zero = self.scale[b, :nb], self.zero[b, :nb]
-        q = QTensor(self.codes[b, :n], scale, zero, self.spec, torch.Size((n, self.width)), self.dtype)
-        return dequantize(q, self.dtype)
-
-    def tail_values(self, b: int) -> torch.Tensor:
-        """Row b's full-precision tail, fake-quantized in the paper protocol, (tail_len, width)."""
-        if self.spec is None:
-            return self.full.new_zeros(0, self.width)
-        t = self.tail[b, :self.tail_len[b]]
-        if self.quantize_partial and t.shape[0]:
-            return fake_quantize(t, self.spec)
-        return t
-
-    def nbytes(self) -> CacheBytes:
-        """Bytes held by the stored tokens now (per-channel scales count per started block)."""
-        if self.spec is None:
-            per_tok = self.width * self.full.element_size()
-            return CacheBytes(payload=per_tok * sum(self.sealed))
-        per_tok = self.codes.shape[-1]
-        if self.spec.axis == "token":
-            sz = self.scale.shape[-1] * 4 * sum(self.sealed)
-        else:
-            sz = sum(math.ceil(n / self.spec.group_size) for n in self.sealed) * self.width * 4
-        tail = sum(self.tail_len) * self.tail.shape[-1] * self.tail.element_size()
-        return CacheBytes(payload=per_tok * sum(self.sealed), scales=sz, fp_window=tail)
+            sz = sum(math.ceil(n / self.spec.group_size) for n in sealed) * self.width * 4
+        tail = sum(n - s for n, s in zip(lengths, sealed)) * self.width * self.tail.element_size()
+        return CacheBytes(payload=self.codes.shape[-1] * sum(sealed), scales=sz, fp_window=tail)
 
     def allocated(self) -> CacheBytes:
         if self.spec is None:
@@ -146,56 +148,72 @@ class Stream:
         return CacheBytes(payload=tensor_bytes(self.codes), scales=tensor_bytes(self.scale, self.zero),
                           fp_window=tensor_bytes(self.tail))
 
-    def reset(self) -> None:
-        self.sealed = [0] * len(self.sealed)
-        self.tail_len = [0] * len(self.tail_len)
-
-    def stored_bytes_per_token(self) -> float | None:
-        """(payload + scales) per sealed token; None while nothing is sealed."""
-        n = sum(self.sealed)
+    def stored_bytes_per_token(self, lengths: list[int]) -> float | None:
+        """(payload + scales) per stored token past the window; None while there is none."""
+        n = sum(n if self.spec is None else self.sealed_host(n) for n in lengths)
         if n == 0:
             return None
-        b = self.nbytes()
+        b = self.nbytes(lengths)
         return (b.payload + b.scales) / n
 
-    def snapshot(self) -> tuple[list[int], list[int], torch.Tensor | None]:
-        """Counters and the full-precision tail (rewritten in place by later steps; unquantized: none)."""
-        return list(self.sealed), list(self.tail_len), self.tail.clone() if self.spec is not None else None
+    def snapshot(self) -> torch.Tensor | None:
+        """The ring (rewritten in place by later steps; the codes are only written past the sealed counts)."""
+        return self.tail.clone() if self.spec is not None else None
 
-    def restore(self, saved: tuple[list[int], list[int], torch.Tensor | None]) -> None:
-        sealed, tail_len, tail = saved
-        self.sealed, self.tail_len = list(sealed), list(tail_len)
+    def restore(self, tail: torch.Tensor | None) -> None:
         if tail is not None:
             self.tail.copy_(tail)
 
-    def state(self, prefix: str) -> dict[str, torch.Tensor]:
-        """Row b's stored data, cut at its length: codes, scales, zero points and tail (or `full`)."""
+    def state(self, prefix: str, lengths: list[int]) -> dict[str, torch.Tensor]:
+        """Row b's stored data, cut at its length: codes, scales, zero points and the waiting tokens in
+        token order (or `full`)."""
         out = {}
-        for b, (n, t) in enumerate(zip(self.sealed, self.tail_len)):
+        for b, length in enumerate(lengths):
             r = f"{prefix}.r{b}"
             if self.spec is None:
-                out[f"{r}.full"] = self.full[b, :n]
+                out[f"{r}.full"] = self.full[b, :length]
                 continue
+            n = self.sealed_host(length)
             ns = n if self.spec.axis == "token" else n // self.spec.group_size  # channel: whole sealed blocks
             out |= {f"{r}.codes": self.codes[b, :n], f"{r}.scale": self.scale[b, :ns], f"{r}.zero": self.zero[b, :ns],
-                    f"{r}.tail": self.tail[b, :t]}
+                    f"{r}.tail": self.waiting(b, length)}
         return out
 
-    def load_state(self, prefix: str, sealed: list[int], tail_len: list[int], tensors: dict[str, torch.Tensor]) -> None:
-        for b, (n, t) in enumerate(zip(sealed, tail_len)):
+    def load_state(self, prefix: str, lengths: list[int], tensors: dict[str, torch.Tensor]) -> None:
+        for b, length in enumerate(lengths):
             r = f"{prefix}.r{b}"
             if self.spec is None:
-                self.full[b, :n] = state_tensor(tensors, f"{r}.full", (n, self.width)).to(self.full)
-            else:
-                if t > self.tail.shape[1]:
-                    raise InputError(f"saved cache stream {r} has {t} tail tokens, more than this window holds "
-                                     f"({self.tail.shape[1]})")
-                ns = n if self.spec.axis == "token" else n // self.spec.group_size
-                self.codes[b, :n] = state_tensor(tensors, f"{r}.codes", (n, self.codes.shape[-1])).to(self.codes)
-                self.scale[b, :ns] = state_tensor(tensors, f"{r}.scale", (ns, self.scale.shape[-1])).to(self.scale)
-                self.zero[b, :ns] = state_tensor(tensors, f"{r}.zero", (ns, self.zero.shape[-1])).to(self.zero)
-                self.tail[b, :t] = state_tensor(tensors, f"{r}.tail", (t, self.tail.shape[-1])).to(self.tail)
-            self.sealed[b], self.tail_len[b] = n, (0 if self.spec is None else t)
+                self.full[b, :length] = state_tensor(tensors, f"{r}.full", (length, self.width)).to(self.full)
+                continue
+            n = self.sealed_host(length)
+            t = length - n
+            if t > self.tail.shape[1]:
+                raise InputError(f"saved cache stream {r} has {t} tail tokens, more than this window holds "
+                                 f"({self.tail.shape[1]})")
+            ns = n if self.spec.axis == "token" else n // self.spec.group_size
+            self.codes[b, :n] = state_tensor(tensors, f"{r}.codes", (n, self.codes.shape[-1])).to(self.codes)
+            self.scale[b, :ns] = state_tensor(tensors, f"{r}.scale", (ns, self.scale.shape[-1])).to(self.scale)
+            self.zero[b, :ns] = state_tensor(tensors, f"{r}.zero", (ns, self.zero.shape[-1])).to(self.zero)
+            slots = torch.arange(n, length, device=self.tail.device) % self.tail.shape[1]
+            self.tail[b, slots] = state_tensor(tensors, f"{r}.tail", (t, self.width)).to(self.tail)
+
+
+def put_rows(buf: torch.Tensor, new: torch.Tensor, lengths: torch.Tensor, n_new: torch.Tensor,
+             host_lengths: list[int] | None = None, host_n_new: list[int] | None = None) -> None:
+    """buf[b, lengths[b] + i] = new[b, i] for i < n_new[b] (token axis 1), in place.
+
+    With the host mirror a slice copy per row (the CPU path); without it one indexed write with the
+    positions on the device: a row's positions past its count are clamped onto its last slot and get
+    that slot's old value back (a row at capacity writes nothing it does not own)."""
+    if host_lengths is not None and host_n_new is not None:
+        for b, (start, cnt) in enumerate(zip(host_lengths, host_n_new)):
+            buf[b, start:start + cnt] = new[b, :cnt]
+        return
+    rows = torch.arange(buf.shape[0], device=buf.device)[:, None]
+    i = torch.arange(new.shape[1], device=buf.device)[None, :]
+    pos = (lengths[:, None] + i).clamp(max=buf.shape[1] - 1)
+    keep = (i < n_new[:, None])[..., None]
+    buf[rows, pos] = torch.where(keep, new, buf[rows, pos])
 
 
 class StreamCache(ModelCache):
@@ -217,18 +235,18 @@ class StreamCache(ModelCache):
         return Stream(self.batch, self.max_len, width, qspec, self.spec.window, self.dtype, self.device,
                       quantize_partial=self.spec.quantize_partial)
 
-    def append(self, stream: Stream, new: torch.Tensor, seal_fn: Callable | None = None) -> None:
-        for b, cnt in enumerate(self.n_new_host):
-            stream.append(b, new[b, :cnt], seal_fn)
+    def append(self, stream: Stream, new: torch.Tensor, sub: torch.Tensor | None = None) -> None:
+        """This step's valid new tokens of every row, after the row's length (`Stream.append`)."""
+        stream.append(new, self.lengths, self.n_new, host_lengths=self.host_lengths, host_n_new=self.n_new_host,
+                      sub=sub, backend="ref" if self.kernels == "off" else "auto")
+
+    def step_host_lengths(self) -> list[int]:
+        """Row lengths after this step's new tokens, on the host."""
+        return [n + k for n, k in zip(self.host_lengths, self.n_new_host)]
 
     def fetch(self, stream: Stream) -> torch.Tensor:
         """(B, S, width) dequantized values, rows shorter than S zero-padded (they are masked)."""
-        s = self.step_total()
-        rows = []
-        for b in range(self.batch):
-            r = torch.cat([stream.sealed_values(b), stream.tail_values(b)])
-            rows.append(torch.nn.functional.pad(r, (0, 0, 0, s - r.shape[0])))
-        return torch.stack(rows)
+        return stream.values(self.lengths + self.n_new, self.step_total(), self.step_host_lengths())
 
     def folded(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
         """A weight derived once per model (rotations folded into projections), computed in float64."""
@@ -263,17 +281,12 @@ class StreamCache(ModelCache):
 
         return HAS_TRITON and self.device.type == "cuda"
 
-    def packed(self, st: Stream, seq_lens: torch.Tensor):
-        """The kernels' view of a stream after this step's append: codes, scales and tail as stored
+    def packed(self, st: Stream, seq_lens: torch.Tensor) -> PackedStream:
+        """The kernels' view of a stream after this step's append: codes, scales and ring as stored
         (no copy), the sealed counts computed on the device from `seq_lens` (no host-to-device copy)."""
-        from xqcli.kernels.packed import PackedStream
-
-        if st.spec is None:
-            none = self.step_memo("no sealed", lambda: torch.zeros(self.batch, dtype=torch.int32, device=self.device))
-            return PackedStream.dense(st.full, none)
-        g = st.spec.group_size if st.spec.axis == "channel" else 1
+        g = None if st.spec is None else (st.spec.group_size if st.spec.axis == "channel" else 1)
         sealed = self.step_memo(("sealed", g, st.window), lambda: st.sealed_counts(seq_lens))
-        return PackedStream(tail=st.tail, sealed=sealed, codes=st.codes, scale=st.scale, zero=st.zero, spec=st.spec)
+        return st.packed(seq_lens, sealed)
 
     def step_memo(self, key, make: Callable[[], object]):
         """A value computed once per step and shared by every layer's launch (device work per launch adds up)."""
@@ -304,7 +317,7 @@ class StreamCache(ModelCache):
         total = CacheBytes()
         for layer in self.streams:
             for st in layer:
-                total = total + st.nbytes()
+                total = total + st.nbytes(self.host_lengths)
         return total
 
     def allocated(self) -> CacheBytes:
@@ -318,7 +331,7 @@ class StreamCache(ModelCache):
         total = 0.0
         for layer in self.streams:
             for st in layer:
-                per_token = st.stored_bytes_per_token()
+                per_token = st.stored_bytes_per_token(self.host_lengths)
                 if per_token is None:
                     return None
                 total += per_token
@@ -332,27 +345,22 @@ class StreamCache(ModelCache):
             for st, s in zip(layer, saved, strict=True):
                 st.restore(s)
 
-    def reset(self) -> None:
-        super().reset()
-        for layer in self.streams:
-            for st in layer:
-                st.reset()
-
     def spec_settings(self) -> dict:
         settings = asdict(self.spec)
-        for key in ("clips", "layer_bits"):  # tuples become JSON lists: compare like with like
-            settings[key] = list(settings[key]) if settings[key] is not None else None
+        if settings["clips"] is not None:  # a tuple becomes a JSON list: compare like with like
+            settings["clips"] = list(settings["clips"])
         return {"name": self.spec.name} | settings
 
     def _state_meta(self) -> dict:
-        return {"streams": [[{"sealed": list(st.sealed), "tail_len": list(st.tail_len)} for st in layer]
-                            for layer in self.streams]}
+        lengths = self.host_lengths
+        return {"streams": [[dict(zip(("sealed", "tail_len"), map(list, zip(*map(st.counts, lengths)))))
+                             for st in layer] for layer in self.streams]}
 
     def _state_tensors(self) -> dict[str, torch.Tensor]:
         out = {}
         for i, layer in enumerate(self.streams):
             for j, st in enumerate(layer):
-                out |= st.state(f"L{i}.S{j}")
+                out |= st.state(f"L{i}.S{j}", self.host_lengths)
         return out
 
     def _load_state(self, meta: dict, tensors: dict[str, torch.Tensor], lengths: list[int]) -> None:
@@ -363,7 +371,8 @@ class StreamCache(ModelCache):
         for i, layer in enumerate(self.streams):
             for j, st in enumerate(layer):
                 sealed, tail = saved[i][j]["sealed"][:rows], saved[i][j]["tail_len"][:rows]
-                if [a + b for a, b in zip(sealed, tail)] != lengths:
-                    raise InputError(f"saved cache stream L{i}.S{j} holds {sealed}+{tail} tokens, rows hold {lengths}")
-                st.load_state(f"L{i}.S{j}", sealed, tail, tensors)
+                if list(zip(sealed, tail)) != [st.counts(n) for n in lengths]:
+                    raise InputError(f"saved cache stream L{i}.S{j} holds {sealed}+{tail} tokens, rows of {lengths} "
+                                     f"tokens hold {[st.counts(n) for n in lengths]} here")
+                st.load_state(f"L{i}.S{j}", lengths, tensors)
 

@@ -4,8 +4,7 @@ For grouped-query models it caches the SVD latents X·U_k (per-channel) and X·U
 and rebuilds K = lat_k·M_k, V = lat_v·M_v (see `xqcli.bundle.projections`). Choice (ours): latents are
 used when they are narrower than X, i.e. when 2·d_kv < d; otherwise X is cached. Variants: `+ch0` keeps
 latent channel 0 of X·U_k unquantized in the model dtype (the paper's appendix B: fp16); `+rot` caches
-X·R with R folded into the weights (`xqcli.bundle.rotation`); `+mix` takes per-layer bits resolved
-from the bundle's calibration before the cache is built (`xqcli.bundle.bitplan`).
+X·R with R folded into the weights (`xqcli.bundle.rotation`).
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ class XQuantCache(StreamCache):
                  artifacts: Artifacts, kernels: str = "auto") -> None:
         super().__init__(parts, spec, batch, max_len, device, artifacts, kernels)
         self.latent = uses_latents(self.config)
-        self.streams = [self.layer_streams(spec.bits_for(i), i) for i in range(self.config.num_hidden_layers)]
+        self.streams = [self.layer_streams(spec.bits, i) for i in range(self.config.num_hidden_layers)]
 
     def layer_streams(self, bits: int | None, layer: int) -> list[Stream]:
         cfg, spec = self.config, self.spec
@@ -38,13 +37,11 @@ class XQuantCache(StreamCache):
             return [k, v, Stream(self.batch, self.max_len, 1, None, 0, self.dtype, self.device)]
         return [k, v]
 
-    def append_layer(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append this step's X of one layer; returns (m_k, m_v) with K = values_k·m_k, V = values_v·m_v."""
+    def rebuild_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(m_k, m_v) of one layer: K = values_k·m_k, V = values_v·m_v (R folded in under +rot)."""
         w = self.weights[layer]
-        streams = self.streams[layer]
         if not self.latent:
             r = self.rotation(self.config.hidden_size)
-            self.append(streams[0], self.rotate(x, r))  # X̂·R under +rot: R folded into W_k, W_v
             if r is None:
                 return w.w_k.T, w.w_v.T
             wk = self.folded(("wk", layer, r[0]), lambda: w.w_k.double() @ r[1].double())
@@ -52,14 +49,23 @@ class XQuantCache(StreamCache):
             return wk.T, wv.T
         p = self.projections()[layer]
         r = self.rotation(self.config.kv_dim)  # +rot: only the per-token latent X·U_v is rotated
-        lat_k, lat_v = x @ p.k.u, self.rotate(x @ p.v.u, r)
         m_v = p.v.m if r is None else self.folded(("mv", layer, r[0]), lambda: r[1].double().T @ p.v.m.double())
+        return p.k.m, m_v
+
+    def append_layer(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this step's X of one layer; returns (m_k, m_v) with K = values_k·m_k, V = values_v·m_v."""
+        streams = self.streams[layer]
+        if not self.latent:
+            self.append(streams[0], self.rotate(x, self.rotation(self.config.hidden_size)))  # X̂·R under +rot
+            return self.rebuild_weights(layer)
+        p = self.projections()[layer]
+        lat_k, lat_v = x @ p.k.u, self.rotate(x @ p.v.u, self.rotation(self.config.kv_dim))
         if self.spec.fp16_channel0:
             self.append(streams[2], lat_k[..., :1])
             lat_k = lat_k[..., 1:]
         self.append(streams[0], lat_k)
         self.append(streams[1], lat_v)
-        return p.k.m, m_v
+        return self.rebuild_weights(layer)
 
     def rebuild(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append this step's X of one layer and rebuild pre-RoPE K, V (B, S, d_kv) for all tokens."""

@@ -37,7 +37,7 @@ class DeltaLayer:
 
     stream: Stream
     seed: bool  # the first layer of the chain: X̂ = Δ
-    delta: Callable[[int, int, torch.Tensor], torch.Tensor]  # (row, first token, raw values) -> deltas
+    prev_down: Callable[[torch.Tensor], torch.Tensor]  # X̂_{i−1} tokens -> the stream's space (GQA: ·U_kv)
     w_k: torch.Tensor  # (d_kv, d), R folded in under +rot (MHA)
     w_v: torch.Tensor
     u: torch.Tensor | None  # U_kv (d, 2·d_kv) for GQA, None for MHA
@@ -67,8 +67,8 @@ class XQuantCLCache(XQuantCache):
             else:
                 self.streams.append([self.stream(cfg.hidden_size, spec.quant("token", bits))])
 
-    def append_delta_layer(self, layer: int, x: torch.Tensor) -> DeltaLayer:
-        """Append this step's X of a seed/delta layer (its deltas are formed as tokens are sealed)."""
+    def delta_layer(self, layer: int) -> tuple[DeltaLayer, Callable[[torch.Tensor], torch.Tensor]]:
+        """A seed/delta layer's `DeltaLayer`, and what maps its X to the stream's input (GQA: ·U_kv)."""
         w = self.weights[layer]
         stream = self.streams[layer][0]
         seed = layer == self.base - 1
@@ -86,24 +86,33 @@ class XQuantCLCache(XQuantCache):
             if r is not None:  # the same folded weights as plain XQuant's rotated X
                 w_k = self.folded(("wk", layer, r[0]), lambda: w_k.double() @ r[1].double())
                 w_v = self.folded(("wv", layer, r[0]), lambda: w_v.double() @ r[1].double())
-        prev = self.acc
+        return DeltaLayer(stream, seed, prev_down, w_k, w_v, u, w.b_k, w.b_v), down
 
-        def delta(b: int, start: int, raw: torch.Tensor) -> torch.Tensor:
-            """What layer i quantizes: (X_i − X̂_{i−1})·U_kv, formed against the accumulator right now."""
-            return raw if seed else raw - prev_down(prev[b, start:start + raw.shape[0]])
+    def append_delta_layer(self, layer: int, x: torch.Tensor) -> DeltaLayer:
+        """Append this step's X of a seed/delta layer (its deltas are formed as tokens are sealed)."""
+        dl, down = self.delta_layer(layer)
+        # The stream holds X·U_kv (GQA) or X (MHA); what layer i quantizes, (X_i − X̂_{i−1})·U_kv, is
+        # formed when tokens are sealed, against the accumulator of that moment.
+        self.append(dl.stream, down(x), None if dl.seed else dl.prev_down(self.acc))
+        return dl
 
-        # The stream holds X·U_kv (GQA) or X (MHA); deltas are formed when tokens are sealed.
-        self.append(stream, down(x), delta)
-        return DeltaLayer(stream, seed, delta, w_k, w_v, u, w.b_k, w.b_v)
+    def acc_buffer(self) -> torch.Tensor:
+        """The fused paths' accumulator (B, max_len, d), allocated once and kept (a captured step points at it)."""
+        if self._acc_buf is None:
+            self._acc_buf = torch.empty(self.batch, self.max_len, self.config.hidden_size, dtype=self.dtype,
+                                        device=self.device)
+        return self._acc_buf
 
-    def tail_deltas(self, dl: DeltaLayer, b: int) -> torch.Tensor:
-        """Row b's waiting tokens as deltas against the accumulator of this moment."""
+    def tail_deltas(self, dl: DeltaLayer, b: int, length: int) -> torch.Tensor:
+        """Row b's waiting tokens (of `length` after this step) as deltas against the accumulator now."""
         st = dl.stream
         if st.spec is None:  # unquantized: the stream already holds deltas, nothing waits
             return st.full.new_zeros(0, st.width)
-        n, t = st.sealed[b], st.tail_len[b]
-        d_tail = dl.delta(b, n, st.tail[b, :t])
-        if self.spec.quantize_partial and t:
+        n = st.sealed_host(length)
+        d_tail = st.waiting(b, length)
+        if not dl.seed:
+            d_tail = d_tail - dl.prev_down(self.acc[b, n:length])
+        if self.spec.quantize_partial and length > n:
             d_tail = fake_quantize(d_tail, st.spec)  # paper protocol: the waiting tokens too
         return d_tail
 
@@ -113,8 +122,10 @@ class XQuantCLCache(XQuantCache):
         dl = self.append_delta_layer(layer, x)
         prev, st = self.acc, dl.stream
         acc = torch.zeros(self.batch, self.step_total(), self.config.hidden_size, dtype=self.dtype, device=self.device)
-        for b in range(self.batch):
-            d = torch.cat([st.sealed_values(b), self.tail_deltas(dl, b)])
+        host = self.step_host_lengths()  # stored deltas (-fp: all of them); the waiting ones come below
+        stored = st.values(self.lengths + self.n_new, self.step_total(), host, quantize_waiting=False)
+        for b, length in enumerate(host):
+            d = torch.cat([stored[b, :st.counts(length)[0]], self.tail_deltas(dl, b, length)])
             if dl.u is not None:
                 d = d @ dl.u.T
             n = d.shape[0]
@@ -136,17 +147,14 @@ class XQuantCLCache(XQuantCache):
 
         qq, cos, sin, seq, s = self.kernel_inputs(q)
         if layer == self.base - 1:  # the seed overwrites: the buffer's old contents do not matter
-            if self._acc_buf is None:
-                self._acc_buf = torch.empty(self.batch, self.max_len, self.config.hidden_size, dtype=self.dtype,
-                                            device=self.device)
-            self.acc = self._acc_buf[:, :s]
+            self.acc = self.acc_buffer()[:, :s]
         dl = self.append_delta_layer(layer, x)  # seals against X̂_{i−1}: before the in-place update
         packed = self.packed(dl.stream, seq)
         if dl.stream.spec is not None and not dl.seed:
-            tail = torch.empty_like(dl.stream.tail)  # read only up to each row's waiting tokens
-            for b in range(self.batch):
-                d = self.tail_deltas(dl, b)
-                tail[b, :d.shape[0]] = d
+            tail = torch.empty_like(dl.stream.tail)  # read only at each row's waiting tokens' slots
+            for b, length in enumerate(self.step_host_lengths()):
+                n = dl.stream.sealed_host(length)
+                tail[b, torch.arange(n, length) % tail.shape[1]] = self.tail_deltas(dl, b, length)
             packed = replace(packed, tail=tail)
         xquant_cl_update(self.acc, packed, seq, u_kv=dl.u, seed=dl.seed, max_seq_len=s, backend="triton")
         self._acc_bytes = max(self._acc_bytes, tensor_bytes(self.acc))

@@ -8,7 +8,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from xqcli.commands._options import DeviceOpt, DtypeOpt
+from xqcli.commands._options import MAX_INT, DeviceOpt, DtypeOpt, OfflineOpt, not_a_context
+
+EXAMPLES = ('xq bench smollm2-xq --context 4k,32k',
+            'xq bench --shape llama-3.1-8b --format md -o bench.md')
 
 SUFFIX_FORMATS = {".md": "md", ".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".txt": "table"}
 
@@ -22,14 +25,17 @@ def bench(
     context: Annotated[Optional[str], typer.Option(
         "--context", help="Comma-separated context lengths in tokens, k = 1024 (e.g. 4k,32k). "
                           "Default: 4k,32k on a GPU, 256,512 on a CPU.")] = None,
-    batch: Annotated[int, typer.Option("--batch", help="Sequences decoded together.")] = 1,
+    batch: Annotated[int, typer.Option(
+        "--batch", max=MAX_INT, help="Sequences decoded together.")] = 1,
     cache: Annotated[Optional[str], typer.Option(
-        "--cache", "-c", help="Comma-separated cache kinds (default: kv, kivi-4, xquant-4, xquant-2, "
+        "--cache", "-c", callback=not_a_context, help="Comma-separated cache kinds (default: kv, kivi-4, xquant-4, xquant-2, "
                               "xquant-cl-3).")] = None,
-    decode_tokens: Annotated[int, typer.Option("--decode-tokens", help="Decode steps per timed repetition.")] = 16,
+    decode_tokens: Annotated[int, typer.Option(
+        "--decode-tokens", max=MAX_INT, help="Decode steps per timed repetition.")] = 16,
     warmup: Annotated[int, typer.Option(
-        "--warmup", help="Untimed repetitions (and one untimed prefill when > 0).")] = 1,
-    reps: Annotated[int, typer.Option("--reps", help="Timed repetitions (median and p90 are over these).")] = 5,
+        "--warmup", max=MAX_INT, help="Untimed repetitions (and one untimed prefill when > 0).")] = 1,
+    reps: Annotated[int, typer.Option(
+        "--reps", max=MAX_INT, help="Timed repetitions (median and p90 are over these).")] = 5,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
     budget: Annotated[Optional[str], typer.Option(
@@ -51,6 +57,7 @@ def bench(
     plot_path: Annotated[Optional[Path], typer.Option(
         "--plot", help="Save decode ms/token and cache GB against context as a PNG (needs the plot extra: "
                        "matplotlib).")] = None,
+    offline: OfflineOpt = None,
     fail_if: Annotated[Optional[list[str]], typer.Option(
         "--fail-if", help="Gate KIND.METRIC OP NUMBER, e.g. 'xquant-4.ratio<3.5' (repeatable): exit 8 when it is "
                           "true at any context. OP: < <= > >= == !=; METRIC: ratio, bytes_per_token, decode_ms, "
@@ -67,6 +74,8 @@ def bench(
     from xqcli.errors import InputError
     from xqcli.load import pick_device
     from xqcli.readouts import bench as lib
+    from xqcli.readouts.render import check_output_file, show, write_output_file
+    from xqcli.sources.hub import apply_offline
     from xqcli.units import parse_tokens
 
     if fmt is None:
@@ -77,13 +86,17 @@ def bench(
     fmt = fmt.lower()
     if fmt not in lib.FORMATS:
         raise InputError(f"unknown --format {fmt!r}", hint=f"choose from {', '.join(lib.FORMATS)}")
+    for path, option in ((output, "--output"), (plot_path, "--plot")):
+        if path is not None:
+            check_output_file(path, option)  # before the run, not after an hour of it
     if plot_path is not None:
-        lib.require_matplotlib()  # before the run, not after an hour of it
+        lib.require_matplotlib()
     kinds = lib.parse_kinds(cache if cache is not None else lib.BENCH_KINDS)
     gates = [lib.Gate.parse(g, kinds + ([lib.HF_KIND] if hf else [])) for g in (fail_if or [])]
     if hf:
         lib.require_transformers()
     err = Console(stderr=True, highlight=False)
+    apply_offline(offline)
     chunk = parse_tokens(prefill_chunk, "--prefill-chunk") if prefill_chunk is not None else None
     if context is None:
         context = "4k,32k" if pick_device(device).type == "cuda" else "256,512"
@@ -92,10 +105,10 @@ def bench(
                            dtype=dtype, budget=budget, force=force, hf=hf, prefill_chunk=chunk,
                            progress=lambda msg: err.print(f"[dim]{escape(msg)}[/]"))
     if output is not None:
-        output.write_text(lib.render(result, fmt), encoding="utf-8")
+        write_output_file(output, lib.render(result, fmt), "--output")
         err.print(f"[dim]wrote {escape(str(output))} ({fmt})[/]")
     elif fmt == "table":
-        Console().print(lib.rich_view(result))
+        show(Console(), lib.rich_view(result))
     else:
         sys.stdout.write(lib.render(result, fmt))
         sys.stdout.flush()

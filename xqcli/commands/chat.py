@@ -8,21 +8,27 @@ stderr. When stdout is not a terminal, answers are plain streamed text, there is
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 
 import typer
 
 from xqcli.commands._options import (
+    MAX_INT,
+    AllowLongContextOpt,
     BitsOpt,
-    ContextOpt,
+    CacheOpt,
+    ChatContextOpt,
     CudaGraphOpt,
     DeviceOpt,
     DtypeOpt,
     MinPOpt,
+    OfflineOpt,
     RepeatPenaltyOpt,
     RevisionOpt,
     SeedOpt,
@@ -30,8 +36,13 @@ from xqcli.commands._options import (
     TemperatureOpt,
     TopKOpt,
     TopPOpt,
+    WindowOpt,
+    is_utf8,
+    utf8_text,
 )
-from xqcli.units import format_bytes
+
+EXAMPLES = ('xq chat smollm2-xq',
+            'xq chat HuggingFaceTB/SmolLM2-135M-Instruct --cache xquant-cl-3 --context 8k')
 
 if TYPE_CHECKING:
     from xqcli.engine import Engine
@@ -49,8 +60,8 @@ Input:
 \b
 Commands:
   /stats           the last answer: tokens, prefill and decode speed
-  /mem             cache bytes (payload, scales, fp window, CL workspace),
-                   fp16 KV and the ratio, device memory, tokens left
+  /mem             the cache now against fp16 KV and the model dtype's KV,
+                   where compression starts, allocated size, tokens left
   /reset           forget the conversation (alias /clear)
   /system TEXT     set the system prompt (no TEXT: show it)
   /set KEY VALUE   temperature, top_k, top_p, min_p, repeat_penalty,
@@ -184,6 +195,7 @@ class ChatSession:
     # --- one answer ----------------------------------------------------------------------------------
     def answer(self, text: str) -> None:
         from xqcli.errors import XQError
+        from xqcli.readouts.stats import memory_summary
 
         self.messages.append({"role": "user", "content": text})
         engine = self.engine
@@ -198,7 +210,7 @@ class ChatSession:
         old = signal.signal(signal.SIGINT, on_sigint)
         interrupted = False
         try:
-            with sink:
+            with _keys_unechoed(), sink:
                 for step in engine.chat_turn(self.messages):
                     pieces.append(step.text)
                     sink.piece(step.text)
@@ -215,13 +227,10 @@ class ChatSession:
         if interrupted or "interrupted" in stats.finish:
             self.say("[interrupted]")
         self.messages.append({"role": "assistant", "content": "".join(pieces)})
-        mem = engine.memory()
-        self.say(f"{stats.generated_tokens} tokens, {stats.decode_tok_s:.1f} tok/s | context {mem.context_tokens:,} | "
-                 f"cache {format_bytes(mem.cache.total)}, {mem.bytes_per_token:,.0f} B/token past the window "
-                 f"({mem.ratio:.2f}x vs fp16 KV)")
+        self.say(f"{stats.generated_tokens} tokens, {stats.decode_tok_s:.1f} tok/s | {memory_summary(engine.memory())}")
 
     def run(self, read_line: Callable[[str], Optional[str]], prompt: str, more: str) -> None:
-        from xqcli.errors import XQError
+        from xqcli.errors import InputError, XQError
 
         while True:
             try:
@@ -234,12 +243,16 @@ class ChatSession:
                 return
             if not text.strip():
                 continue
+            if not is_utf8(text):
+                self.error(InputError("this line is not valid UTF-8 and was not sent",
+                                      hint="check the terminal's encoding (e.g. LANG=en_US.UTF-8)"))
+                continue
             word = text.split()[0]
             if word.startswith("/") and "/" not in word[1:]:  # a command; "/etc/hosts ..." is a message
                 try:
                     if not self.command(text):
                         return
-                except XQError as e:
+                except (XQError, OSError) as e:  # a failed command never ends the conversation
                     self.error(e)
                 continue
             self.answer(text)
@@ -313,6 +326,31 @@ class _PanelSink:
         self.s.err.print(self.line, markup=False, highlight=False, soft_wrap=True)
 
 
+@contextlib.contextmanager
+def _keys_unechoed() -> Iterator[None]:
+    """While an answer streams, keys typed at the terminal are not echoed: an echoed ^C lands under the live
+    panel and shifts it down a line, so rich's erase misses the top and the partial answer stays on screen
+    twice. Keys are still read: Ctrl-C still sends SIGINT, typed text waits for the next prompt."""
+    try:
+        import termios
+    except ImportError:  # not POSIX
+        yield
+        return
+    try:
+        fd = sys.stdin.fileno()
+        saved = termios.tcgetattr(fd)
+    except (OSError, ValueError, termios.error):  # stdin is not a terminal
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] &= ~(termios.ECHO | getattr(termios, "ECHOCTL", 0))
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+
 def _esc(text: str) -> str:
     from rich.markup import escape
 
@@ -321,15 +359,15 @@ def _esc(text: str) -> str:
 
 def chat(
     model: Annotated[str, typer.Argument(help="Bundle, model folder, .gguf file or HF id org/name[@revision].")],
-    cache: Annotated[Optional[str], typer.Option(
-        "--cache", "-c", help="xquant, xquant-cl, kivi or kv (with --bits), or a full kind like xquant-4. "
-                              "Default: the bundle's cache settings, else xquant-4.")] = None,
+    cache: CacheOpt = None,
     bits: BitsOpt = None,
-    window: Annotated[Optional[int], typer.Option(
-        "--window", help="Newest tokens kept in full precision (default 128).")] = None,
-    system: Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt.")] = None,
-    context: ContextOpt = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Tokens per answer at most.")] = 512,
+    window: WindowOpt = None,
+    system: Annotated[Optional[str], typer.Option(
+        "--system", "-s", callback=utf8_text, help="System prompt.")] = None,
+    context: ChatContextOpt = None,
+    allow_long_context: AllowLongContextOpt = False,
+    max_tokens: Annotated[int, typer.Option(
+        "--max-tokens", "-n", max=MAX_INT, help="Tokens per answer at most.")] = 512,
     temperature: TemperatureOpt = None,
     top_k: TopKOpt = None,
     top_p: TopPOpt = None,
@@ -340,13 +378,14 @@ def chat(
     chat_template: Annotated[Optional[Path], typer.Option(
         "--chat-template", help="Jinja chat template file (or chat_template.json).")] = None,
     budget: Annotated[Optional[str], typer.Option(
-        "--budget", help="Memory for the cache, e.g. 8GiB, for 'tokens left' (default: free GPU memory, or "
-                         "available RAM on CPU).")] = None,
+        "--budget", help="Memory for the cache, e.g. 8GiB: a cache that needs more is refused (exit 7), and 'tokens "
+                         "left' counts against it (default: free GPU memory, or available RAM on CPU).")] = None,
     mem: Annotated[bool, typer.Option("--mem/--no-mem", help="The live memory panel (on a terminal only).")] = True,
-    cuda_graph: CudaGraphOpt = False,
+    cuda_graph: CudaGraphOpt = True,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
     revision: RevisionOpt = None,
+    offline: OfflineOpt = None,
 ) -> None:
     from rich.console import Console
 
@@ -354,6 +393,8 @@ def chat(
     from xqcli.engine import Engine, SamplingParams
     from xqcli.errors import InputError
     from xqcli.load import load
+    from xqcli.readouts.stats import cache_words
+    from xqcli.sources.hub import apply_offline
     from xqcli.units import parse_bytes, parse_tokens
 
     params = SamplingParams(**CHAT_DEFAULTS, max_tokens=max_tokens).with_(
@@ -363,9 +404,13 @@ def chat(
     budget_b = parse_bytes(budget) if budget else None
     if cache is not None:
         choose_spec(cache, bits=bits, window=window)  # fail on a bad kind before loading anything
+    apply_offline(offline)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     out = Console(highlight=False)
-    with err.status(f"loading {model}"):
+    if hasattr(sys.stdin, "reconfigure"):  # an undecodable line becomes an error message, not the end of the chat
+        sys.stdin.reconfigure(errors="surrogateescape")
+    # a spinner only on a terminal: elsewhere rich ends it with a blank line, before any error
+    with err.status(f"loading {model}") if err.is_terminal else contextlib.nullcontext():
         loaded = load(model, dtype=dtype, device=device, revision=revision)
         tok = loaded.tokenizer()
         if chat_template is not None:
@@ -375,11 +420,16 @@ def chat(
         bundle_defaults = loaded.bundle.manifest.get("cache_defaults") if loaded.bundle is not None else None
         spec = choose_spec(cache, bits=bits, window=window, cache_defaults=bundle_defaults)
         engine = Engine(loaded.model, tok, spec, context=ctx, cuda_graph=cuda_graph, sampling=params,
-                        budget=budget_b, artifacts=loaded.artifacts)
+                        budget=budget_b, artifacts=loaded.artifacts, allow_long_context=allow_long_context)
     source = loaded.source.describe()
-    err.print(f"[bold]xq chat[/] [dim]· {_esc(source)} · cache {spec.name} (window {spec.window}) · "
-              f"{engine.device} {str(loaded.model.dtype).removeprefix('torch.')} · context {engine.context:,} · "
-              f"decode {engine.decode_mode} · /help for commands[/]")
+    graph = ""
+    if engine.device.type == "cuda":
+        graph = f" · CUDA graph: {'on' if engine.decode_mode == 'cuda-graph' else 'off'}"
+    err.print(f"[bold]xq chat[/] [dim]· {_esc(source)} · cache: {_esc(cache_words(engine.spec))} · "
+              f"{engine.device} {str(loaded.model.dtype).removeprefix('torch.')} · context {engine.context:,} tokens"
+              f"{graph} · /help for commands[/]")
+    if engine.decode_note:
+        err.print(f"[dim]{_esc(engine.decode_note)}[/]")
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     panel = mem and out.is_terminal and err.is_terminal
     if interactive:

@@ -9,7 +9,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from xqcli.commands._options import JsonOpt, RevisionOpt
+from xqcli.commands._options import JsonOpt, OfflineOpt, RevisionOpt
+
+EXAMPLES = ('xq convert HuggingFaceTB/SmolLM2-135M-Instruct -o smollm2-xq',
+            'xq convert ./model.gguf --calib notes.txt --offline')
 
 
 def convert(
@@ -22,9 +25,8 @@ def convert(
     revision: RevisionOpt = None,
     token: Annotated[Optional[str], typer.Option(
         "--token", help="Hugging Face token (default: HF_TOKEN, or the login).")] = None,
-    offline: Annotated[Optional[bool], typer.Option(
-        "--offline/--online", help="Use only the local HF cache (default: HF_HUB_OFFLINE).")] = None,
-    force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing bundle folder.")] = False,
+    offline: OfflineOpt = None,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing bundle folder (or an empty folder); never anything else.")] = False,
     calib: Annotated[Optional[Path], typer.Option(
         "--calib", help="UTF-8 calibration text (default: the Python documentation text of the standard "
                         "library).")] = None,
@@ -35,34 +37,22 @@ def convert(
     rotation: Annotated[str, typer.Option(
         "--rotation", help="Rotation for +rot cache kinds: hadamard (block Hadamard) or random.")] = "hadamard",
     rotation_seed: Annotated[int, typer.Option("--rotation-seed", help="Seed of --rotation random.")] = 0,
-    budget_bits: Annotated[Optional[float], typer.Option(
-        "--budget-bits", help="Also store a per-layer bit plan averaging this many bits "
-                              "(use it as xquant-B+mix).")] = None,
-    budget: Annotated[Optional[str], typer.Option(
-        "--budget", help="Cache memory budget (e.g. 6GiB) at --context: sets --budget-bits.")] = None,
-    context: Annotated[Optional[str], typer.Option(
-        "--context", help="Target context for --budget, in tokens (k = 1024, e.g. 32k = 32,768; "
-                          "32000 for exact).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Write a bundle: HF-shaped weights in --dtype, the SVD projections of every layer, a calibration
-    (clip ratios, outlier statistics, a per-layer bit plan) and xq.json with the sha256 of every file."""
+    (outlier statistics and clip ratios per layer) and xq.json with the sha256 of every file."""
     from rich.console import Console
 
     from xqcli.bundle.format import open_bundle
     from xqcli.convert.pipeline import convert as run
-    from xqcli.readouts.budget import source_bits_for_budget
     from xqcli.readouts.render import dumps
-    from xqcli.units import format_bytes, parse_bytes, parse_tokens
+    from xqcli.units import format_bytes, parse_bytes
 
-    if budget is not None:
-        target = parse_tokens(context) if context is not None else None
-        budget_bits = source_bits_for_budget(src, parse_bytes(budget), target)
     err = Console(stderr=True, highlight=False)
     t0 = time.monotonic()
     folder = run(src, out, dtype=dtype, revision=revision, token=token, offline=offline, force=force,
                  calib=calib, calib_tokens=calib_tokens, shard_size=parse_bytes(shard_size, "--shard-size"),
-                 rotation=rotation, rotation_seed=rotation_seed, budget_bits=budget_bits,
+                 rotation=rotation, rotation_seed=rotation_seed,
                  progress=lambda msg: err.print(f"[dim]{time.monotonic() - t0:6.1f}s[/] {msg}"))
     files = list(open_bundle(folder).files.values())
     total = sum(f.size for f in files)

@@ -9,14 +9,17 @@ from typing import Annotated, Any, Optional
 import typer
 
 from xqcli.commands._options import (
+    MAX_INT,
+    AllowLongContextOpt,
     BitsOpt,
     CacheOpt,
-    ContextOpt,
     CudaGraphOpt,
     DeviceOpt,
     DtypeOpt,
+    GenerateContextOpt,
     JsonOpt,
     MinPOpt,
+    OfflineOpt,
     RepeatPenaltyOpt,
     RevisionOpt,
     SeedOpt,
@@ -25,24 +28,32 @@ from xqcli.commands._options import (
     TopKOpt,
     TopPOpt,
     WindowOpt,
+    utf8_text,
 )
 
-MEMORY_FIELDS = ("context_tokens", "capacity_tokens", "kv_fp16_bytes", "ratio_now", "bytes_per_token",
-                 "kv_fp16_bytes_per_token", "ratio", "workspace_bytes_per_token", "device", "allocated", "reserved",
-                 "peak", "rss")
+EXAMPLES = ('xq generate smollm2-xq -p "The capital of France is" -n 16',
+            'git diff | xq generate smollm2-xq --chat -p - --context 8k --json > answer.json')
+
+MEMORY_FIELDS = ("context_tokens", "capacity_tokens", "cache_allocated", "kv_fp16_bytes", "ratio_now", "model_dtype",
+                 "kv_model_bytes", "ratio_now_model", "window", "compression_from", "bytes_per_token",
+                 "kv_fp16_bytes_per_token", "ratio", "workspace_bytes_per_token", "tokens_left", "tokens_left_limit",
+                 "trained_tokens", "budget", "budget_source", "device", "allocated", "reserved", "peak", "rss")
 
 
 def generate(
     model: Annotated[str, typer.Argument(help="Model folder, .gguf file, bundle or HF id org/name[@revision].")],
-    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Prompt text.")] = None,
+    prompt: Annotated[Optional[str], typer.Option(
+        "--prompt", "-p", callback=utf8_text, help="Prompt text; - reads it from stdin.")] = None,
     prompt_file: Annotated[Optional[Path], typer.Option(
-        "--prompt-file", help="Read the prompt from a file (- for stdin).")] = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Tokens to generate at most.")] = 64,
-    cache: CacheOpt = "kv",
+        "--prompt-file", "-f", help="Read the prompt from a UTF-8 file (- for stdin).")] = None,
+    max_tokens: Annotated[int, typer.Option(
+        "--max-tokens", "-n", max=MAX_INT, help="Tokens to generate at most.")] = 64,
+    cache: CacheOpt = None,
     bits: BitsOpt = None,
-    window: WindowOpt = 128,
+    window: WindowOpt = None,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")] = False,
-    system: Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt (with --chat).")] = None,
+    system: Annotated[Optional[str], typer.Option(
+        "--system", "-s", callback=utf8_text, help="System prompt (with --chat).")] = None,
     temperature: TemperatureOpt = None,
     top_k: TopKOpt = None,
     top_p: TopPOpt = None,
@@ -50,24 +61,31 @@ def generate(
     repeat_penalty: RepeatPenaltyOpt = None,
     seed: SeedOpt = None,
     stop: StopOpt = None,
-    context: ContextOpt = None,
-    cuda_graph: CudaGraphOpt = False,
+    context: GenerateContextOpt = None,
+    allow_long_context: AllowLongContextOpt = False,
+    cuda_graph: CudaGraphOpt = True,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
     revision: RevisionOpt = None,
+    offline: OfflineOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Complete a prompt (greedy unless --temperature > 0). The text streams to stdout; stats go to
-    stderr. With --json, stdout is one object described by docs/generate.schema.json."""
-    from xqcli.cache.spec import CacheSpec
+    """Complete a prompt (greedy unless --temperature > 0) through the cache `xq chat` would use. The text
+    streams to stdout; stats go to stderr. With --json, stdout is one object described by
+    docs/generate.schema.json (installed with xq: `xq doctor` shows the folder)."""
+    from xqcli.bundle.defaults import choose_spec
     from xqcli.engine import Engine, SamplingParams
     from xqcli.errors import InputError
     from xqcli.load import load
     from xqcli.readouts.render import dumps
-    from xqcli.units import format_bytes, parse_tokens
+    from xqcli.readouts.stats import memory_summary
+    from xqcli.sources.hub import apply_offline
+    from xqcli.units import parse_tokens
 
     if (prompt is None) == (prompt_file is None):
-        raise InputError("give exactly one of --prompt/-p TEXT or --prompt-file FILE")
+        raise InputError("give exactly one of --prompt/-p TEXT or --prompt-file/-f FILE (- for stdin)")
+    if prompt == "-":  # as in most tools: "-" is stdin
+        prompt, prompt_file = None, Path("-")
     if system is not None and not chat:
         raise InputError("--system needs --chat")
     params = SamplingParams(max_tokens=max_tokens).with_(
@@ -75,12 +93,18 @@ def generate(
         stop=stop)
     ctx = parse_tokens(context) if context is not None else None
     if prompt_file is not None:
-        try:
-            prompt = sys.stdin.read() if str(prompt_file) == "-" else prompt_file.read_text(encoding="utf-8")
+        try:  # stdin as bytes: its text layer may let undecodable bytes through as surrogates
+            raw = sys.stdin.buffer.read() if str(prompt_file) == "-" else prompt_file.read_bytes()
+            prompt = raw.decode("utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise InputError(f"cannot read the prompt file {prompt_file}: {e}") from None
-    spec = CacheSpec.parse(cache, bits=bits, window=window)
+            raise InputError(f"cannot read the prompt file {prompt_file}: {e}",
+                             hint="the prompt must be UTF-8 text") from None
+    if cache is not None:
+        choose_spec(cache, bits=bits, window=window)  # fail on a bad kind before loading anything
+    apply_offline(offline)
     loaded = load(model, dtype=dtype, device=device, revision=revision)
+    bundle_defaults = loaded.bundle.manifest.get("cache_defaults") if loaded.bundle is not None else None
+    spec = choose_spec(cache, bits=bits, window=window, cache_defaults=bundle_defaults)
     tok = loaded.tokenizer()
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -89,8 +113,14 @@ def generate(
         ids = tok.encode(prompt)
     if not ids:
         raise InputError("the prompt is empty", hint="pass some text with -p")
-    engine = Engine(loaded.model, tok, spec, context=ctx or len(ids) + params.max_tokens, cuda_graph=cuda_graph,
-                    sampling=params, artifacts=loaded.artifacts)
+    if ctx is None:  # room for the answer, within the trained positions unless allowed past them
+        ctx = len(ids) + params.max_tokens
+        if not allow_long_context:
+            ctx = min(ctx, loaded.config.max_position_embeddings)
+    engine = Engine(loaded.model, tok, spec, context=ctx, cuda_graph=cuda_graph, sampling=params,
+                    artifacts=loaded.artifacts, allow_long_context=allow_long_context)
+    if engine.decode_note and not as_json:
+        print(engine.decode_note, file=sys.stderr)
     tokens: list[int] = []
     pieces: list[str] = []
     finish = None
@@ -110,16 +140,17 @@ def generate(
     from rich.console import Console
 
     Console(stderr=True, highlight=False, soft_wrap=True).print(
-        f"[dim]{stats.prompt_tokens} prompt + {stats.generated_tokens} generated tokens ({finish}) | "
-        f"prefill {stats.prefill_tok_s:.1f} tok/s, decode {stats.decode_tok_s:.1f} tok/s | "
-        f"cache {spec.name}: {format_bytes(mem.cache.total)} (fp16 KV would be {format_bytes(mem.kv_fp16_bytes)}), "
-        f"{mem.bytes_per_token:,.0f} B/token past the window = {mem.ratio:.2f}x[/]")
+        f"{stats.prompt_tokens} prompt + {stats.generated_tokens} generated tokens ({finish}) | "
+        f"prefill {stats.prefill_tok_s:.1f} tok/s, decode {stats.decode_tok_s:.1f} tok/s | {memory_summary(mem)}",
+        style="dim", markup=False)
 
 
 def result_object(loaded, spec, engine, prompt, text, tokens, finish, stats, mem) -> dict[str, Any]:
     """The `--json` data under the envelope; docs/generate.schema.json describes it, field by field."""
+    from xqcli.readouts.stats import memory_summary
+
     m = mem.as_dict()
-    memory = {k: m[k] for k in MEMORY_FIELDS} | {"cache_bytes": m["cache"]}
+    memory = {k: m[k] for k in MEMORY_FIELDS} | {"cache_bytes": m["cache"], "summary": memory_summary(mem)}
     return {
         "model": loaded.source.describe(), "cache": spec.name, "device": str(engine.device),
         "dtype": str(loaded.model.dtype).removeprefix("torch."), "decode_mode": engine.decode_mode,

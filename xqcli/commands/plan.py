@@ -6,7 +6,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from xqcli.commands._options import GroupOpt, JsonOpt
+from xqcli.commands._options import MAX_INT, FormatOpt, GroupOpt, JsonOpt
+
+EXAMPLES = ('xq plan --shape llama-3.1-8b --budget 24GiB',
+            'xq plan smollm2-xq -c kv,xquant-4 --format csv > plan.csv')
 
 
 def plan(
@@ -21,20 +24,22 @@ def plan(
     weights: Annotated[bool, typer.Option(
         "--weights/--no-weights", help="Whether the budget must also hold the fp16 weights.")] = True,
     group_size: GroupOpt = 128,
-    base_layers: Annotated[int, typer.Option("--base-layers", help="xquant-cl: leading layers at 4 bits.")] = 3,
+    base_layers: Annotated[int, typer.Option(
+        "--base-layers", max=MAX_INT, help="xquant-cl: leading layers at 4 bits.")] = 3,
+    fmt: FormatOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Bytes per token of every cache kind (measured from real allocated caches, with the paper's
     formula beside it), the ratio to fp16 KV, and the longest context that fits --budget."""
     from rich.console import Console
-    from rich.table import Table
 
     from xqcli.errors import InputError
     from xqcli.readouts.plan import PLAN_KINDS, config_for, weight_bytes
     from xqcli.readouts.plan import plan as make_plan
-    from xqcli.readouts.render import dumps
+    from xqcli.readouts.render import TableData, choose_format, dumps, emit
     from xqcli.units import format_bytes, parse_bytes
 
+    fmt = choose_format(fmt, as_json)
     if (target is None) == (shape is None):
         raise InputError("give a model/bundle folder or --shape NAME (one of them)")
     cfg, label = config_for(shape or target)
@@ -43,7 +48,7 @@ def plan(
     rows = make_plan(cfg, names, budget=budget_b, include_weights=weights, group_size=group_size,
                      base_layers=base_layers)
     wb = weight_bytes(cfg)
-    if as_json:
+    if fmt == "json":
         typer.echo(dumps("plan", {"target": label, "weights_fp16_bytes": wb, "budget_bytes": budget_b,
                                   "budget_includes_weights": weights, "rows": [r.__dict__ for r in rows]}))
         return
@@ -51,18 +56,11 @@ def plan(
     if budget_b:
         note = (f" | budget {budget} " + (f"incl. {format_bytes(wb)} fp16 weights" if weights else
                                           "for the cache alone (weights not counted)"))
-    table = Table(title=f"xq plan: {label}{note}")
     cols = ["cache", "bytes/token", "paper formula", "vs fp16 KV", "compression", "fixed", "CL workspace/token"]
-    if budget_b:
-        cols.append("max context")
-    for c in cols:
-        table.add_column(c, justify="left" if c == "cache" else "right", no_wrap=c == "cache")
-    for r in rows:
-        cells = [r.kind, f"{r.bytes_per_token:,.0f}", f"{r.paper_bytes_per_token:,.0f}", f"{r.normalized:.3f}",
-                 f"{r.ratio:.2f}x", format_bytes(r.fixed_bytes), f"{r.workspace_bytes_per_token:,.0f}"]
-        if budget_b:
-            cells.append(f"{r.max_context:,}")
-        table.add_row(*cells)
-    Console().print(table)
+    cols += ["max context"] if budget_b else []
+    cells = [[r.kind, f"{r.bytes_per_token:,.0f}", f"{r.paper_bytes_per_token:,.0f}", f"{r.normalized:.3f}",
+              f"{r.ratio:.2f}x", format_bytes(r.fixed_bytes), f"{r.workspace_bytes_per_token:,.0f}"]
+             + ([f"{r.max_context:,}"] if budget_b else []) for r in rows]
+    emit(fmt, [TableData(cols, cells, title=f"xq plan: {label}{note}")])
     Console(stderr=True).print("[dim]fixed = per-sequence full-precision residual (per-channel blocks waiting "
                                "to fill, window 0); CL workspace = transient accumulator, not in the ratio.[/]")

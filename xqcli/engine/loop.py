@@ -16,15 +16,17 @@ Shapes and rules:
   row's valid length is passed to the model (`n_new`), so rows of different lengths never mix.
 - Sampling (`xqcli.engine.sampling`) runs on the model's device; the only host sync per step is
   reading the sampled ids back for streaming and stop checks (`xqcli.engine.text`).
-- GPU only: with `cuda_graph=True` on a CUDA device and the `kv` cache, the decode step is captured in
-  a CUDA graph (`xqcli.engine.graph`); everything else runs the same step eagerly.
+- On CUDA, decode steps of every cache kind run through one static step (`xqcli.engine.step`) that is
+  captured once in a CUDA graph and replayed (`xqcli.engine.graph`; XQ_GRAPH=off or `cuda_graph=False`
+  runs it eagerly). CPU keeps the pure-torch reference path; prefill always runs through the model.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,14 +34,18 @@ import torch.nn.functional as F
 
 from xqcli.bundle.artifacts import Artifacts
 from xqcli.cache.base import ModelCache
+from xqcli.cache.factory import kernels_setting
 from xqcli.cache.spec import CacheSpec, kv_bytes_per_token, uses_latents
-from xqcli.engine.graph import GraphedDecode, static_kv_cache
+from xqcli.engine.fused import DecodeWeights
+from xqcli.engine.graph import StepDecoder, graph_setting
 from xqcli.engine.sampling import SamplingParams, sample
 from xqcli.engine.stats import GenerationStats, MemoryReport
+from xqcli.engine.step import DecodeStep, StepUnsupported
 from xqcli.engine.text import RowText
-from xqcli.errors import InputError, ResourceError
+from xqcli.errors import InputError, ModelError, ResourceError
 from xqcli.load import make_cache, measured_bytes_per_token, model_projections
 from xqcli.system import available_memory, process_memory
+from xqcli.units import format_bytes
 
 if TYPE_CHECKING:
     from xqcli.model import Transformer
@@ -48,6 +54,8 @@ if TYPE_CHECKING:
 DEFAULT_CONTEXT = 4096
 DEFAULT_PREFILL_CHUNK = 512
 FINISH_REASONS = ("eos", "stop", "max_tokens", "context", "interrupted")
+LONG_CONTEXT_HINT = ("pass --allow-long-context to run past the trained positions anyway (RoPE positions the model "
+                     "never saw: expect garbage)")
 
 
 @dataclass
@@ -70,22 +78,30 @@ class Engine:
         model: a loaded `Transformer` (moved to `device` if one is given).
         tokenizer: needed for text pieces, stop strings and `chat_turn`; None for token ids only.
         cache: a `CacheSpec` or a kind name (`kv`, `kivi-4`, `xquant-4`, `xquant-cl-3`, ...).
-        context: tokens per row the cache holds (default: min(model max, 4096)).
+        context: tokens per row the cache holds (default: min(model max, 4096)); beyond the model's trained
+            positions (`max_position_embeddings`) only with `allow_long_context`. A full-precision window
+            longer than the context is clamped to it (it can never hold more).
         batch: rows of the cache (`generate_batch` takes up to this many prompts).
         prefill_chunk: prompt tokens per forward pass during prefill.
-        cuda_graph: GPU only, `kv` only: capture the decode step in a CUDA graph (else ignored; see
-            `decode_mode`).
-        budget: bytes the cache may hold in total, for `MemoryReport.tokens_left` (default: what it holds
-            now plus the free device memory, or the available RAM on CPU).
+        cuda_graph: on CUDA, capture the decode step (`xqcli.engine.step.DecodeStep`, every cache kind) in a
+            CUDA graph once and replay it every step (default; XQ_GRAPH=off also turns it off: the same
+            step then runs eagerly). See `decode_mode` and `decode_note`.
+        budget: bytes the cache may hold in total: a cache estimated (on the meta device, before anything is
+            allocated) to need more is refused, and `MemoryReport.tokens_left` counts against it (default:
+            the free device memory, or the available RAM on CPU).
         artifacts: the model's bundle data (`Loaded.artifacts`: projections, calibration, rotation);
             None for a model without a bundle (SVD factors are then computed once, on first need).
+        kernels: "auto" (default): on CUDA, decode through `DecodeStep` and its Triton kernels; on CPU the
+            pure-torch reference path (XQ_KERNELS=off: the reference path everywhere). "triton": the step
+            on any device (the CPU tests, under TRITON_INTERPRET=1). "off": the reference path.
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, cache: CacheSpec | str = "kv",
                  *, context: int | None = None, device: str | torch.device | None = None, batch: int = 1,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, cuda_graph: bool = False,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, cuda_graph: bool = True,
                  sampling: SamplingParams | None = None, budget: int | None = None,
-                 artifacts: Artifacts | None = None) -> None:
+                 artifacts: Artifacts | None = None, allow_long_context: bool = False,
+                 kernels: str = "auto") -> None:
         if device is not None and torch.device(device) != model.device:
             model = model.to(torch.device(device))
         self.model, self.tokenizer = model, tokenizer
@@ -95,6 +111,12 @@ class Engine:
         self.context = int(context) if context is not None else min(cfg.max_position_embeddings, DEFAULT_CONTEXT)
         if self.context < 2:
             raise InputError(f"context must be at least 2 tokens (got {self.context})")
+        self.allow_long_context = allow_long_context
+        if self.context > cfg.max_position_embeddings and not allow_long_context:
+            raise ResourceError(f"a context of {self.context:,} tokens is beyond the {cfg.max_position_embeddings:,} "
+                                f"positions the model was trained on", hint=LONG_CONTEXT_HINT)
+        if self.spec.window > self.context:  # the full-precision tail never holds more than the context
+            self.spec = replace(self.spec, window=self.context)
         if batch < 1:
             raise InputError(f"batch must be >= 1 (got {batch})")
         if prefill_chunk < 1:
@@ -102,13 +124,17 @@ class Engine:
         self.batch, self.prefill_chunk, self.budget = batch, prefill_chunk, budget
         self.sampling = (sampling or SamplingParams()).check()
         self.device = model.device
-        graph = cuda_graph and self.device.type == "cuda" and self.spec.method == "kv"
-        self.decode_mode = "cuda-graph" if graph else "eager"
+        self._refuse_oversized_cache()
+        if kernels not in ("auto", "triton", "off"):
+            raise InputError(f"kernels={kernels!r}: use auto, triton or off")
+        kernels = kernels_setting() if kernels == "auto" else kernels
+        use_step = kernels == "triton" or (kernels == "auto" and self.device.type == "cuda")
         try:
             with torch.inference_mode():
-                self.cache: ModelCache = (
-                    static_kv_cache(model, batch, self.context) if graph
-                    else make_cache(model, self.spec, batch, self.context, artifacts=self.artifacts))
+                # Before the cache: the model's q/k/v and gate/up weights become views of the concatenations.
+                weights = DecodeWeights.build(model, self.spec, self.artifacts) if use_step else None
+                self.cache: ModelCache = make_cache(model, self.spec, batch, self.context, artifacts=self.artifacts,
+                                                    kernels=kernels)
         except RuntimeError as e:  # torch.cuda.OutOfMemoryError and the CPU allocator error are RuntimeErrors
             if "memory" not in str(e).lower():
                 raise
@@ -116,13 +142,38 @@ class Engine:
                                 f"{str(e).splitlines()[0]}", hint="lower --context") from None
         if self.spec.method in ("xquant", "xquant-cl") and uses_latents(cfg):
             model_projections(model, self.artifacts)  # SVDs now, not inside the first timed prefill
-        self._graph = GraphedDecode(model, self.cache) if graph else None
+        self._graph, self.decode_mode, self.decode_note = None, "eager", None
+        if weights is not None:
+            self._graph_decoder(weights, kernels, cuda_graph)
         self.generator = torch.Generator(device=self.device)
         self.generator.seed()
         self.ids: list[list[int]] = [[] for _ in range(batch)]  # token ids held by each cache row
         self.stats = GenerationStats()
         self._stop = False
         self._per_token: tuple[float, float] | None = None
+
+    def _graph_decoder(self, weights: DecodeWeights, kernels: str, cuda_graph: bool) -> None:
+        """Decode through `DecodeStep`, captured in a CUDA graph on CUDA unless `cuda_graph` is false or
+        XQ_GRAPH=off; a cache the step refuses decodes on the reference path (`decode_note` says why)."""
+        try:
+            step = DecodeStep(self.model, self.cache, weights, backend="triton" if kernels == "triton" else "auto")
+        except StepUnsupported as e:
+            self.decode_note = f"eager decode: {e}"
+            return
+        graph = cuda_graph and self.device.type == "cuda" and graph_setting() == "on"
+        self._graph = StepDecoder(step, graph=graph)
+        self.decode_mode = "cuda-graph" if graph else "eager"
+
+    def _refuse_oversized_cache(self) -> None:
+        """Estimate the cache from its spec on the meta device (no memory, no SVD) and refuse it, with the
+        numbers, when it exceeds --budget or the free memory: exit 7 instead of the OOM killer."""
+        need = make_cache(self.model, self.spec, self.batch, self.context, artifacts=self.artifacts,
+                          device=torch.device("meta")).allocated().total
+        limit, source = (self.budget, "--budget") if self.budget is not None else free_memory(self.device)
+        if limit is not None and need > limit:
+            raise ResourceError(f"a {self.spec.name} cache for {self.batch} x {self.context:,} tokens needs "
+                                f"{format_bytes(need)}, more than {source} {format_bytes(limit)}",
+                                hint="lower --context (or --window), or choose a smaller cache kind")
 
     # --- conversation / cache state --------------------------------------------------------------
     @torch.inference_mode()
@@ -179,9 +230,19 @@ class Engine:
         """Next-token logits (rows, vocab) in fp32 after prefilling `prompts` from an empty cache."""
         if not prompts or len(prompts) > self.batch or any(len(p) == 0 for p in prompts):
             raise InputError(f"logits takes 1 to {self.batch} non-empty prompts")
+        self._check_ids(prompts)
         self.reset()
         self._stop = False
         return self._prefill([list(p) for p in prompts])[:len(prompts)]
+
+    def _check_ids(self, prompts: Sequence[Sequence[int]]) -> None:
+        """Token ids must index the embedding: one beyond it (a tokenizer made for another model) would be an
+        IndexError on the CPU and a device-side assert on a GPU."""
+        vocab = self.model.config.vocab_size
+        bad = next((t for p in prompts for t in p if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ModelError(f"token id {bad} is outside the model's vocabulary of {vocab:,} ids",
+                             hint="the tokenizer does not match the model's weights")
 
     def _params(self, sampling: SamplingParams | None, overrides: dict[str, Any]) -> SamplingParams:
         params = (sampling or self.sampling).with_(**overrides) if overrides else (sampling or self.sampling).check()
@@ -193,11 +254,16 @@ class Engine:
     def _run(self, prompts: list[list[int]], params: SamplingParams, reused: int) -> Iterator[Step]:
         """Prefill `prompts` (appended to what each row holds) and decode until every row has finished."""
         n = len(prompts)
+        self._check_ids(prompts)
+        trained = self.model.config.max_position_embeddings
         for r, p in enumerate(prompts):
             if len(self.ids[r]) + len(p) >= self.context:
+                at_limit = self.context >= trained and not self.allow_long_context
                 raise ResourceError(f"the prompt needs {len(self.ids[r]) + len(p):,} tokens of context and leaves "
-                                    f"no room to answer: the context is {self.context:,}",
-                                    hint="raise --context, or /reset the conversation")
+                                    f"no room to answer: the context is {self.context:,}"
+                                    + (f", the model's {trained:,} trained positions" if at_limit else ""),
+                                    hint=(f"shorten the prompt (or /reset), or {LONG_CONTEXT_HINT}" if at_limit
+                                          else "raise --context, or /reset the conversation"))
         stats = self.stats = GenerationStats(rows=n, prompt_tokens=sum(map(len, prompts)), reused_tokens=reused,
                                              finish=[""] * n)
         self._stop = False
@@ -301,10 +367,9 @@ class Engine:
 
     @torch.inference_mode()
     def _decode(self, tok: torch.Tensor, n_new: torch.Tensor, n_host: list[int]) -> torch.Tensor:
-        tokens = tok[:, None]
         if self._graph is not None:
-            return self._graph(tokens, n_new)
-        return self.model(tokens, self.cache, n_host)[:, -1]  # host counts: nothing read back
+            return self._graph(tok, n_new, n_host)
+        return self.model(tok[:, None], self.cache, n_host)[:, -1]  # host counts: nothing read back
 
     @torch.inference_mode()
     def _seen(self, params: SamplingParams) -> torch.Tensor | None:
@@ -333,28 +398,87 @@ class Engine:
             self._per_token = (bpt, ws)
         return self._per_token
 
+    @cached_property
+    def _memory_layout(self) -> tuple[int, int | None]:
+        """(bytes of the preallocated cache, tokens from which it stores less than fp16 KV): fixed for the
+        engine's life, so the live panel reads them for free."""
+        meta = make_cache(self.model, self.spec, 1, self.context, artifacts=self.artifacts,
+                          device=torch.device("meta"))
+        start = compression_start(meta, self.spec.window, self.spec.group_size,
+                                  kv_bytes_per_token(self.model.config))
+        return self.cache.allocated().total, start
+
     def memory(self) -> MemoryReport:
-        held = sum(self.cache.host_lengths)
-        kv_tok = kv_bytes_per_token(self.model.config)
+        """The memory readout: now, against KV caches for the same tokens, at steady state, and tokens left."""
+        cfg = self.model.config
+        lengths = self.cache.host_lengths
+        held = sum(lengths)
+        kv_tok = kv_bytes_per_token(cfg)
+        dtype_bytes = torch.empty(0, dtype=self.model.dtype).element_size()
         bpt, ws = self.per_token_bytes()
         nb = self.cache.nbytes()
-        rep = MemoryReport(self.spec.name, held, self.batch * self.context, nb, held * kv_tok, bpt, kv_tok, ws,
-                           str(self.device))
+        allocated, start = self._memory_layout
+        left = {"context": self.batch * self.context - held,
+                "trained length": sum(max(0, cfg.max_position_embeddings - n) for n in lengths)}
+        free, source = free_memory(self.device)
+        budget, budget_source = ((self.budget, "--budget") if self.budget is not None else
+                                 (nb.total + free, f"held + {source.removeprefix('the ')}") if free is not None else
+                                 (None, ""))
+        if budget is not None:
+            left["budget"] = max(0, int((budget - nb.total) // max(bpt + ws, 1e-9)))
+        limit = min(left, key=left.__getitem__)
+        rep = MemoryReport(
+            cache_kind=self.spec.name, context_tokens=held, capacity_tokens=self.batch * self.context, cache=nb,
+            cache_allocated=allocated, kv_fp16_bytes=held * kv_tok,
+            model_dtype=str(self.model.dtype).removeprefix("torch."),
+            kv_model_bytes=held * kv_bytes_per_token(cfg, dtype_bytes), bytes_per_token=bpt,
+            kv_fp16_bytes_per_token=kv_tok, workspace_bytes_per_token=ws, window=self.spec.window,
+            compression_from=start, tokens_left=left[limit], tokens_left_limit=limit,
+            trained_tokens=cfg.max_position_embeddings, device=str(self.device), budget=budget,
+            budget_source=budget_source)
         if self.device.type == "cuda":
             rep.allocated = torch.cuda.memory_allocated(self.device)
             rep.reserved = torch.cuda.memory_reserved(self.device)
             rep.peak = torch.cuda.max_memory_allocated(self.device)
-            free, source = torch.cuda.mem_get_info(self.device)[0], "free device memory"
         else:
             rep.rss, rep.peak = process_memory()
-            free, source = available_memory(), "available RAM"
-        if self.budget is not None:
-            rep.budget, rep.budget_source = self.budget, "--budget"
-        elif free is not None:
-            rep.budget, rep.budget_source = nb.total + free, f"held + {source}"
-        if rep.budget is not None:
-            rep.tokens_left = max(0, int((rep.budget - nb.total) // max(bpt + ws, 1e-9)))
         return rep
+
+
+def free_memory(device: torch.device) -> tuple[int | None, str]:
+    """(bytes that can still be allocated, what they are): free CUDA memory on a GPU, available RAM otherwise."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], "the free device memory"
+    return available_memory(), "the available RAM"
+
+
+def compression_start(cache: ModelCache, window: int, group: int, kv_tok: int) -> int | None:
+    """The token count from which `cache` (a meta-device copy: only its sizes are read) stores less than
+    an fp16 KV cache for every longer context; None when it never does.
+
+    Stored bytes minus fp16 KV bytes, g(n), is linear on [0, window] and on each block of `group` tokens
+    after it (per-channel streams seal whole blocks; per-token streams seal every token), and g at a fixed
+    offset into the blocks is linear in the block index. So the last n with g(n) >= 0 is found from a few
+    sizes, not a scan."""
+    def g(n: int) -> int:
+        cache.set_lengths(torch.full((1,), n, device=cache.device), [n])
+        b = cache.nbytes()
+        return b.payload + b.scales + b.fp_window - n * kv_tok
+
+    ends = [(g(window + off), g(window + group + off)) for off in (0, group - 1)]
+    if any(g1 >= g0 for g0, g1 in ends):  # a block of sealed tokens is no smaller than fp16 KV
+        return None
+    blocks = [g0 // (g0 - g1) for g0, g1 in ends if g0 >= 0]  # the last block whose end or start is >= 0
+    if not blocks:  # g(window) < 0, and g is linear from g(0) = 0: smaller from the first token
+        return 1
+    lo = window + max(blocks) * group  # g(lo) >= 0; g is linear up to lo + group - 1
+    hi = lo + group - 1
+    if g(hi) >= 0:
+        return hi + 1
+    while hi - lo > 1:  # g(lo) >= 0 > g(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if g(mid) >= 0 else (lo, mid)
+    return hi
 
 
 def collect(steps: Iterator[Step]) -> dict[int, dict[str, Any]]:

@@ -56,11 +56,17 @@ def model_identity(model: Transformer, artifacts: Artifacts, source: str, spec: 
 
 def save_session(path: str | Path, engine: Engine, messages: list[dict[str, Any]], source: str) -> dict[str, Any]:
     """Write the conversation and its cache (row 0) to a safetensors file; returns the metadata written."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from xqcli import __version__
 
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a folder", hint="give a file name, e.g. /save chat.safetensors")
+    if not path.parent.is_dir():
+        raise InputError(f"cannot write the session file {path}: the folder {path.parent} does not exist",
+                         hint="create the folder first, or save elsewhere")
     state = engine.cache.state_dict()
     tensors = {f"cache.{k}": v.detach().contiguous().cpu() for k, v in state["tensors"].items()}
     tensors["ids"] = torch.tensor(engine.ids[0], dtype=torch.long)
@@ -72,10 +78,32 @@ def save_session(path: str | Path, engine: Engine, messages: list[dict[str, Any]
         save_file(tensors, str(tmp), metadata={"format": SESSION_FORMAT, "schema": str(SESSION_SCHEMA),
                                                "session": json.dumps(meta)})
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # safetensors reports I/O errors as its own type
         tmp.unlink(missing_ok=True)
         raise InputError(f"cannot write the session file {path}: {e}") from None
     return meta
+
+
+_IDENTITY_LABELS = {"config_sha256": "model config", "weights_sha256": "model weights", "dtype": "dtype",
+                   "projections_sha256": "SVD projections", "rotation": "rotation"}
+
+
+def _refuse_other_model(path: Path, saved: dict[str, Any], here: dict[str, str], keys: tuple[str, ...]) -> None:
+    diff = [f"{_IDENTITY_LABELS[k]} ({str(saved.get(k, 'none'))[:12]} saved, {here.get(k, 'none')[:12]} here)"
+            for k in keys if saved.get(k) != here.get(k)]
+    if diff:
+        raise InputError(f"{path} was saved with another model ({saved.get('source')}): "
+                         f"{'; '.join(diff)} differ", hint="load it with the model it was saved with")
+
+
+def _messages(value: Any) -> list[dict[str, str]]:
+    """The saved conversation: a list of {"role": text, "content": text} (ValueError otherwise)."""
+    if not isinstance(value, list):
+        raise ValueError(f"messages is a {type(value).__name__}, not a list")
+    for m in value:
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise ValueError(f"a message is not a role and a text: {str(m)[:60]}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
 def load_session(path: str | Path, engine: Engine, source: str) -> dict[str, Any]:
@@ -88,6 +116,8 @@ def load_session(path: str | Path, engine: Engine, source: str) -> dict[str, Any
     from safetensors.torch import load_file, safe_open
 
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a folder, not a session file", hint="give the file /save wrote")
     if not path.is_file():
         raise InputError(f"{path} does not exist")
     try:
@@ -103,23 +133,23 @@ def load_session(path: str | Path, engine: Engine, source: str) -> dict[str, Any
                          hint="load it with the xq version that wrote it")
     try:
         meta = json.loads(header["session"])
-        saved_model, cache_meta, ids = meta["model"], meta["cache"], [int(i) for i in meta["ids"]]
-    except (KeyError, TypeError, ValueError) as e:
-        raise InputError(f"{path}: corrupt session metadata ({e})") from None
+        saved_model, cache_meta, ids = dict(meta["model"]), dict(meta["cache"]), [int(i) for i in meta["ids"]]
+        saved_spec = dict(cache_meta.get("spec", {}))
+        meta["messages"] = _messages(meta["messages"])
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:  # JSON of any shape and depth
+        raise InputError(f"{path}: corrupt session metadata ({type(e).__name__}: {str(e)[:200]})") from None
+    vocab = engine.model.config.vocab_size
+    if any(not 0 <= i < vocab for i in ids):
+        raise InputError(f"{path}: a saved token id is outside the model's vocabulary of {vocab:,} ids (file edited?)")
     here = model_identity(engine.model, engine.artifacts, source, engine.spec)
-    labels = {"config_sha256": "model config", "weights_sha256": "model weights", "dtype": "dtype",
-              "projections_sha256": "SVD projections", "rotation": "rotation"}
-    diff = [f"{labels[k]} ({saved_model.get(k, 'none')[:12]} saved, {here.get(k, 'none')[:12]} here)"
-            for k in labels if saved_model.get(k) != here.get(k)]
-    if diff:
-        raise InputError(f"{path} was saved with another model ({saved_model.get('source')}): "
-                         f"{'; '.join(diff)} differ", hint="load it with the model it was saved with")
-    saved_spec, mine = cache_meta.get("spec", {}), engine.cache.spec_settings()
+    _refuse_other_model(path, saved_model, here, ("config_sha256", "weights_sha256", "dtype"))
+    mine = engine.cache.spec_settings()
     sdiff = [f"{k} {saved_spec.get(k)!r} saved vs {mine.get(k)!r} here" for k in sorted(set(saved_spec) | set(mine))
              if saved_spec.get(k) != mine.get(k)]
-    if sdiff:
+    if sdiff:  # before the projections and rotation: those follow from the cache kind
         raise InputError(f"{path} holds a {saved_spec.get('name')} cache, this session uses {mine.get('name')}: "
                          f"{'; '.join(sdiff)}", hint="start xq chat with the cache settings it was saved with")
+    _refuse_other_model(path, saved_model, here, ("projections_sha256", "rotation"))
     if not torch.equal(tensors.get("ids", torch.empty(0)), torch.tensor(ids, dtype=torch.long)):
         raise InputError(f"{path}: the token ids in the metadata and the tensors disagree (file edited?)")
     cache_tensors = {k.removeprefix("cache."): v for k, v in tensors.items() if k.startswith("cache.")}

@@ -21,9 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from xqcli.bundle.artifacts import Artifacts
-from xqcli.bundle.bitplan import resolve_spec
 from xqcli.cache.spec import CacheSpec, kv_bytes_per_token
-from xqcli.errors import InputError
+from xqcli.errors import InputError, ResourceError
 from xqcli.load import make_cache
 from xqcli.model import Transformer
 from xqcli.load import measured_bytes_per_token
@@ -84,16 +83,19 @@ def method_logits(model: Transformer, artifacts: Artifacts, spec: CacheSpec, win
 
 def evaluate(model: Transformer, tokens: list[int], methods: list[CacheSpec], *, seq_len: int = 2048,
              max_tokens: int | None = None, protocol: str = "paper", prefix: int | None = None,
-             artifacts: Artifacts | None = None,
-             progress: Callable[[int, int, str], None] | None = None) -> list[EvalRow]:
+             artifacts: Artifacts | None = None, progress: Callable[[int, int, str], None] | None = None,
+             allow_long_context: bool = False) -> list[EvalRow]:
     """One row per method, in order. `kv` is always computed (it is the reference) but only reported if asked.
-    `artifacts`: the loaded model's (`Loaded.artifacts`: a bundle's projections and calibration); by
-    default a fresh one, so the SVDs run once for the whole evaluation."""
+    `artifacts`: the loaded model's (`Loaded.artifacts`: a bundle's projections and rotation); by
+    default a fresh one, so the SVDs run once for the whole evaluation. A window beyond the model's trained
+    positions is refused unless `allow_long_context` (its perplexity would measure untrained positions)."""
     if protocol not in ("paper", "decode"):
         raise InputError(f"unknown protocol {protocol!r} (paper or decode)")
+    trained = model.config.max_position_embeddings
+    if seq_len > trained and not allow_long_context:
+        raise ResourceError(f"--seq-len {seq_len:,} is beyond the {trained:,} positions the model was trained on",
+                            hint="lower --seq-len, or pass --allow-long-context to measure past them anyway")
     artifacts = artifacts if artifacts is not None else Artifacts()
-    layers = model.config.num_hidden_layers
-    methods = [resolve_spec(s, artifacts, layers) for s in methods]  # +mix: per-layer bits, checked up front
     wins = windows(tokens, seq_len, max_tokens)
     prefix = seq_len // 2 if prefix is None else prefix
     if not 1 <= prefix <= seq_len:

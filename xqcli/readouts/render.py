@@ -1,21 +1,49 @@
 """The one renderer: every table, key-value panel and `--json` output of xq goes through here.
 
 Readouts are data first (dataclasses and dicts built elsewhere), rendering second. Tables never
-truncate numbers: rich columns do not wrap or cut cells, and a console that is not a terminal
-renders as wide as the table needs.
+truncate numbers: rich columns do not wrap or cut cells, and `show` prints as wide as the table needs,
+on a terminal or in a pipe (where rich would otherwise fit it into 80 columns). A command's report is
+a list of text lines and `TableData`, printed by `emit` in any `--format` (`choose_format`).
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
-from typing import Any, Sequence
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence, Union
 
 from xqcli import __version__
+from xqcli.errors import InputError, ResourceError
 
 JSON_SCHEMA_VERSION = 1
 FORMATS = ("table", "md", "csv", "json")
+
+
+def check_output_file(path: Path, option: str) -> None:
+    """Refuse an output path that cannot be written, before the work whose results it would hold."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{option} {path} is a folder", hint=f"give a file name, e.g. {option} {path / 'results.md'}")
+    folder = path.parent
+    if not folder.is_dir():
+        raise InputError(f"{option} {path}: the folder {folder} does not exist", hint="create it first")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InputError(f"{option} {path} is not writable here", hint="choose another path")
+
+
+def write_output_file(path: Path, text: str, option: str) -> None:
+    """Write a results file; an I/O error is bad input (2), a full disk does not fit (7)."""
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as e:
+        cls = ResourceError if e.errno == errno.ENOSPC else InputError
+        raise cls(f"cannot write {option} {path}: {e.strerror or e}", hint="choose another path") from None
 
 
 def envelope(tool: str, data: dict[str, Any], schema_version: int = JSON_SCHEMA_VERSION) -> dict[str, Any]:
@@ -49,7 +77,7 @@ def rich_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], *, title: 
 
     t = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
     for c, right in zip(columns, _right_aligned(len(columns), numeric), strict=True):
-        t.add_column(c, justify="right" if right else "left", no_wrap=True, overflow="ignore")
+        t.add_column(c, justify="right" if right else "left", no_wrap=True)
     for r in rows:
         t.add_row(*(str(v) for v in r))
     return t
@@ -84,22 +112,81 @@ def _right_aligned(n_columns: int, numeric: Sequence[bool] | None) -> Sequence[b
 
 
 def show(console, renderable) -> None:
-    """Print on a rich console as wide as the renderable needs, terminal or pipe (no ellipses, no wraps)."""
-    width = console.measure(renderable).maximum
-    console.print(renderable, width=max(width, console.width) if console.is_terminal else width)
+    """Print on a rich console as wide as the renderable needs, terminal or pipe (no ellipses, no wraps): rich
+    fits a table into the console's width (80 columns when it is not a terminal) by cutting cells."""
+    from rich.console import Console
+
+    needed = _natural_width(renderable)
+    width = max(needed, console.width) if console.is_terminal else needed
+    wide = Console(file=console.file, width=width, color_system=console.color_system,
+                   force_terminal=console.is_terminal, highlight=False)
+    wide.print(renderable)
+
+
+def _natural_width(renderable) -> int:
+    """The width a renderable takes with no limit."""
+    from rich.console import Console
+
+    return Console(file=io.StringIO(), width=100_000).measure(renderable).maximum
 
 
 def plain_text(renderable) -> str:
     """A rich renderable as plain text, as wide as it needs (for files and `--format table` output)."""
     from rich.console import Console
 
-    width = Console(file=io.StringIO(), width=100_000).measure(renderable).maximum
-    console = Console(record=True, file=io.StringIO(), width=width)
+    console = Console(record=True, file=io.StringIO(), width=_natural_width(renderable))
     console.print(renderable)
     return console.export_text()
 
 
-def print_table(console, columns: Sequence[str], rows: Sequence[Sequence[Any]], *,
-                title: str | None = None) -> None:
-    """Print a table on a rich console as wide as it needs, terminal or pipe (no ellipses, no wrapping)."""
-    show(console, rich_table(columns, rows, title=title))
+@dataclass(frozen=True)
+class TableData:
+    """A table as data, for `emit` to render in any of `FORMATS` but json. `numeric`: as in `rich_table`."""
+
+    columns: Sequence[str]
+    rows: Sequence[Sequence[Any]]
+    title: str | None = None
+    numeric: Sequence[bool] | None = None
+
+
+Part = Union[str, TableData]  # a report is lines of plain text and tables, in order
+
+
+def choose_format(fmt: str | None, as_json: bool = False) -> str:
+    """--format (and its alias --json): by default a table on a terminal and markdown in a pipe, as `xq bench`."""
+    if as_json:
+        if fmt is not None and fmt.lower() != "json":
+            raise InputError(f"--json and --format {fmt} disagree", hint="give one of them")
+        return "json"
+    if fmt is None:
+        return "table" if sys.stdout.isatty() else "md"
+    if fmt.lower() not in FORMATS:
+        raise InputError(f"unknown --format {fmt!r}", hint=f"choose from {', '.join(FORMATS)}")
+    return fmt.lower()
+
+
+def emit(fmt: str, parts: Sequence[Part]) -> None:
+    """Print a report on stdout: `table` as rich tables never cut, `md` as paragraphs and GitHub tables, `csv` as
+    its tables alone, an empty line between two (text lines have no place in CSV)."""
+    if fmt == "table":
+        from rich.console import Console
+
+        console = Console(highlight=False)
+        for part in parts:
+            if isinstance(part, TableData):
+                show(console, rich_table(part.columns, part.rows, title=part.title, numeric=part.numeric))
+            else:
+                console.print(part, markup=False, soft_wrap=True)
+        return
+    chunks = []
+    for part in parts:
+        if isinstance(part, str):
+            if fmt == "md":
+                chunks.append(part + "\n")
+        elif fmt == "md":
+            chunks.append((f"**{part.title}**\n\n" if part.title else "")
+                          + markdown_table(part.columns, part.rows, numeric=part.numeric))
+        else:
+            chunks.append(csv_table(part.columns, part.rows))
+    sys.stdout.write("\n".join(chunks))
+    sys.stdout.flush()

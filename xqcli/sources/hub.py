@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,12 +37,48 @@ def hub_cache_info() -> dict:
     home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
     cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or str(home / "hub")
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-    return {"cache_dir": cache, "offline": offline, "token": bool(os.environ.get("HF_TOKEN"))}
+    return {"cache_dir": cache, "offline": offline}
+
+
+def token_source() -> str | None:
+    """Where huggingface_hub finds a token (its own discovery: HF_TOKEN, then the token file of `hf auth login`),
+    or None without one. Never the token itself. An OIDC exchange (HF_OIDC_RESOURCE) would reach the network, so
+    it is named, not tried."""
+    if os.environ.get("HF_OIDC_RESOURCE"):
+        return "OIDC exchange (HF_OIDC_RESOURCE; not tried here)"
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    if not huggingface_hub.get_token():
+        return None
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        if os.environ.get(var, "").strip():
+            return f"the {var} variable"
+    if Path(constants.HF_TOKEN_PATH).is_file():
+        return f"the token file {constants.HF_TOKEN_PATH}"
+    return "a Google Colab secret"
+
+
+def apply_offline(offline: bool | None) -> None:
+    """A command's --offline/--online: HF_HUB_OFFLINE for this process, set before huggingface_hub is imported
+    (it reads the variable once), so every lookup of the command, whoever makes it, follows it. None: as set."""
+    if offline is not None:
+        os.environ["HF_HUB_OFFLINE"] = "1" if offline else "0"
+
+
+def show_progress() -> bool:
+    """Download bars on a terminal only (on stderr, where huggingface_hub draws them): in a pipe or a log they would
+    be a stream of carriage returns. HF_HUB_DISABLE_PROGRESS_BARS, when set, wins (1: never, 0: always)."""
+    from huggingface_hub import constants
+
+    forced = constants.HF_HUB_DISABLE_PROGRESS_BARS  # None when unset
+    return sys.stderr.isatty() if forced is None else not forced
 
 
 def resolve(src: str, *, revision: str | None = None, token: str | None = None, offline: bool | None = None,
-            progress: bool = False) -> Source:
-    """A local `.gguf` or folder is used as is; anything shaped like `org/name[@rev]` goes to the hub."""
+            progress: bool | None = None) -> Source:
+    """A local `.gguf` or folder is used as is; anything shaped like `org/name[@rev]` goes to the hub.
+    `progress`: download bars; None (every command) decides here, by `show_progress`."""
     p = Path(src).expanduser()
     if p.exists():
         if p.is_file():
@@ -56,7 +93,7 @@ def resolve(src: str, *, revision: str | None = None, token: str | None = None, 
 
 
 def _download(repo_id: str, revision: str | None, *, token: str | None, offline: bool | None,
-              progress: bool) -> Source:
+              progress: bool | None) -> Source:
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
                                        RevisionNotFoundError, disable_progress_bars, enable_progress_bars)
@@ -65,9 +102,8 @@ def _download(repo_id: str, revision: str | None, *, token: str | None, offline:
 
     if offline is None:
         offline = hub_cache_info()["offline"]
-    (enable_progress_bars if progress else disable_progress_bars)()
-    common = dict(repo_id=repo_id, revision=revision, token=token or os.environ.get("HF_TOKEN"),
-                  local_files_only=offline)
+    (enable_progress_bars if (show_progress() if progress is None else progress) else disable_progress_bars)()
+    common = dict(repo_id=repo_id, revision=revision, token=token, local_files_only=offline)
     try:
         cfg_dir = Path(snapshot_download(allow_patterns=["config.json"], **common))
         ModelConfig.from_file(cfg_dir / "config.json")  # unsupported architectures stop here
