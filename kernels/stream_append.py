@@ -62,8 +62,18 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from xqcli.kernels._common import FLOATS, group_min_max, quant_codes, scale_zero, store_packed
-from xqcli.kernels._triton import INTERPRET, cdiv, check_device, jit, next_pow2, on_device, tl, use_triton
+from xqcli.kernels._common import FLOATS, group_min_max, quant_codes, round_to, scale_zero, store_packed
+from xqcli.kernels._triton import (
+    INTERPRET,
+    cdiv,
+    check_device,
+    jit,
+    next_pow2,
+    on_device,
+    tl,
+    tl_dtype,
+    use_triton,
+)
 from xqcli.kernels.packed import PackedStream
 from xqcli.kernels.quant import (
     QTensor,
@@ -234,6 +244,14 @@ def stream_append_ref(new: Tensor, lengths: Tensor, n_new: Tensor, buffers: Stre
     work to what this step seals and spills instead: same result, nothing sealed, nothing quantized.
     """
     _check("stream_append_ref", new, lengths, n_new, buffers, window, spec, sub, sub_start)
+    _append_ref(new, lengths, n_new, buffers, window=window, spec=spec, sub=sub, sub_start=sub_start,
+                host_lengths=host_lengths, host_n_new=host_n_new)
+
+
+def _append_ref(new: Tensor, lengths: Tensor, n_new: Tensor, buffers: StreamBuffers, *, window: int,
+                spec: QuantSpec, sub: Tensor | None, sub_start: Tensor | None,
+                host_lengths: Sequence[int] | None, host_n_new: Sequence[int] | None) -> None:
+    """`stream_append_ref` on checked arguments (`stream_append` checks them once, then dispatches here)."""
     codes, scale, zero, tail = buffers
     bsz, t_new, c = new.shape
     cap, dev = tail.shape[1], new.device
@@ -282,7 +300,7 @@ def stream_values_ref(buffers: StreamBuffers, lengths: Tensor, *, window: int, s
     n = max_len if n is None else n
     ns = n if max_sealed is None else min(n, max_sealed)
     t = torch.arange(n, device=codes.device)
-    ring = tail[:, t % cap].float()
+    ring = (tail[:, :n] if n <= cap else tail[:, t % cap]).float()  # slot t % cap is t while t < cap
     live = torch.where((t[:, None] < lengths[:, None, None]), ring, torch.zeros((), device=codes.device))
     if ns == 0:
         return live
@@ -297,19 +315,6 @@ def stream_values_ref(buffers: StreamBuffers, lengths: Tensor, *, window: int, s
 
 
 @jit
-def _round_to_stream(b_x, ROUND: tl.constexpr):
-    """float32 x rounded to nearest even in the stream's dtype (1: fp16, 2: bf16), kept in float32.
-    bf16 rounds on the bits, as torch does: the interpreter truncates float32 -> bf16 casts."""
-    if ROUND == 1:
-        b_x = b_x.to(tl.float16).to(tl.float32)
-    elif ROUND == 2:
-        b_u = b_x.to(tl.int32, bitcast=True)
-        b_u = (b_u + 0x7FFF + ((b_u >> 16) & 1)) & -65536
-        b_x = b_u.to(tl.float32, bitcast=True)
-    return b_x
-
-
-@jit
 def _source(o_t, o_c, m_x, seq0, p_new, s_nt, p_tail, s_tt, p_sub, s_ut, sub0,
             CAP: tl.constexpr, HAS_SUB: tl.constexpr, ROUND: tl.constexpr):
     """Float32 values quantized for tokens o_t, channels o_c (broadcastable) of one row: the ring for
@@ -321,7 +326,7 @@ def _source(o_t, o_c, m_x, seq0, p_new, s_nt, p_tail, s_tt, p_sub, s_ut, sub0,
     b_x = b_x.to(tl.float32)
     if HAS_SUB:
         b_d = b_x - tl.load(p_sub + (o_t - sub0) * s_ut + o_c, mask=m_x, other=0.0).to(tl.float32)
-        b_x = _round_to_stream(b_d, ROUND)
+        b_x = round_to(b_d, ROUND)
     return tl.minimum(tl.maximum(b_x, -65504.0), 65504.0)
 
 
@@ -417,9 +422,6 @@ def _append_kernel(
         tl.store(p_tail + (t_w % CAP)[:, None] * s_tt + o_cw[None, :], b_v, mask=m_w)
 
 
-_ROUND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
-
 def stream_append(new: Tensor, lengths: Tensor, n_new: Tensor, buffers: StreamBuffers, *, window: int,
                   spec: QuantSpec, sub: Tensor | None = None, sub_start: Tensor | None = None,
                   host_lengths: Sequence[int] | None = None, host_n_new: Sequence[int] | None = None,
@@ -446,8 +448,8 @@ def stream_append(new: Tensor, lengths: Tensor, n_new: Tensor, buffers: StreamBu
     op = "stream_append"
     _check(op, new, lengths, n_new, buffers, window, spec, sub, sub_start)
     if not use_triton(op, backend, new):
-        stream_append_ref(new, lengths, n_new, buffers, window=window, spec=spec, sub=sub, sub_start=sub_start,
-                          host_lengths=host_lengths, host_n_new=host_n_new)
+        _append_ref(new, lengths, n_new, buffers, window=window, spec=spec, sub=sub, sub_start=sub_start,
+                    host_lengths=host_lengths, host_n_new=host_n_new)
         return
     codes, scale, zero, tail = buffers
     bsz, t_new, c = new.shape
@@ -478,7 +480,7 @@ def stream_append(new: Tensor, lengths: Tensor, n_new: Tensor, buffers: StreamBu
             c, -(-c // g), n_units, window,
             clip_weight(spec.clip),
             CAP=cap, BITS=bits, LEVELS=spec.levels, G=g, PER_CHANNEL=per_channel, HAS_SUB=has_sub,
-            ROUND=_ROUND[new.dtype], SEG=seg, GT=gt, CW=cw, NGB=next_pow2(max(1, cw // g)), GP=next_pow2(g),
+            ROUND=tl_dtype(new.dtype), SEG=seg, GT=gt, CW=cw, NGB=next_pow2(max(1, cw // g)), GP=next_pow2(g),
             PU=per_unit, UB=unit_bytes, BU=bu, BW=min(next_pow2(cap), 16), BCW=next_pow2(cw),
             enable_fp_fusion=False, num_warps=4,
         )
