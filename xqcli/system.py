@@ -32,14 +32,37 @@ def process_memory() -> tuple[int | None, int | None]:
     return rss, peak
 
 
-def available_memory() -> int | None:
-    """Memory that can be allocated without swapping: MemAvailable on Linux, free+inactive pages on macOS."""
+def _proc_kib(path: str, key: str) -> int | None:
+    """`key: N kB` from a Linux /proc file, in bytes; None elsewhere or when absent."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
+    return None
+
+
+def peak_rss_since_reset() -> int | None:
+    """The process peak RSS (VmHWM) since the last `reset_peak_rss`, in bytes (Linux only)."""
+    return _proc_kib("/proc/self/status", "VmHWM")
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux /proc/self/clear_refs); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def available_memory() -> int | None:
+    """Memory that can be allocated without swapping: MemAvailable on Linux, free+inactive pages on macOS."""
+    avail = _proc_kib("/proc/meminfo", "MemAvailable")
+    if avail is not None:
+        return avail
     if sys.platform == "darwin":
         try:
             out = subprocess.run(["vm_stat"], capture_output=True, text=True, timeout=5, check=True).stdout

@@ -38,7 +38,7 @@ from xqcli.config import ModelConfig
 from xqcli.load import make_cache, model_projections
 from xqcli.model import Transformer
 from xqcli.readouts.bench.results import Peaks, Row
-from xqcli.system import available_memory, git_commit, process_memory
+from xqcli.system import available_memory, git_commit, peak_rss_since_reset, process_memory, reset_peak_rss
 
 
 class Timer:
@@ -67,26 +67,6 @@ class Timer:
             self.seconds = time.perf_counter() - self._t0
 
 
-def _peak_rss() -> int | None:
-    """VmHWM in bytes: the process peak RSS since the last reset through /proc/self/clear_refs (Linux)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM (the peak RSS) to the current RSS
-    except OSError:
-        return False
-    return True
-
-
 def _malloc_trim() -> None:
     try:
         import ctypes
@@ -106,7 +86,7 @@ class PeakMemory:
     def _probe(self) -> str | None:
         if self.device.type == "cuda":
             return "cuda_max_memory_allocated"
-        return "cpu_peak_rss_delta" if _reset_peak_rss() and _peak_rss() is not None else None
+        return "cpu_peak_rss_delta" if reset_peak_rss() and peak_rss_since_reset() is not None else None
 
     @property
     def includes_weights(self) -> bool:
@@ -118,7 +98,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.source:
             _malloc_trim()
-            _reset_peak_rss()
+            reset_peak_rss()
             self._base = process_memory()[0] or 0
 
     def stop(self) -> int | None:
@@ -126,7 +106,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             return int(torch.cuda.max_memory_allocated(self.device))
         if self.source:
-            hwm = _peak_rss()
+            hwm = peak_rss_since_reset()
             return None if hwm is None else max(0, hwm - self._base)
         return None
 
