@@ -252,16 +252,16 @@ def _append_ref(new: Tensor, lengths: Tensor, n_new: Tensor, buffers: StreamBuff
                 spec: QuantSpec, sub: Tensor | None, sub_start: Tensor | None,
                 host_lengths: Sequence[int] | None, host_n_new: Sequence[int] | None) -> None:
     """`stream_append_ref` on checked arguments (`stream_append` checks them once, then dispatches here)."""
+    if host_lengths is not None and host_n_new is not None:
+        _append_rows(new, buffers, window=window, spec=spec, sub=sub, sub_start=sub_start,
+                     host_lengths=host_lengths, host_n_new=host_n_new)
+        return
     codes, scale, zero, tail = buffers
     bsz, t_new, c = new.shape
     cap, dev = tail.shape[1], new.device
     g = spec.group_size
     seg = 1 if spec.axis == "token" else g
     n_seg, k = cdiv(t_new, seg), min(t_new, cap)  # segments (tokens / groups) a step can seal; ring writes
-    if host_lengths is not None and host_n_new is not None:
-        n_seg = max((_sealed_host(n + m, window, spec) - _sealed_host(n, window, spec)) // seg
-                    for n, m in zip(host_lengths, host_n_new))
-        k = min(max(host_n_new), cap)
     rows = torch.arange(bsz, device=dev)[:, None]
     lens = lengths.long()[:, None]
     end = lens + n_new.long()[:, None]
@@ -285,6 +285,42 @@ def _append_ref(new: Tensor, lengths: Tensor, n_new: Tensor, buffers: StreamBuff
         slots = t_w % cap
         keep = (t_w >= torch.maximum(s1, lens))[..., None]
         tail[rows, slots] = torch.where(keep, new[rows, (t_w - lens).clamp(0, t_new - 1)], tail[rows, slots])
+
+
+def _append_rows(new: Tensor, buffers: StreamBuffers, *, window: int, spec: QuantSpec, sub: Tensor | None,
+                 sub_start: Tensor | None, host_lengths: Sequence[int], host_n_new: Sequence[int]) -> None:
+    """`_append_ref` for a caller that has the lengths on the host (the CPU cache): row by row, with slices
+    sized to exactly what each row seals and keeps, a handful of tensor ops per row instead of the
+    vectorized form's several dozen (the CPU decode step runs this for every stream of every layer).
+    Quantizes the same tokens with the same quantizer, so the stream is bit for bit the vectorized one's
+    (tests/test_kernels_append.py checks it)."""
+    codes, scale, zero, tail = buffers
+    cap, g, dev = tail.shape[1], spec.group_size, new.device
+    for b, (n, m) in enumerate(zip(host_lengths, host_n_new)):
+        if m == 0:
+            continue
+        s0, s1 = _sealed_host(n, window, spec), _sealed_host(n + m, window, spec)
+        if s1 > s0:  # tokens s0 .. s1 − 1 seal: the stored ones from the ring, the rest from new
+            vals = new[b, max(0, s0 - n):max(0, s1 - n)]
+            if s0 < n:
+                vals = torch.cat([tail[b, torch.arange(s0, min(s1, n), device=dev) % cap], vals])
+            if sub is not None:
+                at = torch.arange(s0, s1, device=dev) - sub_start[b].long()
+                vals = vals - sub[b, at.clamp(0, sub.shape[1] - 1)]
+            if spec.axis == "token":
+                q = quantize_ref(vals, spec)
+                codes[b, s0:s1], scale[b, s0:s1], zero[b, s0:s1] = q.packed, q.scale, q.zero
+            else:
+                q = quantize_ref(vals.view(-1, g, vals.shape[-1]), spec)  # one group per sealed block
+                codes[b, s0:s1] = q.packed.view(s1 - s0, -1)
+                scale[b, s0 // g:s1 // g], zero[b, s0 // g:s1 // g] = q.scale[:, 0], q.zero[:, 0]
+        first = max(s1, n)  # tokens first .. n + m − 1 wait unsealed (at most cap of them)
+        if first < n + m:
+            slot = first % cap
+            if slot + n + m - first <= cap:
+                tail[b, slot:slot + n + m - first] = new[b, first - n:m]
+            else:
+                tail[b, torch.arange(first, n + m, device=dev) % cap] = new[b, first - n:m]
 
 
 def stream_values_ref(buffers: StreamBuffers, lengths: Tensor, *, window: int, spec: QuantSpec,

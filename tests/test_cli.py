@@ -44,14 +44,15 @@ def test_version_and_help(capsys):
     assert code == 0 and out.startswith("xq 0.") and "2508.10395" in out
     code, out, _ = run(capsys, "--help")
     assert code == 0
-    for cmd in ("convert", "chat", "generate", "eval", "bench", "plan", "inspect", "doctor"):
+    for cmd in ("convert", "chat", "generate", "eval", "bench", "plan", "inspect", "doctor", "serve"):
         assert cmd in out
 
 
 def test_commands_are_module_level_functions(capsys):
     """Each command is a plain function of an `xqcli.commands` module, importable and registered under its name."""
     registered = {c.name: c.callback for c in app.registered_commands}
-    assert set(registered) == {"convert", "chat", "generate", "eval", "bench", "plan", "inspect", "doctor"}
+    assert set(registered) == {"convert", "chat", "generate", "eval", "bench", "plan", "inspect", "doctor",
+                               "serve"}
     for name, fn in registered.items():
         module = importlib.import_module(fn.__module__)
         assert fn.__module__.startswith("xqcli.commands.") and getattr(module, fn.__name__) is fn, name

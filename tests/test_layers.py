@@ -29,7 +29,7 @@ RANKS = {
     "xqcli.load": 6,
     "xqcli.convert": 7,
     "xqcli.engine": 8,
-    "xqcli.readouts": 9,
+    "xqcli.readouts": 9, "xqcli.serve": 9, "xqcli.lmeval": 9, "xqcli.vllm_plugin": 9,
     "xqcli.commands": 10, "xqcli.cli": 10, "xqcli.__main__": 10,
 }
 # cache.spec is a leaf: errors and the quantizer (with what the quantizer itself imports).

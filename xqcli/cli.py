@@ -27,7 +27,8 @@ cross-layer deltas of X. Cache kinds everywhere: kv, kivi-B, xquant-B, xquant-cl
 
 Commands: convert (HF id / folder / .gguf -> bundle), chat, generate, eval (perplexity through the
 cache), bench (memory and speed side by side), plan (bytes per token, longest context for a budget),
-inspect (a bundle), doctor (this machine).
+inspect (a bundle), doctor (this machine), serve (an OpenAI-compatible server: the smaller cache
+holds more concurrent sessions).
 """
 
 class StdoutClosed(Exception):
@@ -67,7 +68,7 @@ def _root(
 
 def _register() -> None:
     """Every command is a plain module-level function; this is the one place that names them."""
-    from xqcli.commands import bench, chat, convert, doctor, eval_cmd, generate, inspect_cmd, plan
+    from xqcli.commands import bench, chat, convert, doctor, eval_cmd, generate, inspect_cmd, plan, serve
 
     app.command("convert", epilog=_examples(convert.EXAMPLES))(convert.convert)
     app.command("chat", help=chat.HELP, epilog=_examples(chat.EXAMPLES))(chat.chat)
@@ -77,6 +78,7 @@ def _register() -> None:
     app.command("plan", epilog=_examples(plan.EXAMPLES))(plan.plan)
     app.command("inspect", epilog=_examples(inspect_cmd.EXAMPLES))(inspect_cmd.inspect)
     app.command("doctor", epilog=_examples(doctor.EXAMPLES))(doctor.doctor)
+    app.command("serve", epilog=_examples(serve.EXAMPLES))(serve.serve)
 
 
 def _examples(lines: tuple[str, ...]) -> str:

@@ -15,10 +15,17 @@ tokens included, as (B, n_kv, S, head_dim).
 
 Rows of a batch have their own lengths (`lengths`, shape (B,)): prompts are right-padded, and
 row b's new tokens occupy positions lengths[b] .. lengths[b] + n_new[b] - 1.
+
+A step may name its active rows (`begin(n_new, width, rows=[...])`, the serving engine's steps): X,
+positions, the mask and the returned K/V are then those k rows' (k, ...), in that order, and the other
+rows get no tokens. Stored data is the same as a step over all rows with 0 new tokens for the others,
+and so are the active rows' K/V bit for bit (S stays the longest row of the whole cache): what a step
+dequantizes and rebuilds follows the rows that have tokens, not the rows allocated.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
 import torch
@@ -107,6 +114,8 @@ class ModelCache:
         self._n_new_host: list[int] = []
         self._step_total = 0
         self._positions: torch.Tensor | None = None
+        self._rows: list[int] | None = None  # this step's active rows; None: all of them
+        self._row_index: torch.Tensor | None = None  # the same on the device
 
     # Row lengths live on the device (positions, masks and kernels read them there) and are mirrored
     # on the host, so a decode step never reads them back: on a GPU every read-back waits for all
@@ -134,31 +143,75 @@ class ModelCache:
         self._host_lengths = host
 
     # --- step protocol -------------------------------------------------------------------------
-    def begin(self, n_new: torch.Tensor | list[int], width: int) -> torch.Tensor:
+    def begin(self, n_new: torch.Tensor | list[int], width: int, rows: Sequence[int] | None = None
+              ) -> torch.Tensor:
         """Start a step of `width` new (right-padded) tokens per row; returns positions (B, width).
 
-        `n_new` (valid new tokens per row) as a list, or a tensor read back once here."""
-        host = [int(n) for n in (n_new if isinstance(n_new, list) else n_new.tolist())]
+        `n_new` (valid new tokens per row) as a list, or a tensor read back once here. `rows`: the
+        step's active rows (module docstring); `n_new` then counts theirs and positions are (k, width).
+        A padded query's position is clamped below `step_total`, where the RoPE tables and masks end
+        (its output is discarded: only valid tokens are stored)."""
+        got = [int(n) for n in (n_new if isinstance(n_new, list) else n_new.tolist())]
+        self._rows = self._row_index = None
+        host = got if rows is None else self._scatter_counts(list(rows), got)
         if len(host) != self.batch or min(host) < 0:
             raise ValueError(f"n_new must give 0 or more new tokens for each of the {self.batch} rows, got {host}")
         total = max(n + k for n, k in zip(self.host_lengths, host))
         if total > self.max_len:
             raise ResourceError(f"context full: {total} tokens > cache capacity {self.max_len}",
                                 hint="start a new conversation (/reset) or raise --context")
-        if isinstance(n_new, list):  # pinned, so the copy to a GPU does not wait for queued work
+        if isinstance(n_new, list) or self._rows is not None:  # pinned: the copy to a GPU does not wait
             pinned = torch.tensor(host, dtype=torch.long, pin_memory=self.device.type == "cuda")
             self._n_new = pinned.to(self.device, non_blocking=True)
         else:
             self._n_new = n_new.to(self.device, torch.long)
         self._n_new_host, self._step_total = host, total
         ar = torch.arange(width, device=self.device)
-        self._positions = self.lengths[:, None] + ar[None, :]
+        self._positions = (self.take(self.lengths)[:, None] + ar[None, :]).clamp(max=max(total - 1, 0))
         return self._positions
+
+    def _scatter_counts(self, rows: list[int], counts: list[int]) -> list[int]:
+        """Every row's new tokens from the active rows' `counts`; sets the step's active rows."""
+        if len(rows) != len(counts) or len(set(rows)) != len(rows) or not all(0 <= r < self.batch for r in rows):
+            raise ValueError(f"rows must name distinct rows of 0..{self.batch - 1}, one per count; "
+                             f"got rows {rows} for counts {counts}")
+        if rows != list(range(self.batch)):
+            self._rows = rows
+            self._row_index = torch.tensor(rows, device=self.device)
+        host = [0] * self.batch
+        for r, n in zip(rows, counts):
+            host[r] = n
+        return host
 
     def end(self) -> None:
         assert self._n_new is not None, "end() without begin()"
         self.set_lengths(self.lengths + self._n_new, [n + k for n, k in zip(self.host_lengths, self._n_new_host)])
         self._n_new = self._positions = None
+        self._rows = self._row_index = None
+
+    @property
+    def rows(self) -> list[int]:
+        """This step's active rows: the rows of the X, positions and K/V it handles."""
+        return list(range(self.batch)) if self._rows is None else self._rows
+
+    @property
+    def row_subset(self) -> bool:
+        """Whether this step handles only some rows (then the fused whole-batch kernels do not apply)."""
+        return self._rows is not None
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        """The active rows of a per-row (B, ...) tensor (itself when every row is active)."""
+        return t if self._row_index is None else t[self._row_index]
+
+    def spread(self, t: torch.Tensor) -> torch.Tensor:
+        """An active rows' (k, ...) tensor as (B, ...), zeros for the other rows (they append nothing)."""
+        if self._row_index is None:
+            return t
+        return t.new_zeros((self.batch, *t.shape[1:])).index_copy_(0, self._row_index, t)
+
+    def rows_after(self) -> list[int]:
+        """The active rows' lengths after this step's new tokens, on the host."""
+        return [self.host_lengths[r] + self.n_new_host[r] for r in self.rows]
 
     @property
     def positions(self) -> torch.Tensor:
@@ -197,28 +250,37 @@ class ModelCache:
         None when every row starts empty with the same number of new tokens and no window cuts in:
         plain causal attention, which SDPA runs without materializing a mask (`is_causal`)."""
         width = self.positions.shape[1]
+        # Decided over every row, active or not: a step over some rows gets the mask the same step over
+        # all rows gets (SDPA's causal path and a mask may round differently).
         if not any(self.host_lengths) and all(n == width for n in self.n_new_host) and not self.window_applies():
             return None
-        s = self.step_total()
-        limit = self.positions.clamp(max=s - 1)  # padded queries see everything valid: no all-masked rows
-        return causal_mask(limit, s, self.attention_window).unsqueeze(1)
+        # Padded queries sit at step_total − 1 (`begin`): they see everything valid, no row is all masked.
+        return causal_mask(self.positions, self.step_total(), self.attention_window).unsqueeze(1)
 
     def rows_scatter(self, buf: torch.Tensor, new: torch.Tensor, token_dim: int) -> None:
-        """Write the valid new tokens of every row into `buf` at that row's current length."""
+        """Write the valid new tokens of every active row (`new`: theirs) into `buf` at the row's length."""
         lens, n = self.host_lengths, self.n_new_host
-        if len(set(lens)) == 1 and len(set(n)) == 1:
+        if not self.row_subset and len(set(lens)) == 1 and len(set(n)) == 1:
             idx = [slice(None)] * buf.dim()
             idx[token_dim] = slice(lens[0], lens[0] + n[0])
             src = new.narrow(token_dim, 0, n[0])
             buf[tuple(idx)] = src.to(buf.dtype)
             return
-        for b, (start, cnt) in enumerate(zip(lens, n)):
-            buf[b].narrow(token_dim - 1, start, cnt).copy_(new[b].narrow(token_dim - 1, 0, cnt))
+        for i, b in enumerate(self.rows):
+            buf[b].narrow(token_dim - 1, lens[b], n[b]).copy_(new[i].narrow(token_dim - 1, 0, n[b]))
+
+    @staticmethod
+    def by_row(f: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor) -> torch.Tensor:
+        """`f` (a matmul) on each row of a per-row (k, ...) tensor on its own, stacked. BLAS picks its
+        kernel, and with it the rounding, by the rows of a product: batched, a row's K/V would depend
+        on which other rows share the step."""
+        return torch.stack([f(row) for row in t])
 
     def project(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pre-RoPE K and V (B, T, d_kv) of one layer's post-norm X, exactly as the model's k_proj/v_proj."""
+        """Pre-RoPE K and V (k, T, d_kv) of the active rows' post-norm X, with the model's k_proj/v_proj weights."""
         w = self.weights[layer]
-        return F.linear(x, w.w_k, w.b_k), F.linear(x, w.w_v, w.b_v)
+        return (self.by_row(lambda r: F.linear(r, w.w_k, w.b_k), x),
+                self.by_row(lambda r: F.linear(r, w.w_v, w.b_v), x))
 
     def heads(self, t: torch.Tensor) -> torch.Tensor:
         """(B, S, d_kv) -> (B, n_kv, S, head_dim), as the model splits its heads."""
@@ -227,6 +289,7 @@ class ModelCache:
 
     # --- to implement ----------------------------------------------------------------------------
     def update_and_fetch(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the active rows' X (k, T, d) and return their post-RoPE K and V (k, n_kv, S, head_dim)."""
         raise NotImplementedError
 
     def fused_attention(self, layer: int, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor | None:

@@ -21,11 +21,11 @@ class KVCache(ModelCache):
 
     def update_and_fetch(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = self.project(layer, x)
-        k, v = self.rope.apply(self.heads(k), self.positions, self.step_total()), self.heads(v)
+        s = self.step_total()
+        k, v = self.rope.apply(self.heads(k), self.positions, s), self.heads(v)
         self.rows_scatter(self.k[layer], k, token_dim=2)
         self.rows_scatter(self.v[layer], v, token_dim=2)
-        s = self.step_total()
-        return self.k[layer, :, :, :s], self.v[layer, :, :, :s]
+        return self.take(self.k[layer, :, :, :s]), self.take(self.v[layer, :, :, :s])
 
     def nbytes(self) -> CacheBytes:
         per_token = tensor_bytes(self.k, self.v) // self.max_len // self.batch

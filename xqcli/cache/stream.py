@@ -18,7 +18,7 @@ fake-quantized (the partial block as one smaller group), as if the whole sequenc
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 
 import torch
@@ -32,6 +32,7 @@ from xqcli.errors import InputError
 from xqcli.kernels.packed import PackedStream
 from xqcli.kernels.quant import QuantSpec, fake_quantize
 from xqcli.kernels.stream_append import (
+    StreamBuffers,
     allocate_stream,
     ring_view,
     sealed_count,
@@ -82,35 +83,47 @@ class Stream:
 
     def append(self, new: torch.Tensor, lengths: torch.Tensor, n_new: torch.Tensor, *,
                host_lengths: list[int] | None = None, host_n_new: list[int] | None = None,
-               sub: torch.Tensor | None = None, backend: str = "auto") -> None:
+               sub: torch.Tensor | None = None, sub_start: int = 0, backend: str = "auto") -> None:
         """Append row b's `new[b, :n_new[b]]` after its `lengths[b]` tokens (lengths before the step).
 
         `sub` (B, S, C): what XQuant-CL subtracts from token t's value when it is quantized,
-        `sub[b, t]` (its deltas, formed at sealing time; unquantized streams store deltas at once).
+        `sub[b, t − sub_start]` (its deltas, formed at sealing time; unquantized streams store deltas at
+        once); it needs to cover only the tokens this step stores (`storing_span`).
         `host_*`: the same counts mirrored on the host, when the caller has them (the reference sizes
         its work with them; the kernel never reads them)."""
         new = new.to(self.dtype)
         if self.spec is None:
             if sub is not None:
-                pos = lengths[:, None] + torch.arange(new.shape[1], device=new.device)
-                new = new - sub.gather(1, pos.clamp(max=sub.shape[1] - 1)[..., None].expand_as(new))
+                pos = lengths[:, None] + torch.arange(new.shape[1], device=new.device) - sub_start
+                new = new - sub.gather(1, pos.clamp(0, sub.shape[1] - 1)[..., None].expand_as(new))
             put_rows(self.full, new, lengths, n_new, host_lengths, host_n_new)
             return
-        sub_start = None if sub is None else torch.zeros_like(lengths)
+        starts = None if sub is None else torch.full_like(lengths, sub_start)
         stream_append(new, lengths, n_new, self.buffers, window=self.window, spec=self.spec, sub=sub,
-                      sub_start=sub_start, host_lengths=host_lengths, host_n_new=host_n_new, backend=backend)
+                      sub_start=starts, host_lengths=host_lengths, host_n_new=host_n_new, backend=backend)
+
+    def storing_span(self, host_lengths: list[int], host_n_new: list[int]) -> tuple[int, int]:
+        """[lo, hi): the token positions that some row quantizes (or, unquantized, stores) in a step that
+        appends `host_n_new` tokens to rows of `host_lengths`; lo >= hi when none does."""
+        spans = [(n, n + m) if self.spec is None else (self.sealed_host(n), self.sealed_host(n + m))
+                 for n, m in zip(host_lengths, host_n_new) if m]
+        spans = [(a, b) for a, b in spans if b > a]
+        return (min(a for a, _ in spans), max(b for _, b in spans)) if spans else (0, 0)
 
     def values(self, lengths: torch.Tensor, n: int, host_lengths: list[int] | None = None, *,
-               quantize_waiting: bool = True) -> torch.Tensor:
+               rows: torch.Tensor | None = None, quantize_waiting: bool = True) -> torch.Tensor:
         """(B, n, C) every row's first n tokens in the stream's dtype (dequantized sealed tokens, then the
         ring's), 0 at and after each row's length. Given the lengths on the host, only the sealed part is
         dequantized, and in the paper protocol (unless `quantize_waiting` is off) the waiting tokens are
-        returned fake-quantized (a per-channel stream's partial block as one smaller group)."""
+        returned fake-quantized (a per-channel stream's partial block as one smaller group).
+        `rows` (k,): only those rows, (k, n, C); `lengths` and `host_lengths` are then theirs."""
         if self.spec is None:
             keep = torch.arange(n, device=lengths.device)[None, :, None] < lengths[:, None, None]
-            return torch.where(keep, self.full[:, :n], torch.zeros((), dtype=self.dtype, device=self.full.device))
+            full = self.full[:, :n] if rows is None else self.full[rows, :n]
+            return torch.where(keep, full, torch.zeros((), dtype=self.dtype, device=self.full.device))
         max_sealed = max(map(self.sealed_host, host_lengths)) if host_lengths is not None else None
-        out = stream_values_ref(self.buffers, lengths, window=self.window, spec=self.spec, n=n,
+        buffers = self.buffers if rows is None else self.row_buffers(rows, n if max_sealed is None else max_sealed)
+        out = stream_values_ref(buffers, lengths, window=self.window, spec=self.spec, n=n,
                                 max_sealed=max_sealed).to(self.dtype)
         if self.quantize_partial and quantize_waiting and host_lengths is not None:
             for b, length in enumerate(host_lengths):
@@ -119,10 +132,18 @@ class Stream:
                     out[b, s:length] = fake_quantize(out[b, s:length], self.spec)
         return out
 
+    def row_buffers(self, rows: torch.Tensor, n: int) -> StreamBuffers:
+        """A copy of `rows`' storage: codes and scales of their first n tokens, the whole ring."""
+        blocks = n if self.spec.axis == "token" else -(-n // self.spec.group_size)
+        return StreamBuffers(self.codes[rows, :n], self.scale[rows, :blocks], self.zero[rows, :blocks],
+                             self.tail[rows])
+
     def waiting(self, b: int, length: int) -> torch.Tensor:
         """Row b's unsealed tokens (raw, as appended) in token order, for a row of `length` tokens."""
-        slots = torch.arange(self.sealed_host(length), length, device=self.tail.device) % self.tail.shape[1]
-        return self.tail[b, slots]
+        first, cap = self.sealed_host(length), self.tail.shape[1]
+        if first % cap + length - first <= cap:  # no wrap: a view
+            return self.tail[b, first % cap:first % cap + length - first]
+        return self.tail[b, torch.arange(first, length, device=self.tail.device) % cap]
 
     def packed(self, seq_lens: torch.Tensor, sealed: torch.Tensor) -> PackedStream:
         """The kernels' view of rows holding `seq_lens` tokens, `sealed` of them sealed (no copy)."""
@@ -235,18 +256,23 @@ class StreamCache(ModelCache):
         return Stream(self.batch, self.max_len, width, qspec, self.spec.window, self.dtype, self.device,
                       quantize_partial=self.spec.quantize_partial)
 
-    def append(self, stream: Stream, new: torch.Tensor, sub: torch.Tensor | None = None) -> None:
-        """This step's valid new tokens of every row, after the row's length (`Stream.append`)."""
-        stream.append(new, self.lengths, self.n_new, host_lengths=self.host_lengths, host_n_new=self.n_new_host,
-                      sub=sub, backend="ref" if self.kernels == "off" else "auto")
+    def append(self, stream: Stream, new: torch.Tensor, sub: torch.Tensor | None = None, sub_start: int = 0
+               ) -> None:
+        """This step's valid new tokens of every active row (`new`, `sub`: theirs), after the row's length
+        (`Stream.append`)."""
+        stream.append(self.spread(new), self.lengths, self.n_new, host_lengths=self.host_lengths,
+                      host_n_new=self.n_new_host, sub=None if sub is None else self.spread(sub), sub_start=sub_start,
+                      backend="ref" if self.kernels == "off" else "auto")
 
     def step_host_lengths(self) -> list[int]:
         """Row lengths after this step's new tokens, on the host."""
         return [n + k for n, k in zip(self.host_lengths, self.n_new_host)]
 
-    def fetch(self, stream: Stream) -> torch.Tensor:
-        """(B, S, width) dequantized values, rows shorter than S zero-padded (they are masked)."""
-        return stream.values(self.lengths + self.n_new, self.step_total(), self.step_host_lengths())
+    def fetch(self, stream: Stream, quantize_waiting: bool = True) -> torch.Tensor:
+        """(k, S, width) the active rows' dequantized values, rows shorter than S zero-padded (they are
+        masked); `quantize_waiting` as in `Stream.values`."""
+        return stream.values(self.take(self.lengths + self.n_new), self.step_total(), self.rows_after(),
+                             rows=self._row_index, quantize_waiting=quantize_waiting)
 
     def folded(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
         """A weight derived once per model (rotations folded into projections), computed in float64."""
@@ -265,13 +291,15 @@ class StreamCache(ModelCache):
         return rot, self.folded(("R", rot), lambda: rot.matrix(torch.float64))
 
     def rotate(self, t: torch.Tensor, r: tuple[Rotation, torch.Tensor] | None) -> torch.Tensor:
-        """t·R for a new token's values (fast Walsh-Hadamard transform when R is a Hadamard)."""
-        return t if r is None else r[0].apply(t, r[1])
+        """t·R for the new tokens' values (k, T, C) (fast Walsh-Hadamard transform when R is a Hadamard)."""
+        return t if r is None else self.by_row(lambda row: r[0].apply(row, r[1]), t)
 
     # --- fused decode kernels (xqcli.kernels) --------------------------------------------------------
     def fused_ready(self) -> bool:
-        """A one-token decode step on CUDA (or forced) outside the paper protocol."""
+        """A one-token decode step over every row on CUDA (or forced), outside the paper protocol."""
         if self.kernels == "off" or self.spec.quantize_partial or self.positions.shape[1] != 1:
+            return False
+        if self.row_subset:  # the kernels run on whole batches (the engine's static step masks free rows)
             return False
         if self.window_applies():  # the kernels attend to every cached token: the masked path does the window
             return False
@@ -294,9 +322,10 @@ class StreamCache(ModelCache):
             self._step_memo[key] = make()
         return self._step_memo[key]
 
-    def begin(self, n_new: torch.Tensor | list[int], width: int) -> torch.Tensor:
+    def begin(self, n_new: torch.Tensor | list[int], width: int, rows: Sequence[int] | None = None
+              ) -> torch.Tensor:
         self._step_memo = {}
-        return super().begin(n_new, width)
+        return super().begin(n_new, width, rows)
 
     def kernel_inputs(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """(q (B, H, D), cos, sin, seq_lens int32, max length) for one decode step."""
@@ -307,10 +336,10 @@ class StreamCache(ModelCache):
 
     def all_positions(self) -> torch.Tensor:
         s = self.step_total()
-        return torch.arange(s, device=self.device).expand(self.batch, s)
+        return torch.arange(s, device=self.device).expand(len(self.rows), s)
 
     def finish_kv(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, S, d_kv) pre-RoPE K and V -> post-RoPE heads."""
+        """(k, S, d_kv) pre-RoPE K and V of the active rows -> post-RoPE heads."""
         return self.rope.apply(self.heads(k), self.all_positions(), self.step_total()), self.heads(v)
 
     def nbytes(self) -> CacheBytes:

@@ -59,7 +59,8 @@ class XQuantCache(StreamCache):
             self.append(streams[0], self.rotate(x, self.rotation(self.config.hidden_size)))  # X̂·R under +rot
             return self.rebuild_weights(layer)
         p = self.projections()[layer]
-        lat_k, lat_v = x @ p.k.u, self.rotate(x @ p.v.u, self.rotation(self.config.kv_dim))
+        lat_k = self.by_row(lambda r: r @ p.k.u, x)
+        lat_v = self.rotate(self.by_row(lambda r: r @ p.v.u, x), self.rotation(self.config.kv_dim))
         if self.spec.fp16_channel0:
             self.append(streams[2], lat_k[..., :1])
             lat_k = lat_k[..., 1:]
@@ -76,7 +77,7 @@ class XQuantCache(StreamCache):
         vals_v = vals_k if not self.latent else self.fetch(streams[1])
         if self.latent and self.spec.fp16_channel0:
             vals_k = torch.cat([self.fetch(streams[2]).to(vals_k.dtype), vals_k], dim=-1)
-        k, v = vals_k @ m_k, vals_v @ m_v
+        k, v = self.by_row(lambda r: r @ m_k, vals_k), self.by_row(lambda r: r @ m_v, vals_v)
         if w.b_k is not None:
             k, v = k + w.b_k, v + w.b_v
         return k, v

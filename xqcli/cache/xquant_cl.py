@@ -37,7 +37,7 @@ class DeltaLayer:
 
     stream: Stream
     seed: bool  # the first layer of the chain: X̂ = Δ
-    prev_down: Callable[[torch.Tensor], torch.Tensor]  # X̂_{i−1} tokens -> the stream's space (GQA: ·U_kv)
+    prev_down: Callable[[torch.Tensor], torch.Tensor]  # a row's X̂_{i−1} tokens -> stream space (GQA: ·U_kv)
     w_k: torch.Tensor  # (d_kv, d), R folded in under +rot (MHA)
     w_v: torch.Tensor
     u: torch.Tensor | None  # U_kv (d, 2·d_kv) for GQA, None for MHA
@@ -54,7 +54,7 @@ class XQuantCLCache(XQuantCache):
         cfg = self.config
         self.latent = uses_latents(cfg)
         self.base = min(spec.base_layers, cfg.num_hidden_layers)
-        self.acc: torch.Tensor | None = None  # X̂_{i-1} for every token of every row: (B, S, d)
+        self.acc: torch.Tensor | None = None  # X̂_{i-1} for every token of the step's rows: (k, S, d)
         self._acc_buf: torch.Tensor | None = None  # the fused path's accumulator, (B, max_len, d), kept
         self._acc_bytes = 0
         self.streams = []
@@ -68,7 +68,7 @@ class XQuantCLCache(XQuantCache):
                 self.streams.append([self.stream(cfg.hidden_size, spec.quant("token", bits))])
 
     def delta_layer(self, layer: int) -> tuple[DeltaLayer, Callable[[torch.Tensor], torch.Tensor]]:
-        """A seed/delta layer's `DeltaLayer`, and what maps its X to the stream's input (GQA: ·U_kv)."""
+        """A seed/delta layer's `DeltaLayer`, and what maps its X (k, T, d) to the stream's input (GQA: ·U_kv)."""
         w = self.weights[layer]
         stream = self.streams[layer][0]
         seed = layer == self.base - 1
@@ -79,7 +79,8 @@ class XQuantCLCache(XQuantCache):
             r = self.rotation(2 * self.config.kv_dim)
             if r is not None:
                 u = self.folded(("ukv", layer, r[0]), lambda: u.double() @ r[1].double())
-            down = prev_down = (lambda t: t @ u)  # the accumulator lives in X's space
+            prev_down = (lambda t: t @ u)  # the accumulator lives in X's space
+            down = (lambda t: self.by_row(prev_down, t))
         else:  # +rot: the accumulator lives in the rotated space, R folded into W_kv
             r = self.rotation(self.config.hidden_size)
             down, prev_down = (lambda t: self.rotate(t, r)), (lambda t: t)
@@ -92,8 +93,11 @@ class XQuantCLCache(XQuantCache):
         """Append this step's X of a seed/delta layer (its deltas are formed as tokens are sealed)."""
         dl, down = self.delta_layer(layer)
         # The stream holds X·U_kv (GQA) or X (MHA); what layer i quantizes, (X_i − X̂_{i−1})·U_kv, is
-        # formed when tokens are sealed, against the accumulator of that moment.
-        self.append(dl.stream, down(x), None if dl.seed else dl.prev_down(self.acc))
+        # formed when tokens are sealed, against the accumulator of that moment: only the tokens this
+        # step seals need X̂_{i−1} brought into the stream's space.
+        lo, hi = dl.stream.storing_span(self.host_lengths, self.n_new_host)
+        sub = None if dl.seed or hi <= lo else self.by_row(dl.prev_down, self.acc[:, lo:hi])
+        self.append(dl.stream, down(x), sub, lo)
         return dl
 
     def acc_buffer(self) -> torch.Tensor:
@@ -103,15 +107,16 @@ class XQuantCLCache(XQuantCache):
                                         device=self.device)
         return self._acc_buf
 
-    def tail_deltas(self, dl: DeltaLayer, b: int, length: int) -> torch.Tensor:
-        """Row b's waiting tokens (of `length` after this step) as deltas against the accumulator now."""
+    def tail_deltas(self, dl: DeltaLayer, b: int, length: int, prev: torch.Tensor | None) -> torch.Tensor:
+        """Row b's waiting tokens (of `length` after this step) as deltas against its accumulator now,
+        `prev` (S, d; None for the seed layer)."""
         st = dl.stream
         if st.spec is None:  # unquantized: the stream already holds deltas, nothing waits
             return st.full.new_zeros(0, st.width)
         n = st.sealed_host(length)
         d_tail = st.waiting(b, length)
         if not dl.seed:
-            d_tail = d_tail - dl.prev_down(self.acc[b, n:length])
+            d_tail = d_tail - dl.prev_down(prev[n:length])
         if self.spec.quantize_partial and length > n:
             d_tail = fake_quantize(d_tail, st.spec)  # paper protocol: the waiting tokens too
         return d_tail
@@ -120,19 +125,20 @@ class XQuantCLCache(XQuantCache):
         if layer < self.base - 1:
             return super().update_and_fetch(layer, x)
         dl = self.append_delta_layer(layer, x)
-        prev, st = self.acc, dl.stream
-        acc = torch.zeros(self.batch, self.step_total(), self.config.hidden_size, dtype=self.dtype, device=self.device)
-        host = self.step_host_lengths()  # stored deltas (-fp: all of them); the waiting ones come below
-        stored = st.values(self.lengths + self.n_new, self.step_total(), host, quantize_waiting=False)
-        for b, length in enumerate(host):
-            d = torch.cat([stored[b, :st.counts(length)[0]], self.tail_deltas(dl, b, length)])
+        prev, st, rows = self.acc, dl.stream, self.rows
+        acc = torch.zeros(len(rows), self.step_total(), self.config.hidden_size, dtype=self.dtype, device=self.device)
+        stored = self.fetch(st, quantize_waiting=False)  # stored deltas (-fp: all of them); the waiting ones below
+        for i, (b, length) in enumerate(zip(rows, self.rows_after())):
+            waiting = self.tail_deltas(dl, b, length, None if dl.seed else prev[i])
+            d = torch.cat([stored[i, :st.counts(length)[0]], waiting])
             if dl.u is not None:
                 d = d @ dl.u.T
             n = d.shape[0]
-            acc[b, :n] = d if dl.seed else prev[b, :n] + d
+            acc[i, :n] = d if dl.seed else prev[i, :n] + d
         self.acc = acc
         self._acc_bytes = max(self._acc_bytes, tensor_bytes(acc))
-        k, v = F.linear(acc, dl.w_k, dl.b_k), F.linear(acc, dl.w_v, dl.b_v)  # no per-step weight concatenation
+        k = self.by_row(lambda r: F.linear(r, dl.w_k, dl.b_k), acc)  # no per-step weight concatenation
+        v = self.by_row(lambda r: F.linear(r, dl.w_v, dl.b_v), acc)
         return self.finish_kv(k, v)
 
     def fused_attention(self, layer: int, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor | None:
@@ -154,7 +160,7 @@ class XQuantCLCache(XQuantCache):
             tail = torch.empty_like(dl.stream.tail)  # read only at each row's waiting tokens' slots
             for b, length in enumerate(self.step_host_lengths()):
                 n = dl.stream.sealed_host(length)
-                tail[b, torch.arange(n, length) % tail.shape[1]] = self.tail_deltas(dl, b, length)
+                tail[b, torch.arange(n, length) % tail.shape[1]] = self.tail_deltas(dl, b, length, self.acc[b])
             packed = replace(packed, tail=tail)
         xquant_cl_update(self.acc, packed, seq, u_kv=dl.u, seed=dl.seed, max_seq_len=s, backend="triton")
         self._acc_bytes = max(self._acc_bytes, tensor_bytes(self.acc))

@@ -71,6 +71,21 @@ class Step:
     finish: str | None = None  # on a row's last step: eos | stop | max_tokens | context | interrupted
 
 
+class RowSubset:
+    """The `StepCache` of a forward over some rows of a cache: the model's layers and the cache's K/V
+    work see only `rows` (k of the cache's B, `ModelCache.begin(rows=...)`); the other rows get no
+    tokens. What a step costs then follows the rows that have tokens, not the rows allocated."""
+
+    def __init__(self, cache: ModelCache, rows: list[int]) -> None:
+        self.cache, self.rows = cache, rows
+
+    def begin(self, n_new: torch.Tensor | list[int], width: int) -> torch.Tensor:
+        return self.cache.begin(n_new, width, rows=self.rows)
+
+    def __getattr__(self, name: str) -> Any:  # the rest of the protocol is the cache's own
+        return getattr(self.cache, name)
+
+
 class Engine:
     """A model, its tokenizer and a preallocated cache of any kind, with generation and conversation state.
 
@@ -344,26 +359,73 @@ class Engine:
     @torch.inference_mode()
     def _prefill(self, prompts: list[list[int]]) -> torch.Tensor | None:
         """Push each row's new tokens through the model in chunks; logits (B, V) after each row's last one."""
-        model, dev, chunk = self.model, self.device, self.prefill_chunk
-        lens = [len(p) for p in prompts] + [0] * (self.batch - len(prompts))
+        chunk = self.prefill_chunk
+        longest = max(map(len, prompts))
         last = None
-        for start in range(0, max(lens), chunk):
-            n = [max(0, min(chunk, ln - start)) for ln in lens]
-            width = max(n)
-            rows = [p[start:start + c] + [0] * (width - c) for p, c in zip(prompts + [[]] * self.batch, n)]
-            h = model.hidden_states(torch.tensor(rows, device=dev), self.cache, n)
-            for r in range(len(prompts)):
-                self.ids[r].extend(prompts[r][start:start + n[r]])
-            ends = [r for r in range(len(prompts)) if n[r] and start + n[r] == lens[r]]
-            if ends:
-                hl = h[torch.tensor(ends, device=dev), torch.tensor([n[r] - 1 for r in ends], device=dev)]
-                lg = F.linear(hl, model.output_weight()).float()  # only the rows' last positions
+        for start in range(0, longest, chunk):
+            rows = [p[start:start + chunk] for p in prompts]
+            ends = [r for r, p in enumerate(prompts) if rows[r] and start + len(rows[r]) == len(p)]
+            lg = self._forward(rows, ends)
+            if lg is not None:
                 if last is None:
-                    last = torch.zeros(self.batch, lg.shape[-1], device=dev)
+                    last = torch.zeros(self.batch, lg.shape[-1], device=self.device)
                 last[ends] = lg
-            if self._stop and start + chunk < max(lens):
+            if self._stop and start + chunk < longest:
                 return None
         return last
+
+    @torch.inference_mode()
+    def step_rows(self, rows: Sequence[Sequence[int]]) -> torch.Tensor | None:
+        """One forward of any mix of rows (`xqcli.engine.batcher`): row b appends `rows[b]` (0, 1 or a
+        prompt chunk of tokens) after what it holds. Returns fp32 logits (k, V) at the last new token of
+        each of the k rows that got tokens, in row order (None when none did). A step where every row has
+        at most one token is a decode step: on the kernels path it runs the static (captured) step, with
+        the rows that have none masked."""
+        rows = [list(r) for r in rows] + [[] for _ in range(self.batch - len(rows))]
+        want = [r for r, new in enumerate(rows) if new]
+        if not want:
+            return None
+        self._check_ids(rows)
+        width = max(map(len, rows))
+        if self._graph is None or width > 1:
+            return self._forward(rows, want)
+        n_host = [len(new) for new in rows]
+        tok = torch.tensor([new[0] if new else 0 for new in rows], device=self.device)
+        logits = self._decode(tok, torch.tensor(n_host, device=self.device), n_host)
+        for new, ids in zip(rows, self.ids):
+            ids.extend(new)
+        return logits[want]
+
+    def free_row(self, row: int) -> None:
+        """Forget what row `row` holds (its length becomes 0; its storage is written over by the next
+        tokens: streams keep no per-row counters, `xqcli.cache.stream`). The other rows are untouched."""
+        host = list(self.cache.host_lengths)
+        host[row] = 0
+        self.cache.set_lengths(torch.tensor(host, dtype=torch.long, device=self.device), host)
+        self.ids[row] = []
+
+    def _forward(self, rows: list[list[int]], want: list[int]) -> torch.Tensor | None:
+        """One forward of each row's new tokens (right-padded; rows past `rows` get none), appended to the
+        cache and to `ids`; fp32 logits (len(want), V) at the last new token of the rows in `want`.
+
+        Only the rows with tokens go through the model's layers (`RowSubset`): a free or idle row of the
+        cache costs no matmuls, and a lone request in a many-row engine costs one row of work."""
+        n = [len(r) for r in rows] + [0] * (self.batch - len(rows))
+        busy = [r for r in range(self.batch) if n[r]]
+        if not busy:
+            return None
+        width = max(n)
+        padded = [rows[r] + [0] * (width - n[r]) for r in busy]
+        cache = self.cache if len(busy) == self.batch else RowSubset(self.cache, busy)
+        h = self.model.hidden_states(torch.tensor(padded, device=self.device), cache, [n[r] for r in busy])
+        for r, new in enumerate(rows):
+            self.ids[r].extend(new)
+        if not want:
+            return None
+        dev = self.device
+        at = {r: i for i, r in enumerate(busy)}
+        hl = h[torch.tensor([at[r] for r in want], device=dev), torch.tensor([n[r] - 1 for r in want], device=dev)]
+        return F.linear(hl, self.model.output_weight()).float()  # only the rows' last positions
 
     @torch.inference_mode()
     def _decode(self, tok: torch.Tensor, n_new: torch.Tensor, n_host: list[int]) -> torch.Tensor:

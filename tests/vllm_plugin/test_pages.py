@@ -1,0 +1,74 @@
+"""The page layout of the X cache: rows decode exactly as xq's own quantizer would (docs/vllm.md)."""
+
+import pytest
+import torch
+from xqcli.kernels.quant import QuantSpec, fake_quantize
+
+from xqcli.vllm_plugin.pages import PageLayout
+
+
+def layout(width: int, bits: int | None, latent: bool, block: int = 128) -> PageLayout:
+    def stream(axis: str):
+        return (width, "fp", None) if bits is None else (width, axis, QuantSpec(bits, block, axis))
+
+    return PageLayout([stream("channel"), stream("token")] if latent else [stream("token")], block, torch.float32)
+
+
+def test_row_bytes_smollm2() -> None:
+    """SmolLM2's pages: GQA latents 2 x 192 wide, MHA X 576 wide, at 4 bits and unquantized (fp32)."""
+    assert layout(192, 4, latent=True).row_bytes == 96 + 6 + 96 + 8  # codes, channel blob, codes, 2 groups
+    assert layout(576, 4, latent=False).row_bytes == 288 + 5 * 4
+    assert layout(192, None, latent=True).row_bytes == 2 * 192 * 4
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("width", [1, 70, 192])
+def test_token_rows_decode_as_fake_quantize(bits: int, width: int) -> None:
+    lay = layout(width, bits, latent=False)
+    for t in (1, 3):
+        x = torch.randn(t, width) * 3
+        (got,) = lay.decode(lay.encode([x]))
+        assert torch.equal(got, fake_quantize(x, QuantSpec(bits, 128, "token")))
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("block", [16, 128])
+def test_sealed_pages_decode_as_per_channel_groups(bits: int, block: int) -> None:
+    """Channel streams decode whole sealed pages only; each page is one group per channel."""
+    lay = layout(70, bits, latent=True, block=block)
+    n = 2 * block + 5
+    k, v = torch.randn(n, 70), torch.randn(n, 70) * 2
+    rows = lay.encode([k, v])
+    for p in range(2):
+        lay.seal(rows[p * block:(p + 1) * block], [k[p * block:(p + 1) * block], None])
+    got_k, got_v = lay.decode(rows)
+    assert got_k.shape == (2 * block, 70)
+    assert torch.equal(got_k, fake_quantize(k[:2 * block], QuantSpec(bits, block, "channel")))
+    assert torch.equal(got_v, fake_quantize(v, QuantSpec(bits, block, "token")))
+
+
+def test_fp_rows_are_exact() -> None:
+    lay = layout(5, None, latent=True)
+    k, v = torch.randn(3, 5), torch.randn(3, 5)
+    got_k, got_v = lay.decode(lay.encode([k, v]))
+    assert torch.equal(got_k, k) and torch.equal(got_v, v)
+
+
+def test_channel_stream_needs_pages_of_its_group() -> None:
+    with pytest.raises(ValueError, match="group size 128"):
+        PageLayout([(8, "channel", QuantSpec(4, 128, "channel"))], 16, torch.float32)
+
+
+def test_token_spans_leave_sealed_channel_bytes() -> None:
+    """vLLM may rewrite a token of a sealed page (a prefix-cache hit recomputes the prompt's last token): writing
+    only `token_spans` keeps the page's channel codes and scales."""
+    lay = layout(70, 4, latent=True, block=16)
+    k, v = torch.randn(16, 70), torch.randn(16, 70)
+    page = lay.encode([k, v])
+    lay.seal(page, [k, None])
+    sealed = page.clone()
+    rows = lay.encode([k[-1:], v[-1:]])
+    for lo, hi in lay.token_spans():
+        page[-1:, lo:hi] = rows[:, lo:hi]
+    assert torch.equal(page, sealed)
+    assert lay.token_spans() == [(lay.streams[1].offset, lay.row_bytes)]

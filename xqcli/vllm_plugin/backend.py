@@ -1,0 +1,236 @@
+"""The vLLM attention backend of X-cache layers: pages hold packed X (or latents), attention rebuilds K and V.
+
+vLLM's own allocator, scheduler and block tables run unchanged: a layer declares a page of `block_size` token
+rows `row_bytes` wide (`XQuantAttention.get_kv_cache_spec`), writes each new token's row at its slot, and on
+every forward gathers its requests' rows by block table, dequantizes them and rebuilds K and V in pure torch
+(docs/vllm.md). The backend and its metadata are thin: the work is in `XQuantAttention`, the layer.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from vllm.model_executor.layers.attention import Attention
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+)
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
+
+from xqcli.vllm_plugin.pages import PageLayout
+
+BACKEND_NAME = "XQUANT"
+
+
+@dataclass
+class XQuantMetadata:
+    """What attention over pages needs: per-request query ranges, lengths and block tables (CPU copies)."""
+
+    num_actual_tokens: int
+    query_start_loc: list[int]
+    seq_lens: list[int]
+    block_table: torch.Tensor
+    slot_mapping: torch.Tensor
+
+
+class XQuantMetadataBuilder(AttentionMetadataBuilder[XQuantMetadata]):
+    def __init__(self, kv_cache_spec: KVCacheSpec, layer_names: list[str], vllm_config, device: torch.device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> XQuantMetadata:
+        m = common_attn_metadata
+        return XQuantMetadata(num_actual_tokens=m.num_actual_tokens,
+                              query_start_loc=m.query_start_loc_cpu[:m.num_reqs + 1].tolist(),
+                              seq_lens=m.seq_lens[:m.num_reqs].tolist(),
+                              block_table=m.block_table_tensor, slot_mapping=m.slot_mapping)
+
+
+class XQuantImpl(AttentionImpl):
+    """Delegates to the layer, which owns the page layout, the staging of unsealed pages and the weights."""
+
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int, alibi_slopes, sliding_window,
+                 kv_cache_dtype: str, logits_soft_cap=None, attn_type: str = AttentionType.DECODER,
+                 kv_sharing_target_layer_name: str | None = None, **kwargs) -> None:
+        if alibi_slopes is not None or sliding_window is not None or logits_soft_cap:
+            raise NotImplementedError("the xq X cache supports plain causal attention only (no ALiBi, sliding "
+                                      "window or logit soft-cap)")
+        self.num_heads, self.head_size, self.scale, self.num_kv_heads = num_heads, head_size, scale, num_kv_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.attn_type = attn_type
+        self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+
+    def do_kv_cache_update(self, layer: XQuantAttention, key: torch.Tensor, value: torch.Tensor,
+                           kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        layer.write(key, value, kv_cache, slot_mapping)
+
+    def forward(self, layer: XQuantAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, attn_metadata: XQuantMetadata | None, output: torch.Tensor,
+                output_scale: torch.Tensor | None = None, output_block_scale: torch.Tensor | None = None) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("fused output quantization is not supported by the xq X cache")
+        if attn_metadata is not None:  # None while vLLM warms up
+            layer.attend(query, kv_cache, attn_metadata, output)
+        return output
+
+
+class XQuantBackend(AttentionBackend):
+    forward_includes_kv_cache_update: bool = False
+    accept_output_buffer: bool = True
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto"]
+
+    @staticmethod
+    def get_name() -> str:
+        return BACKEND_NAME
+
+    @staticmethod
+    def get_impl_cls() -> type[XQuantImpl]:
+        return XQuantImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[XQuantMetadataBuilder]:
+        return XQuantMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list:
+        # A page is one per-channel quantization group (g = 128 tokens, docs/design.md §2): never split it.
+        return [kv_cache_spec.block_size] if kv_cache_spec is not None else [128]
+
+    @classmethod
+    def supports_head_size(cls, head_size: int) -> bool:
+        return head_size > 0
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+
+class StagingPool:
+    """Full-precision rows of unsealed pages of per-channel streams, by vLLM block id, shared by a model's layers.
+
+    A per-channel group is a whole page, so its tokens wait here until the page fills (xq's window-0 rule,
+    docs/design.md §6). A block written at offset 0 starts afresh (vLLM reuses freed blocks from offset 0);
+    entries of finished requests whose last page never filled are dropped oldest-first beyond `capacity`.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.rows: OrderedDict[tuple[int, int, int], torch.Tensor] = OrderedDict()  # (layer, stream, block) -> (bs, C)
+
+    def page(self, key: tuple[int, int, int], fresh: bool, shape: tuple[int, int], like: torch.Tensor
+             ) -> torch.Tensor | None:
+        """The staging rows of one (layer, stream, block); `fresh` (offset 0 written) starts them anew. None for
+        a page that is not being filled: a sealed page whose last tokens vLLM recomputes (a full prefix-cache
+        hit recomputes the prompt's last token), which keeps its sealed groups."""
+        if fresh:
+            self.rows[key] = like.new_zeros(shape)
+        elif key not in self.rows:
+            return None
+        self.rows.move_to_end(key)
+        while len(self.rows) > self.capacity:
+            self.rows.popitem(last=False)
+        return self.rows[key]
+
+    def get(self, key: tuple[int, int, int]) -> torch.Tensor:
+        try:
+            return self.rows[key]
+        except KeyError:
+            raise RuntimeError(f"xq: the unsealed page (layer, stream, block) {key} was dropped from the staging "
+                               f"pool ({self.capacity} pages); lower max_num_seqs") from None
+
+    def drop(self, key: tuple[int, int, int]) -> None:
+        self.rows.pop(key, None)
+
+
+class XQuantAttention(Attention):
+    """An attention layer whose cache holds one layer's X streams (`PageLayout`) instead of K and V.
+
+    `key` and `value` passed to it are the streams to cache (MHA: X twice; GQA: X·U_k and X·U_v);
+    `rebuild(values, positions)` turns dequantized streams into RoPE'd K and V of shape (n, kv_heads·head_dim).
+    """
+
+    def __init__(self, *, layout: PageLayout, layer: int, staging: StagingPool,
+                 rebuild: Callable[[list[torch.Tensor], torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                 stream_values: Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]], **kwargs) -> None:
+        super().__init__(attn_backend=XQuantBackend, **kwargs)
+        self.layout, self.layer_index, self.staging = layout, layer, staging
+        self.rebuild, self.stream_values = rebuild, stream_values
+
+    def get_kv_cache_spec(self, vllm_config) -> KVCacheSpec:
+        block_size = vllm_config.cache_config.block_size
+        if block_size != self.layout.block_size:
+            raise ValueError(f"xq: the X cache needs block_size {self.layout.block_size} (one quantization group "
+                             f"per page), got {block_size}; pass block_size={self.layout.block_size}")
+        return FullAttentionSpec(block_size=block_size, num_kv_heads=self.num_kv_heads, head_size=self.head_size,
+                                 dtype=torch.uint8, num_head_slots=1, state_content_bytes=self.layout.row_bytes)
+
+    def write(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Encode this step's tokens into their slots; fill and seal per-channel pages."""
+        n = slot_mapping.shape[0]
+        keep = slot_mapping[:n] >= 0
+        slots = slot_mapping[:n][keep]
+        values = [v.reshape(v.shape[0], -1)[:n][keep] for v in self.stream_values(key, value)]
+        bs = self.layout.block_size
+        blocks, offsets = slots // bs, slots % bs
+        pages = kv_cache[:, 0]  # (num_blocks, bs, row_bytes)
+        rows = self.layout.encode(values)
+        for lo, hi in self.layout.token_spans():  # a sealed page's channel bytes stay as sealed
+            pages[blocks, offsets, lo:hi] = rows[:, lo:hi]
+        if not self.layout.has_channel:
+            return
+        chan = [i for i, s in enumerate(self.layout.streams) if s.axis == "channel"]
+        for block in torch.unique_consecutive(blocks).tolist():
+            sel = blocks == block
+            offs = offsets[sel]
+            staged = [self.staging.page((self.layer_index, i, block), bool(offs[0] == 0), (bs, values[i].shape[-1]),
+                                        values[i]) for i in chan]
+            if any(buf is None for buf in staged):
+                continue
+            for buf, i in zip(staged, chan):
+                buf[offs] = values[i][sel]
+            if bool(offs[-1] == bs - 1):  # the page is full: quantize its groups into the page
+                full = [None] * len(values)
+                for buf, i in zip(staged, chan):
+                    full[i] = buf
+                    self.staging.drop((self.layer_index, i, block))
+                self.layout.seal(pages[block], full)
+
+    def gather(self, pages: torch.Tensor, blocks: torch.Tensor, n: int) -> list[torch.Tensor]:
+        """Dequantized streams of one request's first n tokens (unsealed per-channel rows from staging)."""
+        bs = self.layout.block_size
+        rows = pages[blocks].reshape(-1, self.layout.row_bytes)[:n]
+        values = self.layout.decode(rows)
+        for i, s in enumerate(self.layout.streams):
+            if s.axis == "channel" and n % bs:
+                tail = self.staging.get((self.layer_index, i, int(blocks[n // bs])))[:n % bs]
+                values[i] = torch.cat([values[i], tail.to(values[i].dtype)])
+        return values
+
+    def attend(self, query: torch.Tensor, kv_cache: torch.Tensor, md: XQuantMetadata, output: torch.Tensor) -> None:
+        """Causal attention of each request's new queries over all its cached tokens, K and V rebuilt."""
+        pages = kv_cache[:, 0]
+        bs = self.layout.block_size
+        group = self.num_heads // self.num_kv_heads
+        for r, n in enumerate(md.seq_lens):
+            q0, q1 = md.query_start_loc[r], md.query_start_loc[r + 1]
+            if q1 == q0:
+                continue
+            blocks = md.block_table[r, :-(-n // bs)]
+            positions = torch.arange(n, device=query.device)
+            k, v = self.rebuild(self.gather(pages, blocks, n), positions)
+            k = k.view(n, self.num_kv_heads, self.head_size).repeat_interleave(group, dim=1).transpose(0, 1)
+            v = v.view(n, self.num_kv_heads, self.head_size).repeat_interleave(group, dim=1).transpose(0, 1)
+            q = query[q0:q1].transpose(0, 1)  # (heads, q_len, head_dim)
+            q_pos = torch.arange(n - (q1 - q0), n, device=query.device)
+            mask = positions[None, :] <= q_pos[:, None]
+            out = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, scale=self.impl.scale)
+            output[q0:q1] = out.transpose(0, 1).to(output.dtype)

@@ -1,0 +1,170 @@
+"""`XqLlamaForCausalLM`: vLLM's Llama with each attention layer caching X (or its SVD latents) in vLLM pages.
+
+Selected with `hf_overrides={"architectures": ["XqLlamaForCausalLM"]}` (optionally `"xq_cache": "xquant-4"`;
+default: the bundle's `cache_defaults`, else `xquant-4`). Only the attention changes: q comes from vLLM's fused
+qkv projection and RoPE; the cached streams are X (MHA) or X·U_k, X·U_v (GQA, docs/design.md §3); K and V are
+rebuilt from the pages on every forward (`xqcli.vllm_plugin.backend`). Under tensor parallelism each rank
+caches the streams of its own kv-head slice (docs/vllm.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from vllm.config import get_current_vllm_config
+from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
+from vllm.model_executor.models.utils import extract_layer_index
+
+from xqcli.bundle.format import is_bundle, open_bundle
+from xqcli.bundle.projections import LayerProjections, layer_projections
+from xqcli.cache.spec import CacheSpec
+from xqcli.kernels.quant import QuantSpec
+from xqcli.vllm_plugin.backend import StagingPool, XQuantAttention
+from xqcli.vllm_plugin.pages import PageLayout
+
+DEFAULT_CACHE = "xquant-4"
+
+
+def cache_kind(hf_config, model_path: str) -> tuple[CacheSpec, list[LayerProjections] | None]:
+    """The cache kind to run (hf_overrides `xq_cache`, else the bundle's default, else xquant-4) and a bundle's
+    stored SVD projections (None: computed from the weights, as `xq generate` does on a plain HF folder)."""
+    name, projections = getattr(hf_config, "xq_cache", None), None
+    folder = Path(model_path)
+    if folder.is_dir() and is_bundle(folder):
+        bundle = open_bundle(folder)
+        name = name or (bundle.manifest.get("cache_defaults") or {}).get("cache")
+        projections = bundle.projections() if bundle.has_projections else None
+    spec = CacheSpec.parse(name or DEFAULT_CACHE, window=0)
+    if spec.method != "xquant" or spec.fp16_channel0 or spec.rotate:
+        raise ValueError(f"xq's vLLM plugin runs xquant-B and xquant-fp (no +ch0, +rot), not {spec.name}; "
+                         f"set hf_overrides xq_cache, e.g. xquant-4")
+    return spec, projections
+
+
+class XqLlamaAttention(LlamaAttention):
+    """LlamaAttention whose `attn` caches this rank's X streams and rebuilds K, V from them."""
+
+    def __init__(self, *args, prefix: str = "", **kwargs) -> None:
+        super().__init__(*args, prefix=prefix, **kwargs)
+        vllm_config = get_current_vllm_config()
+        forward_context = vllm_config.compilation_config.static_forward_context
+        del forward_context[f"{prefix}.attn"]  # replaced below under the same name
+        shared = _shared(vllm_config)
+        spec, self.bundle_projections = shared.spec, shared.projections
+        self.layer = extract_layer_index(prefix)
+        hidden = self.hidden_size
+        # Latents when this rank's are narrower than X (docs/design.md §3; under TP each rank has its own kv-head
+        # slice, docs/vllm.md). X is cached only when it is exactly this rank's kv width (MHA without TP), since
+        # vLLM views a cached stream as (kv_heads, head_dim); anything else would store more than X.
+        self.latent = 2 * self.kv_size < hidden
+        if not self.latent and self.kv_size != hidden:
+            raise ValueError(f"xq's vLLM plugin cannot cache this layer's X in its {self.num_kv_heads} kv heads x "
+                             f"{self.head_dim} (X is {hidden} wide): use a tensor-parallel size that leaves each rank "
+                             "under half of X's width in kv heads, or 1 for MHA models")
+        dtype = torch.get_default_dtype()
+        block_size = spec.group_size
+
+        def stream(axis: str) -> tuple[int, str, QuantSpec | None]:
+            quant = spec.quant(axis)
+            return (self.kv_size, "fp" if quant is None else axis, quant)
+
+        layout = PageLayout([stream("channel"), stream("token")] if self.latent else [stream("token")],
+                            block_size, dtype)
+        self.attn = XQuantAttention(
+            layout=layout, layer=self.layer, staging=shared.staging, rebuild=self.rebuild, stream_values=self.stream_values,
+            num_heads=self.num_heads, head_size=self.head_dim, scale=self.scaling, num_kv_heads=self.num_kv_heads,
+            cache_config=vllm_config.cache_config, prefix=f"{prefix}.attn")
+        self.factors: tuple[torch.Tensor, ...] = ()
+        self.kv_bias: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def capture_weights(self) -> None:
+        """Derive the rebuild weights from this rank's W_k, W_v while they are plain tensors: after loading, before
+        vLLM's CPU GEMM dispatch may repack (and drop) `qkv_proj.weight`. Latents: (u_k, m_k, u_v, m_v); X:
+        (W_kᵀ, W_vᵀ)."""
+        w, b = self.qkv_proj.weight.detach(), self.qkv_proj.bias
+        ks, vs = slice(self.q_size, self.q_size + self.kv_size), slice(self.q_size + self.kv_size, None)
+        w_k, w_v = w[ks], w[vs]
+        self.kv_bias = None if b is None else (b.detach()[ks].clone(), b.detach()[vs].clone())
+        if not self.latent:
+            self.factors = (w_k.T.contiguous(), w_v.T.contiguous())
+            return
+        p = (self.bundle_projections[self.layer] if self.bundle_projections is not None and self.tp_size == 1
+             else layer_projections(w_k, w_v))  # under TP: the SVD of this rank's kv-head slice (docs/vllm.md)
+        self.factors = tuple(t.to(w.dtype).contiguous() for t in (p.k.u, p.k.m, p.v.u, p.v.m))
+
+    @property
+    def tp_size(self) -> int:
+        return self.total_num_heads // self.num_heads
+
+    def stream_values(self, key: torch.Tensor, value: torch.Tensor) -> list[torch.Tensor]:
+        """The streams `forward` handed to the cache, in the layout's order."""
+        return [key, value] if self.latent else [key]
+
+    def rebuild(self, values: list[torch.Tensor], positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K (RoPE at `positions`) and V, (n, kv_size), from dequantized streams."""
+        f = self.factors
+        if self.latent:
+            k, v = values[0] @ f[1], values[1] @ f[3]
+        else:
+            k, v = values[0] @ f[0], values[0] @ f[1]
+        if self.kv_bias is not None:
+            k, v = k + self.kv_bias[0], v + self.kv_bias[1]
+        k, _ = self.rotary_emb(positions, k.contiguous(), None)
+        return k, v
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        qkv, _ = self.qkv_proj(hidden_states)
+        q, k = qkv[..., :self.q_size], qkv[..., self.q_size:self.q_size + self.kv_size]
+        q, _ = self.rotary_emb(positions, q, k)
+        if self.latent:
+            key, value = hidden_states @ self.factors[0], hidden_states @ self.factors[2]
+        else:
+            key = value = hidden_states
+        out = self.attn(q, key, value)
+        output, _ = self.o_proj(out)
+        return output
+
+
+@dataclass
+class _Shared:
+    """What a model's layers share: the cache kind, a bundle's projections, the staging pool."""
+
+    spec: CacheSpec
+    projections: list[LayerProjections] | None
+    staging: StagingPool
+
+
+_SHARED: dict[int, _Shared] = {}
+
+
+def _shared(vllm_config) -> _Shared:
+    """One `_Shared` per engine config (layers are built one by one, each with the current vLLM config)."""
+    key = id(vllm_config)
+    if key not in _SHARED:
+        spec, projections = cache_kind(vllm_config.model_config.hf_config, vllm_config.model_config.model)
+        pages = 2 * vllm_config.scheduler_config.max_num_seqs * vllm_config.model_config.hf_config.num_hidden_layers
+        _SHARED[key] = _Shared(spec, projections, StagingPool(pages))
+    return _SHARED[key]
+
+
+class XqLlamaDecoderLayer(LlamaDecoderLayer):
+    def __init__(self, vllm_config, prefix: str = "", config=None, attn_layer_type=XqLlamaAttention) -> None:
+        super().__init__(vllm_config, prefix=prefix, config=config, attn_layer_type=attn_layer_type)
+
+
+class XqLlamaForCausalLM(LlamaForCausalLM):
+    # vLLM's loader reads every *.safetensors of the folder; a bundle's projections.safetensors is not weights.
+    allow_patterns_overrides: ClassVar[list[str]] = ["model*.safetensors"]
+
+    def __init__(self, *, vllm_config, prefix: str = "", layer_type=XqLlamaDecoderLayer) -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
+
+    def load_weights(self, weights) -> set[str]:
+        loaded = super().load_weights(weights)
+        for layer in self.model.layers:
+            if isinstance(layer, XqLlamaDecoderLayer):  # pipeline parallel: other ranks' layers are placeholders
+                layer.self_attn.capture_weights()
+        return loaded
