@@ -274,6 +274,8 @@ class ModelCache:
         """`f` (a matmul) on each row of a per-row (k, ...) tensor on its own, stacked. BLAS picks its
         kernel, and with it the rounding, by the rows of a product: batched, a row's K/V would depend
         on which other rows share the step."""
+        if t.shape[0] == 1:  # the same product as the row's own, without the stack's copy
+            return f(t)
         return torch.stack([f(row) for row in t])
 
     def project(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
