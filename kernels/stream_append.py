@@ -324,12 +324,14 @@ def _append_rows(new: Tensor, buffers: StreamBuffers, *, window: int, spec: Quan
 
 
 def stream_values_ref(buffers: StreamBuffers, lengths: Tensor, *, window: int, spec: QuantSpec,
-                      n: int | None = None, max_sealed: int | None = None) -> Tensor:
+                      n: int | None = None, max_sealed: int | None = None, min_length: int | None = None) -> Tensor:
     """Rows' first ``n`` tokens (default max_len) as float32 (B, n, C): dequantized sealed tokens
     (``quant.dequantize_ref``), then the ring's; 0 at and after each row's length.
 
     ``max_sealed``: the most sealed tokens of any row, when the caller knows it on the host; only that
-    many tokens are dequantized (the CPU decode path would otherwise unpack the whole stream each step)."""
+    many tokens are dequantized (the CPU decode path would otherwise unpack the whole stream each step).
+    ``min_length``: the shortest row's length, likewise; when no row is shorter than ``n`` nothing is
+    masked (a lone decode row is never shorter)."""
     codes, scale, zero, tail = buffers
     bsz, max_len, _ = codes.shape
     c, cap = tail.shape[2], tail.shape[1]
@@ -337,7 +339,10 @@ def stream_values_ref(buffers: StreamBuffers, lengths: Tensor, *, window: int, s
     ns = n if max_sealed is None else min(n, max_sealed)
     t = torch.arange(n, device=codes.device)
     ring = (tail[:, :n] if n <= cap else tail[:, t % cap]).float()  # slot t % cap is t while t < cap
-    live = torch.where((t[:, None] < lengths[:, None, None]), ring, torch.zeros((), device=codes.device))
+    if min_length is not None and min_length >= n:  # nothing to mask; the result never shares the ring's storage
+        live = ring.clone() if ring.data_ptr() == tail.data_ptr() else ring
+    else:
+        live = torch.where(t[:, None] < lengths[:, None, None], ring, torch.zeros((), device=codes.device))
     if ns == 0:
         return live
     rows = ns if spec.axis == "token" else -(-ns // spec.group_size)
@@ -461,7 +466,7 @@ def _append_kernel(
 def stream_append(new: Tensor, lengths: Tensor, n_new: Tensor, buffers: StreamBuffers, *, window: int,
                   spec: QuantSpec, sub: Tensor | None = None, sub_start: Tensor | None = None,
                   host_lengths: Sequence[int] | None = None, host_n_new: Sequence[int] | None = None,
-                  block_c: int | None = None, backend: str = "auto") -> None:
+                  block_c: int | None = None, backend: str = "auto", check: bool = True) -> None:
     """Append ``new[b, :n_new[b]]`` to every row b of a stream after its ``lengths[b]`` tokens, in place.
 
     Args:
@@ -477,12 +482,17 @@ def stream_append(new: Tensor, lengths: Tensor, n_new: Tensor, buffers: StreamBu
         block_c: channels per program (rounded up to whole groups and packing units); tests use it
             to force several chunks on narrow streams.
         backend: "auto" (Triton for CUDA tensors, else the reference), "triton" or "ref".
+        check: False skips the argument checks: for a caller that allocated the buffers
+            (``allocate_stream``) and built ``new``, ``lengths`` and ``n_new`` itself (``xqcli.cache``'s
+            streams). The checks cost ~20 µs of Python, paid for every stream of every layer on the CPU
+            decode path.
 
     The launch depends only on B, T, C, the buffers' shapes and the spec: a CUDA graph can replay it
     every step while ``lengths`` advance in device memory.
     """
     op = "stream_append"
-    _check(op, new, lengths, n_new, buffers, window, spec, sub, sub_start)
+    if check:
+        _check(op, new, lengths, n_new, buffers, window, spec, sub, sub_start)
     if not use_triton(op, backend, new):
         _append_ref(new, lengths, n_new, buffers, window=window, spec=spec, sub=sub, sub_start=sub_start,
                     host_lengths=host_lengths, host_n_new=host_n_new)

@@ -131,19 +131,46 @@ def smollm2_hf() -> Path:
 
 def smollm2_mha_hf() -> Path:
     """SmolLM2 with each kv head repeated for its 3 query heads: a 9/9-head MHA model, exactly equivalent."""
+    return _smollm2_variant("smollm2-135m-instruct-mha-f32-v1", expand_kv_heads)
+
+
+def smollm2_tp2_hf() -> Path:
+    """SmolLM2 cut to its first 2 kv heads and their 6 query heads, so vLLM can split it over 2 ranks (its 9/3
+    heads cannot be). A pruned model: its text is poor, but every engine computes the same one."""
+    return _smollm2_variant("smollm2-135m-instruct-6h2kv-f32-v1", keep_first_kv_heads)
+
+
+def _smollm2_variant(name: str, change: Callable[[dict[str, Any], dict[str, torch.Tensor]], None]) -> Path:
+    """The SmolLM2 HF folder with `change` applied to its config and tensors (in place), cached as `name`."""
     from safetensors.torch import load_file, save_file
 
     def build(tmp: Path) -> None:
         src = smollm2_hf()
         cfg = json.loads((src / "config.json").read_text())
         tensors = load_file(str(src / "model.safetensors"))
-        expand_kv_heads(cfg, tensors)
+        change(cfg, tensors)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
             shutil.copy(src / name, tmp / name)
 
-    return _cached_dir("smollm2-135m-instruct-mha-f32-v1", build)
+    return _cached_dir(name, build)
+
+
+def keep_first_kv_heads(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], kv_heads: int = 2) -> None:
+    """In place: keep kv heads 0..kv_heads-1 and the query heads that read them (HF's grouping, query head h
+    reads kv head h // rep), dropping the rest of q/k/v's rows and o_proj's columns."""
+    heads, rep = cfg["num_attention_heads"], cfg["num_attention_heads"] // cfg["num_key_value_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    q, kv = kv_heads * rep * head_dim, kv_heads * head_dim
+    for k in list(tensors):
+        if k.endswith(("q_proj.weight", "q_proj.bias")):
+            tensors[k] = tensors[k][:q].contiguous()
+        elif k.endswith(("k_proj.weight", "v_proj.weight", "k_proj.bias", "v_proj.bias")):
+            tensors[k] = tensors[k][:kv].contiguous()
+        elif k.endswith("o_proj.weight"):
+            tensors[k] = tensors[k][:, :q].contiguous()
+    cfg.update(num_attention_heads=kv_heads * rep, num_key_value_heads=kv_heads, head_dim=head_dim)
 
 
 def expand_kv_heads(cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:

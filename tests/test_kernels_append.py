@@ -345,6 +345,23 @@ def ring_stream(c: int, spec: QuantSpec, window: int, lens: list[int], dtype=tor
     return stream
 
 
+@pytest.mark.parametrize("window", [8, 2], ids=["ring-view", "sealed"])
+def test_values_with_the_shortest_length_known(window):
+    """`min_length` (the CPU cache's host lengths) skips the mask and gives the same values, in a tensor of
+    its own even when the tokens are a view of the ring (writing to it leaves the stream as it was)."""
+    spec, lens = QuantSpec(4, 8, "token"), [5, 3]
+    buf = poisoned(2, 8, 24, spec, window, torch.float32)
+    x = torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    stream_append_ref(x, i32([0, 0]), i32(lens), buf, window=window, spec=spec)
+    seq = i32(lens)
+    values = stream_values_ref(buf, seq, window=window, spec=spec, n=5)
+    sealed = 5 - window if window < 5 else 0
+    short = stream_values_ref(buf, seq, window=window, spec=spec, n=3, max_sealed=sealed, min_length=3)
+    assert torch.equal(short, values[:, :3])
+    short.fill_(float("nan"))
+    assert torch.equal(stream_values_ref(buf, seq, window=window, spec=spec, n=5), values)
+
+
 def test_ring_layout_equals_shifted_in_every_attention_kernel():
     """xquant_attention (GQA latents and MHA X), kivi_attention and xquant_cl_update give the same
     bits over a stream whether its tail is the append kernel's ring or today's shifted layout;

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xqcli.config import ModelConfig
-from xqcli.rope import Rope, causal_mask
+from xqcli.rope import Rope, causal_mask, rotate
 
 
 class StepCache(Protocol):
@@ -77,11 +77,11 @@ class Attention(nn.Module):
         n_kv = self.cfg.num_key_value_heads
         return self.split_heads(self.k_proj(x), n_kv), self.split_heads(self.v_proj(x), n_kv)
 
-    def forward(self, x: torch.Tensor, layer: int, cache: StepCache, rope: Rope,
+    def forward(self, x: torch.Tensor, layer: int, cache: StepCache, rope: tuple[torch.Tensor, torch.Tensor],
                 mask: torch.Tensor | None) -> torch.Tensor:
+        """rope: cos and sin at this step's positions (`Rope.cos_sin`), gathered once for every layer."""
         cfg = self.cfg
-        q = self.split_heads(self.q_proj(x), cfg.num_attention_heads)
-        q = rope.apply(q, cache.positions, cache.step_total())
+        q = rotate(self.split_heads(self.q_proj(x), cfg.num_attention_heads), *rope)
         b, _, t, _ = q.shape
         fused = cache.fused_attention(layer, x, q)  # decode kernels: K/V never materialized
         if fused is not None:
@@ -167,7 +167,7 @@ class Transformer(nn.Module):
         cache.begin([t] * b if n_new is None else n_new, t)
         mask = cache.attention_mask()
         h = self.model.embed_tokens(tokens)
-        rope = self.rope
+        rope = self.rope.cos_sin(cache.positions, h.dtype, cache.step_total())
         for i, layer in enumerate(self.model.layers):
             h = h + layer.self_attn(layer.input_layernorm(h), i, cache, rope, mask)
             h = h + layer.mlp(layer.post_attention_layernorm(h))

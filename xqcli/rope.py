@@ -65,8 +65,13 @@ class Rope:
         return self._cos[positions].unsqueeze(1).to(dtype), self._sin[positions].unsqueeze(1).to(dtype)
 
     def apply(self, x: torch.Tensor, positions: torch.Tensor, bound: int | None = None) -> torch.Tensor:
-        cos, sin = self.cos_sin(positions, x.dtype, bound)
-        return x * cos + rotate_half(x) * sin
+        return rotate(x, *self.cos_sin(positions, x.dtype, bound))
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D) rotated by `Rope.cos_sin`'s tables: the caller gathers them once for many heads or
+    layers (a decode step would otherwise gather them again in each of its layers)."""
+    return x * cos + rotate_half(x) * sin
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,8 @@ import pytest
 import torch
 from xqcli.kernels.quant import QuantSpec, fake_quantize
 
+from xqcli.cache.spec import CacheSpec
+from xqcli.cache.stream import Stream
 from xqcli.vllm_plugin.pages import PageLayout
 
 
@@ -72,3 +74,26 @@ def test_token_spans_leave_sealed_channel_bytes() -> None:
         page[-1:, lo:hi] = rows[:, lo:hi]
     assert torch.equal(page, sealed)
     assert lay.token_spans() == [(lay.streams[1].offset, lay.row_bytes)]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_kivi_pages_hold_xq_kivi_codes_and_scales(bits: int) -> None:
+    """Given the same pre-RoPE K and V, a kivi page holds exactly what xq's KIVI streams store with --window 0
+    (`xqcli/cache/kivi.py`): K's codes and per-channel scales of each sealed group of 128, V's per token."""
+    spec = CacheSpec.parse(f"kivi-{bits}", window=0)
+    lay = PageLayout.of_kind(spec, ["channel", "token"], 192, 0, torch.float32)
+    assert lay.row_bytes == 2 * (192 * bits // 8) + 6 + 8  # codes, K's channel blob, codes, V's 2 groups
+    n = 2 * 128 + 5
+    k, v = torch.randn(n, 192) * 3 + torch.arange(192) / 50, torch.randn(n, 192)
+    rows = lay.encode([k, v])
+    for p in range(2):
+        lay.seal(rows[p * 128:(p + 1) * 128], [k[p * 128:(p + 1) * 128], None])
+    for axis, x, got in zip(("channel", "token"), (k, v), lay.stored(rows)):
+        st = Stream(1, n, 192, spec.quant(axis, layer=0), spec.window, torch.float32, torch.device("cpu"))
+        st.append(x[None], torch.zeros(1, dtype=torch.long), torch.tensor([n]), host_lengths=[0], host_n_new=[n],
+                  backend="ref")
+        sealed = st.sealed_host(n)
+        assert sealed == (2 * 128 if axis == "channel" else n)
+        groups = sealed // 128 if axis == "channel" else sealed  # rows of scales: per sealed group, or per token
+        assert torch.equal(got.packed, st.codes[0, :sealed])
+        assert torch.equal(got.scale, st.scale[0, :groups]) and torch.equal(got.zero, st.zero[0, :groups])

@@ -116,6 +116,7 @@ class ModelCache:
         self._positions: torch.Tensor | None = None
         self._rows: list[int] | None = None  # this step's active rows; None: all of them
         self._row_index: torch.Tensor | None = None  # the same on the device
+        self._step_memo: dict = {}
 
     # Row lengths live on the device (positions, masks and kernels read them there) and are mirrored
     # on the host, so a decode step never reads them back: on a GPU every read-back waits for all
@@ -166,9 +167,21 @@ class ModelCache:
         else:
             self._n_new = n_new.to(self.device, torch.long)
         self._n_new_host, self._step_total = host, total
+        self._step_memo = {}
         ar = torch.arange(width, device=self.device)
         self._positions = (self.take(self.lengths)[:, None] + ar[None, :]).clamp(max=max(total - 1, 0))
         return self._positions
+
+    def step_memo(self, key, make: Callable[[], object]):
+        """A value computed once per step and shared by every layer (per-layer ops add up on the CPU path,
+        launches on a GPU)."""
+        if key not in self._step_memo:
+            self._step_memo[key] = make()
+        return self._step_memo[key]
+
+    def rope_new(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin at this step's positions (`Rope.cos_sin`), gathered once for every layer."""
+        return self.step_memo(("rope new", dtype), lambda: self.rope.cos_sin(self.positions, dtype, self.step_total()))
 
     def _scatter_counts(self, rows: list[int], counts: list[int]) -> list[int]:
         """Every row's new tokens from the active rows' `counts`; sets the step's active rows."""

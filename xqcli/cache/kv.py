@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from xqcli.cache.base import CacheBytes, ModelCache, ModelParts, state_tensor, tensor_bytes
+from xqcli.rope import rotate
 
 
 class KVCache(ModelCache):
@@ -22,7 +23,7 @@ class KVCache(ModelCache):
     def update_and_fetch(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = self.project(layer, x)
         s = self.step_total()
-        k, v = self.rope.apply(self.heads(k), self.positions, s), self.heads(v)
+        k, v = rotate(self.heads(k), *self.rope_new(k.dtype)), self.heads(v)
         self.rows_scatter(self.k[layer], k, token_dim=2)
         self.rows_scatter(self.v[layer], v, token_dim=2)
         return self.take(self.k[layer, :, :, :s]), self.take(self.v[layer, :, :, :s])

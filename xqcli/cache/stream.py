@@ -18,7 +18,7 @@ fake-quantized (the partial block as one smaller group), as if the whole sequenc
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict
 
 import torch
@@ -39,6 +39,7 @@ from xqcli.kernels.stream_append import (
     stream_append,
     stream_values_ref,
 )
+from xqcli.rope import rotate
 
 
 class Stream:
@@ -100,7 +101,8 @@ class Stream:
             return
         starts = None if sub is None else torch.full_like(lengths, sub_start)
         stream_append(new, lengths, n_new, self.buffers, window=self.window, spec=self.spec, sub=sub,
-                      sub_start=starts, host_lengths=host_lengths, host_n_new=host_n_new, backend=backend)
+                      sub_start=starts, host_lengths=host_lengths, host_n_new=host_n_new, backend=backend,
+                      check=False)  # buffers from allocate_stream, the rest built by the cache
 
     def storing_span(self, host_lengths: list[int], host_n_new: list[int]) -> tuple[int, int]:
         """[lo, hi): the token positions that some row quantizes (or, unquantized, stores) in a step that
@@ -123,8 +125,8 @@ class Stream:
             return torch.where(keep, full, torch.zeros((), dtype=self.dtype, device=self.full.device))
         max_sealed = max(map(self.sealed_host, host_lengths)) if host_lengths is not None else None
         buffers = self.buffers if rows is None else self.row_buffers(rows, n if max_sealed is None else max_sealed)
-        out = stream_values_ref(buffers, lengths, window=self.window, spec=self.spec, n=n,
-                                max_sealed=max_sealed).to(self.dtype)
+        out = stream_values_ref(buffers, lengths, window=self.window, spec=self.spec, n=n, max_sealed=max_sealed,
+                                min_length=None if host_lengths is None else min(host_lengths)).to(self.dtype)
         if self.quantize_partial and quantize_waiting and host_lengths is not None:
             for b, length in enumerate(host_lengths):
                 s = self.sealed_host(length)
@@ -250,7 +252,6 @@ class StreamCache(ModelCache):
         self.artifacts = artifacts
         self.streams: list[list[Stream]] = []
         self.kernels = kernels  # "auto": fused decode kernels on CUDA; "triton": forced (interpreter tests); "off"
-        self._step_memo: dict = {}
 
     def stream(self, width: int, qspec: QuantSpec | None) -> Stream:
         return Stream(self.batch, self.max_len, width, qspec, self.spec.window, self.dtype, self.device,
@@ -316,17 +317,6 @@ class StreamCache(ModelCache):
         sealed = self.step_memo(("sealed", g, st.window), lambda: st.sealed_counts(seq_lens))
         return st.packed(seq_lens, sealed)
 
-    def step_memo(self, key, make: Callable[[], object]):
-        """A value computed once per step and shared by every layer's launch (device work per launch adds up)."""
-        if key not in self._step_memo:
-            self._step_memo[key] = make()
-        return self._step_memo[key]
-
-    def begin(self, n_new: torch.Tensor | list[int], width: int, rows: Sequence[int] | None = None
-              ) -> torch.Tensor:
-        self._step_memo = {}
-        return super().begin(n_new, width, rows)
-
     def kernel_inputs(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """(q (B, H, D), cos, sin, seq_lens int32, max length) for one decode step."""
         s = self.step_total()
@@ -340,7 +330,9 @@ class StreamCache(ModelCache):
 
     def finish_kv(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(k, S, d_kv) pre-RoPE K and V of the active rows -> post-RoPE heads."""
-        return self.rope.apply(self.heads(k), self.all_positions(), self.step_total()), self.heads(v)
+        cos_sin = self.step_memo(("rope all", k.dtype),
+                                 lambda: self.rope.cos_sin(self.all_positions(), k.dtype, self.step_total()))
+        return rotate(self.heads(k), *cos_sin), self.heads(v)
 
     def nbytes(self) -> CacheBytes:
         total = CacheBytes()

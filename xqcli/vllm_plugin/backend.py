@@ -1,4 +1,5 @@
-"""The vLLM attention backend of X-cache layers: pages hold packed X (or latents), attention rebuilds K and V.
+"""The vLLM attention backend of X-cache layers: pages hold packed X (latents, KIVI's K and V), attention
+rebuilds K and V.
 
 vLLM's own allocator, scheduler and block tables run unchanged: a layer declares a page of `block_size` token
 rows `row_bytes` wide (`XQuantAttention.get_kv_cache_spec`), writes each new token's row at its slot, and on
@@ -115,7 +116,8 @@ class XQuantBackend(AttentionBackend):
 
 
 class StagingPool:
-    """Full-precision rows of unsealed pages of per-channel streams, by vLLM block id, shared by a model's layers.
+    """Full-precision rows of unsealed pages of per-channel streams (X·U_k, K), by vLLM block id, shared by a
+    model's layers.
 
     A per-channel group is a whole page, so its tokens wait here until the page fills (xq's window-0 rule,
     docs/design.md §6). A block written at offset 0 starts afresh (vLLM reuses freed blocks from offset 0);
@@ -154,7 +156,8 @@ class StagingPool:
 class XQuantAttention(Attention):
     """An attention layer whose cache holds one layer's X streams (`PageLayout`) instead of K and V.
 
-    `key` and `value` passed to it are the streams to cache (MHA: X twice; GQA: X·U_k and X·U_v);
+    `key` and `value` passed to it are the streams to cache (xquant MHA: X twice; GQA: X·U_k and X·U_v; kivi:
+    pre-RoPE K and V);
     `rebuild(values, positions)` turns dequantized streams into RoPE'd K and V of shape (n, kv_heads·head_dim).
     """
 

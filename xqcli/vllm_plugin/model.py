@@ -1,10 +1,11 @@
-"""`XqLlamaForCausalLM`: vLLM's Llama with each attention layer caching X (or its SVD latents) in vLLM pages.
+"""`XqLlamaForCausalLM`: vLLM's Llama with each attention layer caching X, its SVD latents or KIVI's K and V in
+vLLM pages.
 
 Selected with `hf_overrides={"architectures": ["XqLlamaForCausalLM"]}` (optionally `"xq_cache": "xquant-4"`;
 default: the bundle's `cache_defaults`, else `xquant-4`). Only the attention changes: q comes from vLLM's fused
-qkv projection and RoPE; the cached streams are X (MHA) or X·U_k, X·U_v (GQA, docs/design.md §3); K and V are
-rebuilt from the pages on every forward (`xqcli.vllm_plugin.backend`). Under tensor parallelism each rank
-caches the streams of its own kv-head slice (docs/vllm.md).
+qkv projection and RoPE; the cached streams are X (xquant, MHA), X·U_k, X·U_v (xquant, GQA, docs/design.md §3)
+or pre-RoPE K, V (kivi); K and V are rebuilt from the pages on every forward (`xqcli.vllm_plugin.backend`).
+Under tensor parallelism each rank caches the streams of its own kv-head slice (docs/vllm.md).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from vllm.model_executor.models.utils import extract_layer_index
 from xqcli.bundle.format import is_bundle, open_bundle
 from xqcli.bundle.projections import LayerProjections, layer_projections
 from xqcli.cache.spec import CacheSpec
-from xqcli.kernels.quant import QuantSpec
 from xqcli.vllm_plugin.backend import StagingPool, XQuantAttention
 from xqcli.vllm_plugin.pages import PageLayout
 
@@ -38,14 +38,14 @@ def cache_kind(hf_config, model_path: str) -> tuple[CacheSpec, list[LayerProject
         name = name or (bundle.manifest.get("cache_defaults") or {}).get("cache")
         projections = bundle.projections() if bundle.has_projections else None
     spec = CacheSpec.parse(name or DEFAULT_CACHE, window=0)
-    if spec.method != "xquant" or spec.fp16_channel0 or spec.rotate:
-        raise ValueError(f"xq's vLLM plugin runs xquant-B and xquant-fp (no +ch0, +rot), not {spec.name}; "
-                         f"set hf_overrides xq_cache, e.g. xquant-4")
+    if spec.method not in ("xquant", "kivi") or spec.fp16_channel0 or spec.rotate:
+        raise ValueError(f"xq's vLLM plugin runs xquant-B, xquant-fp, kivi-B and kivi-fp (no +ch0, +rot), not "
+                         f"{spec.name}; set hf_overrides xq_cache, e.g. xquant-4")
     return spec, projections
 
 
 class XqLlamaAttention(LlamaAttention):
-    """LlamaAttention whose `attn` caches this rank's X streams and rebuilds K, V from them."""
+    """LlamaAttention whose `attn` caches this rank's X streams (or KIVI's K and V) and rebuilds K, V from them."""
 
     def __init__(self, *args, prefix: str = "", **kwargs) -> None:
         super().__init__(*args, prefix=prefix, **kwargs)
@@ -56,23 +56,19 @@ class XqLlamaAttention(LlamaAttention):
         spec, self.bundle_projections = shared.spec, shared.projections
         self.layer = extract_layer_index(prefix)
         hidden = self.hidden_size
-        # Latents when this rank's are narrower than X (docs/design.md §3; under TP each rank has its own kv-head
-        # slice, docs/vllm.md). X is cached only when it is exactly this rank's kv width (MHA without TP), since
-        # vLLM views a cached stream as (kv_heads, head_dim); anything else would store more than X.
-        self.latent = 2 * self.kv_size < hidden
-        if not self.latent and self.kv_size != hidden:
+        # KIVI caches this rank's K and V whatever the head layout. XQuant caches latents when this rank's are
+        # narrower than X (docs/design.md §3; under TP each rank has its own kv-head slice, docs/vllm.md), and X
+        # only when it is exactly this rank's kv width (MHA without TP), since vLLM views a cached stream as
+        # (kv_heads, head_dim); anything else would store more than X.
+        self.kivi = spec.method == "kivi"
+        self.latent = not self.kivi and 2 * self.kv_size < hidden
+        if not self.kivi and not self.latent and self.kv_size != hidden:
             raise ValueError(f"xq's vLLM plugin cannot cache this layer's X in its {self.num_kv_heads} kv heads x "
                              f"{self.head_dim} (X is {hidden} wide): use a tensor-parallel size that leaves each rank "
                              "under half of X's width in kv heads, or 1 for MHA models")
-        dtype = torch.get_default_dtype()
-        block_size = spec.group_size
-
-        def stream(axis: str) -> tuple[int, str, QuantSpec | None]:
-            quant = spec.quant(axis)
-            return (self.kv_size, "fp" if quant is None else axis, quant)
-
-        layout = PageLayout([stream("channel"), stream("token")] if self.latent else [stream("token")],
-                            block_size, dtype)
+        # The first stream (K, X·U_k) per channel, the second (V, X·U_v) per token; X alone per token.
+        axes = ["channel", "token"] if self.kivi or self.latent else ["token"]
+        layout = PageLayout.of_kind(spec, axes, self.kv_size, self.layer, torch.get_default_dtype())
         self.attn = XQuantAttention(
             layout=layout, layer=self.layer, staging=shared.staging, rebuild=self.rebuild, stream_values=self.stream_values,
             num_heads=self.num_heads, head_size=self.head_dim, scale=self.scaling, num_kv_heads=self.num_kv_heads,
@@ -83,7 +79,9 @@ class XqLlamaAttention(LlamaAttention):
     def capture_weights(self) -> None:
         """Derive the rebuild weights from this rank's W_k, W_v while they are plain tensors: after loading, before
         vLLM's CPU GEMM dispatch may repack (and drop) `qkv_proj.weight`. Latents: (u_k, m_k, u_v, m_v); X:
-        (W_kᵀ, W_vᵀ)."""
+        (W_kᵀ, W_vᵀ). KIVI needs none: it caches K and V themselves."""
+        if self.kivi:
+            return
         w, b = self.qkv_proj.weight.detach(), self.qkv_proj.bias
         ks, vs = slice(self.q_size, self.q_size + self.kv_size), slice(self.q_size + self.kv_size, None)
         w_k, w_v = w[ks], w[vs]
@@ -101,25 +99,28 @@ class XqLlamaAttention(LlamaAttention):
 
     def stream_values(self, key: torch.Tensor, value: torch.Tensor) -> list[torch.Tensor]:
         """The streams `forward` handed to the cache, in the layout's order."""
-        return [key, value] if self.latent else [key]
+        return [key, value][:len(self.attn.layout.streams)]
 
     def rebuild(self, values: list[torch.Tensor], positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K (RoPE at `positions`) and V, (n, kv_size), from dequantized streams."""
-        f = self.factors
-        if self.latent:
-            k, v = values[0] @ f[1], values[1] @ f[3]
+        if self.kivi:  # the cached pre-RoPE K (its bias included) and V themselves
+            k, v = values
         else:
-            k, v = values[0] @ f[0], values[0] @ f[1]
-        if self.kv_bias is not None:
-            k, v = k + self.kv_bias[0], v + self.kv_bias[1]
+            f = self.factors
+            k, v = (values[0] @ f[1], values[1] @ f[3]) if self.latent else (values[0] @ f[0], values[0] @ f[1])
+            if self.kv_bias is not None:
+                k, v = k + self.kv_bias[0], v + self.kv_bias[1]
         k, _ = self.rotary_emb(positions, k.contiguous(), None)
         return k, v
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
-        q, k = qkv[..., :self.q_size], qkv[..., self.q_size:self.q_size + self.kv_size]
-        q, _ = self.rotary_emb(positions, q, k)
-        if self.latent:
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        # q only: vLLM's RoPE works in place, and KIVI caches K before RoPE (`rebuild` rotates every K).
+        q, _ = self.rotary_emb(positions, q)
+        if self.kivi:
+            key, value = k, v
+        elif self.latent:
             key, value = hidden_states @ self.factors[0], hidden_states @ self.factors[2]
         else:
             key = value = hidden_states

@@ -1,15 +1,16 @@
 """How one layer's X cache lives in a vLLM page: a byte row per token, pure torch (docs/vllm.md).
 
 vLLM hands an attention layer pages of `block_size` token rows, each `row_bytes` wide (uint8). A row holds,
-for every stream of the layer (MHA: X; GQA: the latents X·U_k and X·U_v, docs/design.md §3):
+for every stream of the layer (xquant MHA: X; xquant GQA: the latents X·U_k and X·U_v, docs/design.md §3;
+kivi: pre-RoPE K and V):
 
-- `token` stream (X, X·U_v): the token's packed codes, then its fp16 scales, then its fp16 zeros
+- `token` stream (X, X·U_v, V): the token's packed codes, then its fp16 scales, then its fp16 zeros
   (`kernels/quant.py` layout, docs/design.md §2), written when the token is.
-- `channel` stream (X·U_k): the token's packed codes, then a `blob_bytes` slice of the page's per-channel
+- `channel` stream (X·U_k, K): the token's packed codes, then a `blob_bytes` slice of the page's per-channel
   fp16 scales and zeros (one group per channel per page: the page is the group of g = block_size tokens).
   Both are written when the page fills (it is *sealed*); until then the tokens wait in full precision
   outside the page, as xq's window-0 cache keeps an unsealed block (docs/design.md §6).
-- `fp` stream (`xquant-fp`): the raw values in the model dtype.
+- `fp` stream (`xquant-fp`, `kivi-fp`): the raw values in the model dtype.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from xqcli.cache.spec import CacheSpec
 from xqcli.kernels.quant import QTensor, QuantSpec, dequantize_ref, packed_width, quantize_ref
 
 _FP16 = 2  # bytes of an fp16 scale or zero
@@ -77,6 +79,13 @@ class PageLayout:
             offset += s.row_bytes(block_size)
         self.row_bytes = offset
 
+    @classmethod
+    def of_kind(cls, spec: CacheSpec, axes: list[str], width: int, layer: int, dtype: torch.dtype) -> PageLayout:
+        """The pages of one layer's `width`-wide streams, quantized along `axes` exactly as xq's cache of kind `spec`
+        quantizes them (raw for `-fp`), so a page is one per-channel group of `spec.group_size` tokens."""
+        quants = [spec.quant(axis, layer=layer) for axis in axes]
+        return cls([(width, "fp" if q is None else axis, q) for axis, q in zip(axes, quants)], spec.group_size, dtype)
+
     @property
     def has_channel(self) -> bool:
         return any(s.axis == "channel" for s in self.streams)
@@ -113,11 +122,11 @@ class PageLayout:
             spread[:blob.numel()] = blob
             page[:, s.offset + s.code_bytes:s.offset + s.row_bytes(self.block_size)] = spread.view(self.block_size, -1)
 
-    def decode(self, rows: torch.Tensor) -> list[torch.Tensor]:
-        """Values of every stream for (n, row_bytes) rows; channel streams need whole sealed pages (n % block_size
-        == 0), the caller supplies the unsealed tail from its staging buffer."""
+    def stored(self, rows: torch.Tensor) -> list[QTensor | torch.Tensor]:
+        """What (n, row_bytes) rows hold per stream: codes with their fp16 scales and zeros (`QTensor`; channel
+        streams: the whole sealed pages among them), or raw values (`fp`)."""
         n = rows.shape[0]
-        out = []
+        out: list[QTensor | torch.Tensor] = []
         for s in self.streams:
             codes = rows[:, s.offset:s.offset + s.code_bytes]
             if s.axis == "fp":
@@ -133,7 +142,12 @@ class PageLayout:
                 blob = blob.view(torch.float16)
                 scale, zero = blob.split(s.groups, dim=-1)  # (pages, C): one group per channel per page
                 codes = codes[:pages * self.block_size]
-            q = QTensor(packed=codes.contiguous(), scale=scale.contiguous(), zero=zero.contiguous(), spec=s.quant,
-                        shape=torch.Size((codes.shape[0], s.width)), dtype=s.dtype)
-            out.append(dequantize_ref(q, s.dtype))
+            out.append(QTensor(packed=codes.contiguous(), scale=scale.contiguous(), zero=zero.contiguous(),
+                               spec=s.quant, shape=torch.Size((codes.shape[0], s.width)), dtype=s.dtype))
         return out
+
+    def decode(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """Values of every stream for (n, row_bytes) rows; channel streams need whole sealed pages (n % block_size
+        == 0), the caller supplies the unsealed tail from its staging buffer."""
+        return [x if isinstance(x, torch.Tensor) else dequantize_ref(x, s.dtype)
+                for s, x in zip(self.streams, self.stored(rows))]
