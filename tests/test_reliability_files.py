@@ -175,9 +175,12 @@ def test_fifos_are_refused(bundle_copy, capsys):
 # ------------------------------------------------------------------ 4. interrupted converts
 
 
+# argv: model, output, marker file, SIGHUP's disposition at start ("default": a terminal session; "ignore":
+# under nohup). Set explicitly: a child inherits an ignored SIGHUP from a suite run under nohup.
 _SLOW_CONVERT = """
-import sys, time
+import signal, sys, time
 import xqcli.convert.pipeline as pipeline
+signal.signal(signal.SIGHUP, signal.SIG_IGN if sys.argv[4] == "ignore" else signal.SIG_DFL)
 def slow(*args, **kwargs):
     open(sys.argv[3], "w").close()
     time.sleep(120)
@@ -187,25 +190,46 @@ sys.exit(main(["convert", sys.argv[1], "-o", sys.argv[2], "--calib-tokens", "16"
 """
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
-def test_terminated_convert_leaves_nothing(gqa_dir, tmp_path, signum):
-    out_parent = tmp_path / "out"
-    out_parent.mkdir()
-    marker = tmp_path / "calibrating"
-    child = subprocess.Popen([sys.executable, "-c", _SLOW_CONVERT, str(gqa_dir), str(out_parent / "b"), str(marker)],
-                             stderr=subprocess.PIPE, text=True)
+def start_slow_convert(model: Path, out_parent: Path, marker: Path, sighup: str = "default") -> subprocess.Popen:
+    """A convert child that stops in calibration; returns once its temporary folder exists."""
+    child = subprocess.Popen([sys.executable, "-c", _SLOW_CONVERT, str(model), str(out_parent / "b"), str(marker),
+                              sighup], stderr=subprocess.PIPE, text=True)
+    t0 = time.monotonic()
+    while not marker.exists():
+        assert child.poll() is None and time.monotonic() - t0 < 120, "the convert never reached calibration"
+        time.sleep(0.1)
+    assert [p.name for p in out_parent.iterdir()]  # its temporary folder exists now
+    return child
+
+
+def assert_interrupted_cleanly(child: subprocess.Popen, out_parent: Path) -> None:
     try:
-        t0 = time.monotonic()
-        while not marker.exists():
-            assert child.poll() is None and time.monotonic() - t0 < 120, "the convert never reached calibration"
-            time.sleep(0.1)
-        assert [p.name for p in out_parent.iterdir()]  # its temporary folder exists now
-        child.send_signal(signum)
         _, err = child.communicate(timeout=60)
     finally:
         child.kill()
     assert child.returncode == 130 and "interrupted" in err, err
     assert list(out_parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_terminated_convert_leaves_nothing(gqa_dir, tmp_path, signum):
+    out_parent = tmp_path / "out"
+    out_parent.mkdir()
+    child = start_slow_convert(gqa_dir, out_parent, tmp_path / "calibrating")
+    child.send_signal(signum)
+    assert_interrupted_cleanly(child, out_parent)
+
+
+def test_convert_under_nohup_ignores_sighup(gqa_dir, tmp_path):
+    """`nohup xq convert` keeps converting when the terminal closes; SIGTERM still stops it cleanly."""
+    out_parent = tmp_path / "out"
+    out_parent.mkdir()
+    child = start_slow_convert(gqa_dir, out_parent, tmp_path / "calibrating", sighup="ignore")
+    child.send_signal(signal.SIGHUP)
+    time.sleep(2)
+    assert child.poll() is None, "SIGHUP stopped a convert that ignores it"
+    child.send_signal(signal.SIGTERM)
+    assert_interrupted_cleanly(child, out_parent)
 
 
 def test_stale_temporary_folders_are_removed(gqa_dir, gqa_bundle, tmp_path):
