@@ -4,8 +4,10 @@ import pytest
 import torch
 from xqcli.kernels.quant import QuantSpec, fake_quantize
 
-from xqcli.cache.spec import CacheSpec
+from xqcli.cache.spec import CacheSpec, uses_latents
 from xqcli.cache.stream import Stream
+from xqcli.load import make_cache
+from xqcli.vllm_plugin.cl import Accumulator, ChainLayer, layer_layout
 from xqcli.vllm_plugin.pages import PageLayout
 
 
@@ -97,3 +99,49 @@ def test_kivi_pages_hold_xq_kivi_codes_and_scales(bits: int) -> None:
         groups = sealed // 128 if axis == "channel" else sealed  # rows of scales: per sealed group, or per token
         assert torch.equal(got.packed, st.codes[0, :sealed])
         assert torch.equal(got.scale, st.scale[0, :groups]) and torch.equal(got.zero, st.zero[0, :groups])
+
+
+@pytest.mark.parametrize("bits", ["2", "3", "8", "fp"])
+@pytest.mark.parametrize("model_name", ["smollm2", "smollm2_mha"])
+def test_cl_pages_hold_xq_cl_codes_and_scales(request: pytest.FixtureRequest, model_name: str, bits: str) -> None:
+    """Given the same X of every layer, XQuant-CL's pages hold exactly what xq's `XQuantCLCache` stores with
+    --window 0 (`xqcli/cache/xquant_cl.py`): every layer's streams quantized alike (base layers and the seed at 4
+    bits), and over a prefill, a decode step and a chunk the seed's and deltas' codes and scales (raw values for
+    -fp), each delta formed against the accumulator rebuilt from the pages. One request: BLAS rounds a product by
+    its rows, and xq multiplies each row's tokens on their own."""
+    model = request.getfixturevalue(model_name)
+    cfg = model.config
+    latent = uses_latents(cfg)
+    spec = CacheSpec.parse(f"xquant-cl-{bits}", window=0)
+    steps = (9, 1, 3)
+    ref = make_cache(model, spec, 1, sum(steps), kernels="off")
+    layouts = [layer_layout(spec, i, cfg.kv_dim, latent, torch.float32) for i in range(cfg.num_hidden_layers)]
+    for (lay, _), streams in zip(layouts, ref.streams):
+        assert [(s.width, s.quant) for s in lay.streams] == [(st.width, st.spec) for st in streams]
+    assert [part for _, part in layouts[:4]] == ["plain", "plain", "seed", "delta"]
+    chain = range(spec.base_layers - 1, spec.base_layers + 2)  # the seed and two delta layers
+    # X of consecutive layers differs a little, as the residual stream's does
+    x = torch.randn(len(chain) + 1, sum(steps), cfg.hidden_size) * torch.linspace(0.5, 2, cfg.hidden_size)
+    acc = Accumulator()
+    rows = {i: torch.zeros(0, layouts[i][0].row_bytes, dtype=torch.uint8) for i in chain}
+    n = 0
+    for t in steps:
+        ref.begin([t], t)
+        for j, i in enumerate(chain):
+            new = x[0, n:n + t] + 0.1 * x[j + 1, n:n + t]
+            ref.update_and_fetch(i, new[None])
+            lay, part = layouts[i]
+            link = ChainLayer(seed=part == "seed", u=ref.projections()[i].kv.u if latent else None)
+            if link.seed:
+                acc.reset(new)
+            rows[i] = torch.cat([rows[i], lay.encode([link.stream(new, acc.at_new_tokens())])])
+            acc.add(0, slice(0, t), link.up(lay.decode(rows[i])[0]), link.seed)
+        ref.end()
+        n += t
+    for i in chain:
+        (got,), st = layouts[i][0].stored(rows[i]), ref.streams[i][0]
+        if st.spec is None:
+            assert torch.equal(got, st.full[0, :n])
+        else:
+            assert torch.equal(got.packed, st.codes[0, :n])
+            assert torch.equal(got.scale, st.scale[0, :n]) and torch.equal(got.zero, st.zero[0, :n])

@@ -156,13 +156,14 @@ class StagingPool:
 class XQuantAttention(Attention):
     """An attention layer whose cache holds one layer's X streams (`PageLayout`) instead of K and V.
 
-    `key` and `value` passed to it are the streams to cache (xquant MHA: X twice; GQA: X·U_k and X·U_v; kivi:
-    pre-RoPE K and V);
-    `rebuild(values, positions)` turns dequantized streams into RoPE'd K and V of shape (n, kv_heads·head_dim).
+    `key` and `value` passed to it are the streams to cache (xquant MHA: X twice; GQA: X·U_k and X·U_v; xquant-cl:
+    a seed or delta in two halves, or twice; kivi: pre-RoPE K and V);
+    `rebuild(values, positions, request, new)` turns a request's dequantized streams into RoPE'd K and V of shape
+    (n, kv_heads·head_dim) (`request`: its index in the batch, `new`: its new tokens' slice of the batch's).
     """
 
     def __init__(self, *, layout: PageLayout, layer: int, staging: StagingPool,
-                 rebuild: Callable[[list[torch.Tensor], torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                 rebuild: Callable[[list[torch.Tensor], torch.Tensor, int, slice], tuple[torch.Tensor, torch.Tensor]],
                  stream_values: Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]], **kwargs) -> None:
         super().__init__(attn_backend=XQuantBackend, **kwargs)
         self.layout, self.layer_index, self.staging = layout, layer, staging
@@ -229,7 +230,7 @@ class XQuantAttention(Attention):
                 continue
             blocks = md.block_table[r, :-(-n // bs)]
             positions = torch.arange(n, device=query.device)
-            k, v = self.rebuild(self.gather(pages, blocks, n), positions)
+            k, v = self.rebuild(self.gather(pages, blocks, n), positions, r, slice(q0, q1))
             k = k.view(n, self.num_kv_heads, self.head_size).repeat_interleave(group, dim=1).transpose(0, 1)
             v = v.view(n, self.num_kv_heads, self.head_size).repeat_interleave(group, dim=1).transpose(0, 1)
             q = query[q0:q1].transpose(0, 1)  # (heads, q_len, head_dim)

@@ -1,11 +1,12 @@
-"""`XqLlamaForCausalLM`: vLLM's Llama with each attention layer caching X, its SVD latents or KIVI's K and V in
-vLLM pages.
+"""`XqLlamaForCausalLM`: vLLM's Llama with each attention layer caching X, its SVD latents, XQuant-CL's deltas or
+KIVI's K and V in vLLM pages.
 
 Selected with `hf_overrides={"architectures": ["XqLlamaForCausalLM"]}` (optionally `"xq_cache": "xquant-4"`;
 default: the bundle's `cache_defaults`, else `xquant-4`). Only the attention changes: q comes from vLLM's fused
-qkv projection and RoPE; the cached streams are X (xquant, MHA), X·U_k, X·U_v (xquant, GQA, docs/design.md §3)
-or pre-RoPE K, V (kivi); K and V are rebuilt from the pages on every forward (`xqcli.vllm_plugin.backend`).
-Under tensor parallelism each rank caches the streams of its own kv-head slice (docs/vllm.md).
+qkv projection and RoPE; the cached streams are X (xquant, MHA), X·U_k, X·U_v (xquant, GQA, docs/design.md §3),
+(X − X̂_{i−1})·U_kv or X − X̂_{i−1} (xquant-cl, `xqcli.vllm_plugin.cl`) or pre-RoPE K, V (kivi); K and V are rebuilt
+from the pages on every forward (`xqcli.vllm_plugin.backend`). Under tensor parallelism each rank caches the
+streams of its own kv-head slice (docs/vllm.md).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from xqcli.bundle.format import is_bundle, open_bundle
 from xqcli.bundle.projections import LayerProjections, layer_projections
 from xqcli.cache.spec import CacheSpec
 from xqcli.vllm_plugin.backend import StagingPool, XQuantAttention
-from xqcli.vllm_plugin.pages import PageLayout
+from xqcli.vllm_plugin.cl import Accumulator, ChainLayer, layer_layout
 
 DEFAULT_CACHE = "xquant-4"
 
@@ -38,14 +39,15 @@ def cache_kind(hf_config, model_path: str) -> tuple[CacheSpec, list[LayerProject
         name = name or (bundle.manifest.get("cache_defaults") or {}).get("cache")
         projections = bundle.projections() if bundle.has_projections else None
     spec = CacheSpec.parse(name or DEFAULT_CACHE, window=0)
-    if spec.method not in ("xquant", "kivi") or spec.fp16_channel0 or spec.rotate:
-        raise ValueError(f"xq's vLLM plugin runs xquant-B, xquant-fp, kivi-B and kivi-fp (no +ch0, +rot), not "
-                         f"{spec.name}; set hf_overrides xq_cache, e.g. xquant-4")
+    if spec.method == "kv" or spec.fp16_channel0 or spec.rotate:
+        raise ValueError(f"xq's vLLM plugin runs xquant-B, xquant-cl-B and kivi-B (B: 2, 3, 4, 8 or fp; no +ch0, "
+                         f"+rot), not {spec.name}; set hf_overrides xq_cache, e.g. xquant-4")
     return spec, projections
 
 
 class XqLlamaAttention(LlamaAttention):
-    """LlamaAttention whose `attn` caches this rank's X streams (or KIVI's K and V) and rebuilds K, V from them."""
+    """LlamaAttention whose `attn` caches this rank's X streams (XQuant-CL's deltas, KIVI's K and V) and rebuilds K,
+    V from them."""
 
     def __init__(self, *args, prefix: str = "", **kwargs) -> None:
         super().__init__(*args, prefix=prefix, **kwargs)
@@ -53,61 +55,78 @@ class XqLlamaAttention(LlamaAttention):
         forward_context = vllm_config.compilation_config.static_forward_context
         del forward_context[f"{prefix}.attn"]  # replaced below under the same name
         shared = _shared(vllm_config)
-        spec, self.bundle_projections = shared.spec, shared.projections
+        self.bundle_projections = shared.projections
         self.layer = extract_layer_index(prefix)
         hidden = self.hidden_size
         # KIVI caches this rank's K and V whatever the head layout. XQuant caches latents when this rank's are
         # narrower than X (docs/design.md §3; under TP each rank has its own kv-head slice, docs/vllm.md), and X
         # only when it is exactly this rank's kv width (MHA without TP), since vLLM views a cached stream as
         # (kv_heads, head_dim); anything else would store more than X.
-        self.kivi = spec.method == "kivi"
+        self.kivi = shared.spec.method == "kivi"
         self.latent = not self.kivi and 2 * self.kv_size < hidden
         if not self.kivi and not self.latent and self.kv_size != hidden:
             raise ValueError(f"xq's vLLM plugin cannot cache this layer's X in its {self.num_kv_heads} kv heads x "
                              f"{self.head_dim} (X is {hidden} wide): use a tensor-parallel size that leaves each rank "
                              "under half of X's width in kv heads, or 1 for MHA models")
-        # The first stream (K, X·U_k) per channel, the second (V, X·U_v) per token; X alone per token.
-        axes = ["channel", "token"] if self.kivi or self.latent else ["token"]
-        layout = PageLayout.of_kind(spec, axes, self.kv_size, self.layer, torch.get_default_dtype())
+        # XQuant-CL's seeds and deltas: X·U_kv with this rank's [W_k | W_v] basis under TP.
+        layout, self.part = layer_layout(shared.spec, self.layer, self.kv_size, self.latent, torch.get_default_dtype())
         self.attn = XQuantAttention(
             layout=layout, layer=self.layer, staging=shared.staging, rebuild=self.rebuild, stream_values=self.stream_values,
             num_heads=self.num_heads, head_size=self.head_dim, scale=self.scaling, num_kv_heads=self.num_kv_heads,
             cache_config=vllm_config.cache_config, prefix=f"{prefix}.attn")
+        self.accumulator = shared.accumulator
+        self.chain: ChainLayer | None = None  # a seed or delta layer's, set with the weights
         self.factors: tuple[torch.Tensor, ...] = ()
         self.kv_bias: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def capture_weights(self) -> None:
         """Derive the rebuild weights from this rank's W_k, W_v while they are plain tensors: after loading, before
-        vLLM's CPU GEMM dispatch may repack (and drop) `qkv_proj.weight`. Latents: (u_k, m_k, u_v, m_v); X:
-        (W_kᵀ, W_vᵀ). KIVI needs none: it caches K and V themselves."""
+        vLLM's CPU GEMM dispatch may repack (and drop) `qkv_proj.weight`. Latents: (u_k, m_k, u_v, m_v); X and
+        XQuant-CL's X̂: (W_kᵀ, W_vᵀ), with U_kv in `chain`. KIVI needs none: it caches K and V themselves."""
         if self.kivi:
             return
         w, b = self.qkv_proj.weight.detach(), self.qkv_proj.bias
         ks, vs = slice(self.q_size, self.q_size + self.kv_size), slice(self.q_size + self.kv_size, None)
         w_k, w_v = w[ks], w[vs]
         self.kv_bias = None if b is None else (b.detach()[ks].clone(), b.detach()[vs].clone())
-        if not self.latent:
+        if not self.latent and self.part == "plain":
             self.factors = (w_k.T.contiguous(), w_v.T.contiguous())
             return
         p = (self.bundle_projections[self.layer] if self.bundle_projections is not None and self.tp_size == 1
              else layer_projections(w_k, w_v))  # under TP: the SVD of this rank's kv-head slice (docs/vllm.md)
-        self.factors = tuple(t.to(w.dtype).contiguous() for t in (p.k.u, p.k.m, p.v.u, p.v.m))
+        if self.part == "plain":
+            self.factors = tuple(t.to(w.dtype).contiguous() for t in (p.k.u, p.k.m, p.v.u, p.v.m))
+            return
+        u = p.kv.u.to(w.dtype).contiguous() if self.latent else None
+        self.chain = ChainLayer(seed=self.part == "seed", u=u)
+        self.factors = (w_k.T.contiguous(), w_v.T.contiguous())
 
     @property
     def tp_size(self) -> int:
         return self.total_num_heads // self.num_heads
 
     def stream_values(self, key: torch.Tensor, value: torch.Tensor) -> list[torch.Tensor]:
-        """The streams `forward` handed to the cache, in the layout's order."""
+        """The streams `forward` handed to the cache, in the layout's order (a 2·d_kv-wide CL stream in two halves:
+        vLLM views key and value as this rank's kv heads)."""
+        if self.chain is not None and self.latent:
+            return [torch.cat([key.flatten(1), value.flatten(1)], dim=-1)]
         return [key, value][:len(self.attn.layout.streams)]
 
-    def rebuild(self, values: list[torch.Tensor], positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K (RoPE at `positions`) and V, (n, kv_size), from dequantized streams."""
+    def rebuild(self, values: list[torch.Tensor], positions: torch.Tensor, request: int, new: slice
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K (RoPE at `positions`) and V, (n, kv_size), from dequantized streams of request `request` of the batch,
+        whose new tokens are `new` of the batch's."""
         if self.kivi:  # the cached pre-RoPE K (its bias included) and V themselves
             k, v = values
         else:
             f = self.factors
-            k, v = (values[0] @ f[1], values[1] @ f[3]) if self.latent else (values[0] @ f[0], values[0] @ f[1])
+            if self.chain is not None:  # X̂_i = X̂_{i−1} + this layer's dequantized deltas (the seed: alone)
+                x = self.accumulator.add(request, new, self.chain.up(values[0]), self.chain.seed)
+                k, v = x @ f[0], x @ f[1]
+            elif self.latent:
+                k, v = values[0] @ f[1], values[1] @ f[3]
+            else:
+                k, v = values[0] @ f[0], values[0] @ f[1]
             if self.kv_bias is not None:
                 k, v = k + self.kv_bias[0], v + self.kv_bias[1]
         k, _ = self.rotary_emb(positions, k.contiguous(), None)
@@ -120,6 +139,11 @@ class XqLlamaAttention(LlamaAttention):
         q, _ = self.rotary_emb(positions, q)
         if self.kivi:
             key, value = k, v
+        elif self.chain is not None:  # deltas against X̂_{i−1} of the new tokens, from this forward's previous layer
+            if self.chain.seed:
+                self.accumulator.reset(hidden_states)
+            s = self.chain.stream(hidden_states, self.accumulator.at_new_tokens())
+            key, value = (s[:, :self.kv_size].contiguous(), s[:, self.kv_size:].contiguous()) if self.latent else (s, s)
         elif self.latent:
             key, value = hidden_states @ self.factors[0], hidden_states @ self.factors[2]
         else:
@@ -131,11 +155,12 @@ class XqLlamaAttention(LlamaAttention):
 
 @dataclass
 class _Shared:
-    """What a model's layers share: the cache kind, a bundle's projections, the staging pool."""
+    """What a model's layers share: the cache kind, a bundle's projections, the staging pool, XQuant-CL's X̂."""
 
     spec: CacheSpec
     projections: list[LayerProjections] | None
     staging: StagingPool
+    accumulator: Accumulator
 
 
 _SHARED: dict[int, _Shared] = {}
@@ -146,8 +171,11 @@ def _shared(vllm_config) -> _Shared:
     key = id(vllm_config)
     if key not in _SHARED:
         spec, projections = cache_kind(vllm_config.model_config.hf_config, vllm_config.model_config.model)
+        if spec.method == "xquant-cl" and vllm_config.parallel_config.pipeline_parallel_size > 1:
+            raise ValueError("xq's vLLM plugin runs xquant-cl without pipeline parallelism only: a layer's X̂ is the "
+                             "previous layer's plus its deltas, and the plugin does not pass it between stages")
         pages = 2 * vllm_config.scheduler_config.max_num_seqs * vllm_config.model_config.hf_config.num_hidden_layers
-        _SHARED[key] = _Shared(spec, projections, StagingPool(pages))
+        _SHARED[key] = _Shared(spec, projections, StagingPool(pages), Accumulator())
     return _SHARED[key]
 
 
