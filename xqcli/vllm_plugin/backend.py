@@ -236,5 +236,7 @@ class XQuantAttention(Attention):
             q = query[q0:q1].transpose(0, 1)  # (heads, q_len, head_dim)
             q_pos = torch.arange(n - (q1 - q0), n, device=query.device)
             mask = positions[None, :] <= q_pos[:, None]
-            out = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, scale=self.impl.scale)
+            # 4D, as xq's model calls it: 3D inputs miss torch's fused CPU kernel and round differently (~1e-7)
+            out = F.scaled_dot_product_attention(q.to(k.dtype)[None], k[None], v[None], attn_mask=mask[None, None],
+                                                 scale=self.impl.scale)[0]
             output[q0:q1] = out.transpose(0, 1).to(output.dtype)
