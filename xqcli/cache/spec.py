@@ -100,6 +100,12 @@ class CacheSpec:
             if not 0 < c <= 1:
                 raise InputError(f"clip ratio must be in (0, 1] (got {c})")
 
+    def layer_bits(self, layer: int) -> int | None:
+        """Layer `layer`'s bits: XQuant-CL keeps its first base_layers layers at base_bits (None: unquantized)."""
+        if self.method == "xquant-cl" and layer < self.base_layers and self.bits is not None:
+            return self.base_bits
+        return self.bits
+
     def quant(self, axis: str, bits: int | None = None, layer: int | None = None) -> QuantSpec | None:
         """The stream quantizer; `layer` selects that layer's clip ratio when `clips` is set."""
         bits = self.bits if bits is None else bits

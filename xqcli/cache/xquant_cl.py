@@ -59,7 +59,7 @@ class XQuantCLCache(XQuantCache):
         self._acc_bytes = 0
         self.streams = []
         for i in range(cfg.num_hidden_layers):
-            bits = spec.base_bits if (i < self.base and spec.bits is not None) else spec.bits
+            bits = spec.layer_bits(i)
             if i < self.base - 1:
                 self.streams.append(self.layer_streams(bits, i))
             elif self.latent:  # seed layer and delta layers: Q(ΔX·U_kv), X·U_kv in the window

@@ -24,11 +24,11 @@ from xqcli.vllm_plugin.pages import PageLayout
 
 def layer_spec(spec: CacheSpec, layer: int) -> tuple[CacheSpec, str]:
     """The kind one layer of an `spec` cache is quantized as, and its part: `plain` (its own X, latents or KIVI's
-    K and V), `seed` or `delta`. XQuant-CL's layers below base_layers are at base_bits (`XQuantCLCache.__init__`),
+    K and V), `seed` or `delta`. XQuant-CL's layers below base_layers are at base_bits (`CacheSpec.layer_bits`),
     and those below base_layers−1 are plain XQuant."""
     if spec.method != "xquant-cl":
         return spec, "plain"
-    bits = spec.base_bits if layer < spec.base_layers and spec.bits is not None else spec.bits
+    bits = spec.layer_bits(layer)
     part = "plain" if layer < spec.base_layers - 1 else "seed" if layer == spec.base_layers - 1 else "delta"
     return replace(spec, method="xquant", bits=bits), part
 
