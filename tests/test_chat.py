@@ -161,7 +161,7 @@ def test_chat_plain_mode(capsys, monkeypatch, tmp_path, tiny_gguf):
     script = "\n".join([
         "the cat \\", "sat on", "/stats", "/mem", "/set top_p 2", "/set temperature 0.5", "/set temperature 0",
         "/frobnicate", '"""', "a block", "of two lines", '"""', "/system talk like a pirate", f"/save {session}",
-        "/load /nonexistent.safetensors", "/exit", "never read",
+        "/load /nonexistent.safetensors", "/help", "/exit", "never read",
     ]) + "\n"
     monkeypatch.setattr(sys, "stdin", io.StringIO(script))
     code, out, err = run(capsys, "chat", tiny_gguf, "--cache", "xquant-4", "--window", "4", "--temperature", "0",
@@ -181,6 +181,7 @@ def test_chat_plain_mode(capsys, monkeypatch, tmp_path, tiny_gguf):
     assert "error: top-p must be in (0, 1] (got 2.0)" in err and "temperature=0.5" in err
     assert "error: unknown command /frobnicate" in err and "/nonexistent.safetensors does not exist" in err
     assert "saved" in err and session.is_file()
+    assert "/load FILE       restore a saved session" in out + err  # /help lists the commands
     from safetensors import safe_open
 
     with safe_open(str(session), "pt") as f:

@@ -145,6 +145,25 @@ def test_docs_cited_by_help_ship_in_the_package(capsys):
     assert Path(json.loads(out)["docs_dir"]) == package / "docs"
 
 
+@pytest.mark.parametrize("command", ("", *COMMANDS, "serve"))
+def test_help_shows_every_word_its_source_has(capsys, monkeypatch, command):
+    """Help is rendered as Markdown: brackets (`org/name[@revision]`, `xqcli[serve]`) are not markup there, but
+    `<name>` would be an HTML tag and a leading `>` a quote. Every word of the command's help, epilog and option
+    helps must reach the screen (backticks and code fences aside, which become code styling)."""
+    import typer
+
+    from xqcli.cli import app
+
+    group = typer.main.get_command(app)
+    cmd = group.commands[command] if command else group
+    source = " ".join([cmd.help or "", cmd.epilog or ""] + [getattr(p, "help", None) or "" for p in cmd.params])
+    monkeypatch.setenv("COLUMNS", "1000")  # no word folded at the edge
+    code, out, _ = run(capsys, *([command] if command else []), "--help")
+    shown = set(out.split())
+    missing = {w for w in re.sub(r"```\w*", "", source).replace("`", "").split() if w not in shown}
+    assert code == 0 and not missing, missing
+
+
 def test_doctor_reports_token_source_extras_ram_and_threads(capsys, monkeypatch, tmp_path):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)

@@ -44,7 +44,7 @@ class _Group(TyperGroup):
             raise StdoutClosed() from e
 
 
-app = typer.Typer(cls=_Group, help=HELP, add_completion=True, pretty_exceptions_enable=False,
+app = typer.Typer(cls=_Group, help=HELP, add_completion=True, pretty_exceptions_enable=False, rich_markup_mode="markdown",
                   context_settings={"help_option_names": ["-h", "--help"]})
 
 

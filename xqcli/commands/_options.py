@@ -1,13 +1,15 @@
 """Options shared by several commands, declared once (`Annotated` types; each command sets the default).
 
 Only typer (and the leaf `xqcli.units`) is imported here: `xqcli.cli` must stay cheap to import. Every integer
-option is bounded here (`max=`), so no value reaches torch as an overflowing C integer; the ranges that
-matter (bits, seed, >= 1) are checked by the library with their own messages.
+option is bounded (`callback=at_most(...)`), so no value reaches torch as an overflowing C integer; the ranges
+that matter (bits, seed, >= 1) are checked by the library with their own messages. The bound is a callback, not
+`max=`: an IntRange prints its bound in the help ("[x<=1099511627776]"), which says nothing a user needs.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Annotated, Optional
 
 import typer
@@ -19,6 +21,15 @@ MAX_INT = MAX_TOKENS  # every count option (tokens, bits, sizes, repetitions) is
 MAX_SEED = 2**63 - 1
 DEVICES = "auto, cpu, cuda, cuda:N (N = 0, 1, ...) or mps"
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def at_most(limit: int) -> Callable[[int | None], int | None]:
+    """An option callback refusing integers above `limit` (usage error, exit 2)."""
+    def check(value: int | None) -> int | None:
+        if value is not None and value > limit:
+            raise typer.BadParameter(f"{value} is more than {limit:,}, the most this option takes")
+        return value
+    return check
 
 
 def _known_device(value: str) -> str:
@@ -71,10 +82,10 @@ CacheOpt = Annotated[Optional[str], typer.Option(
          "+ch0 (latent channel 0 kept exact; GQA only, worse perplexity at 3 bits on Wikipedia). "
          "Default: the bundle's cache settings, else xquant-4. (-c is not the context size: that is --context.)")]
 BitsOpt = Annotated[Optional[int], typer.Option(
-    "--bits", "-b", max=MAX_INT, help="Bit width for --cache kivi|xquant|xquant-cl (2, 3, 4, 8).")]
-GroupOpt = Annotated[int, typer.Option("--group-size", max=MAX_INT, help="Quantization group size (paper: 128).")]
+    "--bits", "-b", callback=at_most(MAX_INT), help="Bit width for --cache kivi|xquant|xquant-cl (2, 3, 4, 8).")]
+GroupOpt = Annotated[int, typer.Option("--group-size", callback=at_most(MAX_INT), help="Quantization group size (paper: 128).")]
 WindowOpt = Annotated[Optional[int], typer.Option(
-    "--window", max=MAX_INT,
+    "--window", callback=at_most(MAX_INT),
     help="Newest tokens kept in full precision (default: the bundle's setting, else 128, the paper's generation "
          "setting; at most the context).")]
 RevisionOpt = Annotated[Optional[str], typer.Option(
@@ -88,15 +99,15 @@ FormatOpt = Annotated[Optional[str], typer.Option(
 TemperatureOpt = Annotated[Optional[float], typer.Option(
     "--temperature", "--temp", help="0 = greedy. Default: chat 0.7, generate 0.")]
 TopKOpt = Annotated[Optional[int], typer.Option(
-    "--top-k", max=MAX_INT, help="Keep the k most likely tokens (0 = off).")]
+    "--top-k", callback=at_most(MAX_INT), help="Keep the k most likely tokens (0 = off).")]
 TopPOpt = Annotated[Optional[float], typer.Option(
     "--top-p", help="Nucleus sampling: keep the most likely tokens up to this mass, in (0, 1].")]
 MinPOpt = Annotated[Optional[float], typer.Option(
     "--min-p", help="Drop tokens less likely than min-p times the most likely one, in [0, 1).")]
 RepeatPenaltyOpt = Annotated[Optional[float], typer.Option(
-    "--repeat-penalty", help="> 1 discourages tokens already in the context (1 = off).")]
+    "--repeat-penalty", help="Above 1 discourages tokens already in the context (1 = off).")]
 SeedOpt = Annotated[Optional[int], typer.Option(
-    "--seed", max=MAX_SEED, help="Seed for sampling (each answer starts from it): reproducible output.")]
+    "--seed", callback=at_most(MAX_SEED), help="Seed for sampling (each answer starts from it): reproducible output.")]
 StopOpt = Annotated[Optional[list[str]], typer.Option(
     "--stop", callback=utf8_text, help="Stop when the text contains this string (repeatable); it is not printed.")]
 _CONTEXT_HELP = ("Tokens the cache holds (allocated up front): 4096 or 32k (k = 1024, e.g. 32k = 32,768; 32000 for "

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from xqcli.commands._options import MAX_INT, DeviceOpt, DtypeOpt, OfflineOpt, not_a_context
+from xqcli.commands._options import MAX_INT, DeviceOpt, DtypeOpt, OfflineOpt, at_most, not_a_context
 
 EXAMPLES = ('xq bench smollm2-xq --context 4k,32k',
             'xq bench --shape llama-3.1-8b --format md -o bench.md')
@@ -26,16 +26,16 @@ def bench(
         "--context", help="Comma-separated context lengths in tokens, k = 1024 (e.g. 4k,32k). "
                           "Default: 4k,32k on a GPU, 256,512 on a CPU.")] = None,
     batch: Annotated[int, typer.Option(
-        "--batch", max=MAX_INT, help="Sequences decoded together.")] = 1,
+        "--batch", callback=at_most(MAX_INT), help="Sequences decoded together.")] = 1,
     cache: Annotated[Optional[str], typer.Option(
         "--cache", "-c", callback=not_a_context, help="Comma-separated cache kinds (default: kv, kivi-4, xquant-4, xquant-2, "
                               "xquant-cl-3).")] = None,
     decode_tokens: Annotated[int, typer.Option(
-        "--decode-tokens", max=MAX_INT, help="Decode steps per timed repetition.")] = 16,
+        "--decode-tokens", callback=at_most(MAX_INT), help="Decode steps per timed repetition.")] = 16,
     warmup: Annotated[int, typer.Option(
-        "--warmup", max=MAX_INT, help="Untimed repetitions (and one untimed prefill when > 0).")] = 1,
+        "--warmup", callback=at_most(MAX_INT), help="Untimed repetitions (and one untimed prefill when > 0).")] = 1,
     reps: Annotated[int, typer.Option(
-        "--reps", max=MAX_INT, help="Timed repetitions (median and p90 are over these).")] = 5,
+        "--reps", callback=at_most(MAX_INT), help="Timed repetitions (median and p90 are over these).")] = 5,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
     budget: Annotated[Optional[str], typer.Option(

@@ -37,6 +37,7 @@ from xqcli.commands._options import (
     TopKOpt,
     TopPOpt,
     WindowOpt,
+    at_most,
     is_utf8,
     utf8_text,
 )
@@ -49,27 +50,28 @@ if TYPE_CHECKING:
 
 CHAT_DEFAULTS = {"temperature": 0.7, "top_p": 0.95, "min_p": 0.05}
 
-HELP = """Chat with a model through an XQuant (or any) cache, with a live memory panel.
+INPUT_HELP = """\
+Enter sends a line; a line ending with \\ continues on the next one.
+A line starting with \"\"\" opens a block that ends at a line ending with \"\"\"
+(for pasting code or text). Ctrl-C stops the answer, not the session.
+Ctrl-D or /exit quits."""
 
-\b
-Input:
-  Enter sends a line; a line ending with \\ continues on the next one.
-  A line starting with \"\"\" opens a block that ends at a line ending with \"\"\"
-  (for pasting code or text). Ctrl-C stops the answer, not the session.
-  Ctrl-D or /exit quits.
-\b
-Commands:
-  /stats           the last answer: tokens, prefill and decode speed
-  /mem             the cache now against fp16 KV and the model dtype's KV,
-                   where compression starts, allocated size, tokens left
-  /reset           forget the conversation (alias /clear)
-  /system TEXT     set the system prompt (no TEXT: show it)
-  /set KEY VALUE   temperature, top_k, top_p, min_p, repeat_penalty,
-                   seed (or none), max_tokens; /set alone shows them
-  /save FILE       save the conversation and its cache (safetensors)
-  /load FILE       restore a saved session and continue it
-  /exit            quit (alias /quit, /bye)
-"""
+COMMANDS_HELP = """\
+/stats           the last answer: tokens, prefill and decode speed
+/mem             the cache now against fp16 KV and the model dtype's KV,
+                 where compression starts, allocated size, tokens left
+/reset           forget the conversation (alias /clear)
+/system TEXT     set the system prompt (no TEXT: show it)
+/set KEY VALUE   temperature, top_k, top_p, min_p, repeat_penalty,
+                 seed (or none), max_tokens; /set alone shows them
+/save FILE       save the conversation and its cache (safetensors)
+/load FILE       restore a saved session and continue it
+/exit            quit (alias /quit, /bye)"""
+
+# `--help` is Markdown (xqcli/cli.py): the two aligned blocks are code blocks there.
+HELP = (f"Chat with a model through an XQuant (or any) cache, with a live memory panel.\n\n"
+        f"Input:\n\n```text\n{INPUT_HELP}\n```\n\nCommands:\n\n```text\n{COMMANDS_HELP}\n```\n")
+
 
 def read_message(read_line: Callable[[str], Optional[str]], prompt: str, more: str) -> Optional[str]:
     """One user message: a line, `\\`-continued lines, or a \"\"\" block. None at end of input."""
@@ -147,7 +149,7 @@ class ChatSession:
         if cmd in ("/exit", "/quit", "/bye"):
             return False
         if cmd in ("/help", "/?"):
-            self.out.print(HELP.split("Commands:")[1].replace("\b", "").strip("\n"), markup=False, highlight=False)
+            self.out.print(COMMANDS_HELP, markup=False, highlight=False)
         elif cmd == "/stats":
             stats = self.engine.stats
             self.show(generation_lines(stats), generation_table(stats))
@@ -367,7 +369,7 @@ def chat(
     context: ChatContextOpt = None,
     allow_long_context: AllowLongContextOpt = False,
     max_tokens: Annotated[int, typer.Option(
-        "--max-tokens", "-n", max=MAX_INT, help="Tokens per answer at most.")] = 512,
+        "--max-tokens", "-n", callback=at_most(MAX_INT), help="Tokens per answer at most.")] = 512,
     temperature: TemperatureOpt = None,
     top_k: TopKOpt = None,
     top_p: TopPOpt = None,

@@ -19,7 +19,7 @@ def convert(
     src: Annotated[str, typer.Argument(
         help="HF id org/name (or org/name@revision), a model folder, or a .gguf file.")],
     out: Annotated[Optional[Path], typer.Option(
-        "--out", "-o", help="Bundle folder to write (default ./<name>-xq).")] = None,
+        "--out", "-o", help="Bundle folder to write (default: ./NAME-xq, NAME being the folder name, the .gguf file stem or the repo name of an HF id).")] = None,
     dtype: Annotated[str, typer.Option(
         "--dtype", help="Weight dtype in the bundle: bfloat16, float16, float32.")] = "bfloat16",
     revision: RevisionOpt = None,

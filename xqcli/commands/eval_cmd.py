@@ -17,6 +17,7 @@ from xqcli.commands._options import (
     GroupOpt,
     JsonOpt,
     OfflineOpt,
+    at_most,
 )
 
 EXAMPLES = ('xq eval smollm2-xq --methods kv,xquant-4,xquant-cl-3 --seq-len 512',
@@ -41,31 +42,31 @@ def eval_(
     include: Annotated[Optional[Path], typer.Option(
         "--include", help="--tasks: a folder of local lm-eval task YAML files.")] = None,
     limit: Annotated[Optional[int], typer.Option(
-        "--limit", min=1, max=MAX_INT, help="--tasks: at most N documents per task.")] = None,
+        "--limit", min=1, callback=at_most(MAX_INT), help="--tasks: at most N documents per task.")] = None,
     num_fewshot: Annotated[Optional[int], typer.Option(
-        "--num-fewshot", min=0, max=MAX_INT, help="--tasks: few-shot examples (default: each task's).")] = None,
+        "--num-fewshot", min=0, callback=at_most(MAX_INT), help="--tasks: few-shot examples (default: each task's).")] = None,
     batch_size: Annotated[int, typer.Option(
-        "--batch-size", min=1, max=MAX_INT, help="--tasks and passkey: requests per forward pass.")] = 8,
+        "--batch-size", min=1, callback=at_most(MAX_INT), help="--tasks and passkey: requests per forward pass.")] = 8,
     lengths: Annotated[str, typer.Option(
         "--lengths", help="passkey: prompt lengths in tokens (k = 1024).")] = "1k,2k,4k,8k",
     depths: Annotated[str, typer.Option(
         "--depths", help="passkey: where the fact sits, as fractions of the filler.")] = "0,0.25,0.5,0.75",
     samples: Annotated[int, typer.Option(
-        "--samples", min=1, max=MAX_INT, help="passkey: prompts per length and depth.")] = 2,
-    seed: Annotated[int, typer.Option("--seed", min=0, max=MAX_INT, help="passkey and --tasks: seed.")] = 0,
+        "--samples", min=1, callback=at_most(MAX_INT), help="passkey: prompts per length and depth.")] = 2,
+    seed: Annotated[int, typer.Option("--seed", min=0, callback=at_most(MAX_INT), help="passkey and --tasks: seed.")] = 0,
     seq_len: Annotated[int, typer.Option(
-        "--seq-len", max=MAX_INT, help="Window length (paper: 2048, inferred); at most the model's trained positions "
+        "--seq-len", callback=at_most(MAX_INT), help="Window length (paper: 2048, inferred); at most the model's trained positions "
                                         "unless --allow-long-context.")] = 2048,
     max_tokens: Annotated[Optional[int], typer.Option(
-        "--max-tokens", max=MAX_INT, help="Use the first N tokens of the text (whole windows).")] = None,
+        "--max-tokens", callback=at_most(MAX_INT), help="Use the first N tokens of the text (whole windows).")] = None,
     protocol: Annotated[Optional[str], typer.Option(
         "--protocol", help="perplexity: paper (teacher-forced, default) or decode (real cache); passkey: score or "
                            "decode (default: both).")] = None,
     prefix: Annotated[Optional[int], typer.Option(
-        "--prefix", max=MAX_INT, help="decode protocol: tokens prefilled per window (default seq-len/2).")] = None,
+        "--prefix", callback=at_most(MAX_INT), help="decode protocol: tokens prefilled per window (default seq-len/2).")] = None,
     group_size: GroupOpt = 128,
     window: Annotated[Optional[int], typer.Option(
-        "--window", max=MAX_INT, help="decode protocols: fp window (perplexity default 0; passkey and --tasks "
+        "--window", callback=at_most(MAX_INT), help="decode protocols: fp window (perplexity default 0; passkey and --tasks "
                                       "generation default 128; the paper and score protocols always 0).")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,

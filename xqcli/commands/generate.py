@@ -28,6 +28,7 @@ from xqcli.commands._options import (
     TopKOpt,
     TopPOpt,
     WindowOpt,
+    at_most,
     utf8_text,
 )
 
@@ -47,7 +48,7 @@ def generate(
     prompt_file: Annotated[Optional[Path], typer.Option(
         "--prompt-file", "-f", help="Read the prompt from a UTF-8 file (- for stdin).")] = None,
     max_tokens: Annotated[int, typer.Option(
-        "--max-tokens", "-n", max=MAX_INT, help="Tokens to generate at most.")] = 64,
+        "--max-tokens", "-n", callback=at_most(MAX_INT), help="Tokens to generate at most.")] = 64,
     cache: CacheOpt = None,
     bits: BitsOpt = None,
     window: WindowOpt = None,

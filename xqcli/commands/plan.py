@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from xqcli.commands._options import MAX_INT, FormatOpt, GroupOpt, JsonOpt
+from xqcli.commands._options import MAX_INT, FormatOpt, GroupOpt, JsonOpt, at_most
 
 EXAMPLES = ('xq plan --shape llama-3.1-8b --budget 24GiB',
             'xq plan smollm2-xq -c kv,xquant-4 --format csv > plan.csv')
@@ -25,7 +25,7 @@ def plan(
         "--weights/--no-weights", help="Whether the budget must also hold the fp16 weights.")] = True,
     group_size: GroupOpt = 128,
     base_layers: Annotated[int, typer.Option(
-        "--base-layers", max=MAX_INT, help="xquant-cl: leading layers at 4 bits.")] = 3,
+        "--base-layers", callback=at_most(MAX_INT), help="xquant-cl: leading layers at 4 bits.")] = 3,
     fmt: FormatOpt = None,
     as_json: JsonOpt = False,
 ) -> None:

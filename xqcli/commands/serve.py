@@ -17,6 +17,7 @@ from xqcli.commands._options import (
     OfflineOpt,
     RevisionOpt,
     WindowOpt,
+    at_most,
 )
 
 EXAMPLES = ("xq serve smollm2-xq --cache xquant-4 --budget 512MiB --max-rows 16",
@@ -39,7 +40,7 @@ def serve(
     max_rows: Annotated[int, typer.Option(
         "--max-rows", min=1, max=4096, help="Rows of the batch: requests served at once.")] = 8,
     max_queue: Annotated[int, typer.Option(
-        "--max-queue", min=1, max=MAX_INT, help="Requests that may wait for a row; more get 429.")] = 64,
+        "--max-queue", min=1, callback=at_most(MAX_INT), help="Requests that may wait for a row; more get 429.")] = 64,
     api_key: Annotated[str | None, typer.Option(
         "--api-key", envvar="XQ_API_KEY",
         help="Require 'Authorization: Bearer KEY' on every route but /health (env XQ_API_KEY).")] = None,
