@@ -1,5 +1,6 @@
 """Steps over some rows of a cache (`ModelCache.begin(rows=...)`, the engine's `RowSubset`): the rows' logits
-are bit for bit those of the same step over every row, and the stored data is the same."""
+are bit for bit those of the same step over every row with the other rows emptied for it (a row not in a step,
+however long, neither changes nor widens it), and the stored data is the same."""
 
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ STEPS = [{0: 21, 1: 9, 3: 30}, {1: 1, 0: 1}, {2: 11}, {0: 1, 2: 5, 1: 1}, {3: 1}
 
 class AllRows:
     """The reference: the same step with every row through the cache (0 new tokens for the others), X
-    scattered into a (B, T, d) batch and the rows' K/V and mask picked out of the whole batch's."""
+    scattered into a (B, T, d) batch and the rows' K/V and mask picked out of the whole batch's. The other
+    rows hold nothing during the step (their lengths are set back after it): a row that is not in a step
+    must not change it, however long it is (it would widen the step's K/V to its own length)."""
 
     def __init__(self, cache, rows: list[int]) -> None:
         self.cache, self.rows = cache, rows
@@ -38,6 +41,9 @@ class AllRows:
         full = [0] * self.cache.batch
         for r, k in zip(self.rows, n_new):
             full[r] = k
+        self.held = list(self.cache.host_lengths)
+        emptied = [n if r in self.rows else 0 for r, n in enumerate(self.held)]
+        self.cache.set_lengths(torch.tensor(emptied), emptied)
         self.positions = self.cache.begin(full, width)[self.index]
         return self.positions
 
@@ -59,6 +65,9 @@ class AllRows:
 
     def end(self) -> None:
         self.cache.end()
+        lengths = [after if r in self.rows else held for r, (held, after) in
+                   enumerate(zip(self.held, self.cache.host_lengths))]
+        self.cache.set_lengths(torch.tensor(lengths), lengths)
 
 
 @pytest.fixture(scope="module")
@@ -121,5 +130,12 @@ def test_row_subset_shapes_and_bounded_positions(models):
     cache.update_and_fetch(1, x)
     cache.end()
     assert cache.host_lengths == [21, 3, 13] and not cache.row_subset
+    cache.begin([1], 1, rows=[1])  # the idle rows 0 and 2 are longer: they do not widen row 1's step
+    assert cache.step_total() == 4 and cache.attention_mask() is not None and cache.attention_mask().shape[-1] == 4
+    k, _ = cache.update_and_fetch(0, torch.randn(1, 1, model.config.hidden_size))
+    assert k.shape[2] == 4
+    cache.update_and_fetch(1, torch.randn(1, 1, model.config.hidden_size))
+    cache.end()
+    assert cache.host_lengths == [21, 4, 13]
     with pytest.raises(ValueError, match="distinct rows"):
         cache.begin([1, 1], 1, rows=[1, 1])

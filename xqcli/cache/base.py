@@ -157,7 +157,7 @@ class ModelCache:
         host = got if rows is None else self._scatter_counts(list(rows), got)
         if len(host) != self.batch or min(host) < 0:
             raise ValueError(f"n_new must give 0 or more new tokens for each of the {self.batch} rows, got {host}")
-        total = max(n + k for n, k in zip(self.host_lengths, host))
+        total = max(self.host_lengths[r] + host[r] for r in self.rows)  # an idle row's tokens are not read
         if total > self.max_len:
             raise ResourceError(f"context full: {total} tokens > cache capacity {self.max_len}",
                                 hint="start a new conversation (/reset) or raise --context")
@@ -243,7 +243,7 @@ class ModelCache:
         return self._n_new_host
 
     def step_total(self) -> int:
-        """Longest row after this step: the S of the K/V returned by update_and_fetch."""
+        """Longest active row after this step: the S of the K/V returned by update_and_fetch."""
         return self._step_total
 
     @property
