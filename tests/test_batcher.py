@@ -178,20 +178,23 @@ def test_admission_by_memory_waits_for_room(tiny_models):
     assert b.held_bytes() <= b.budget
 
 
-def test_budget_tokens_follow_the_kinds_bytes_per_token(smollm2):
-    """The same budget holds the kind's ratio to kv more tokens (`xq plan`'s numbers at the model's dtype,
-    within 5%). Window 0: a row's full-precision tokens (the window, and a per-channel stream's unsealed
-    block) cost more per token, and `RowBytes` counts them."""
+def test_row_bytes_follow_the_kinds_bytes_per_token(smollm2):
+    """A full row of each kind holds `xq plan`'s bytes per token (at the model's dtype, within 5%). Window 0:
+    a row's full-precision tokens (the window, and a per-channel stream's unsealed block) cost more per
+    token, and `RowBytes` counts them; 2048 tokens seal whole groups, and the budget's tokens are counted
+    at the peak a row reaches on its way there (test_row_bytes_is_the_peak_on_the_way), so fewer."""
     budget = 64 << 20
-    held = {}
+    full, held = {}, {}
     for name in ("kv", "xquant-4"):
         spec = CacheSpec.parse(name, window=0)
-        eng = Engine(smollm2, None, spec, context=2048, batch=1)
-        held[name] = Batcher(eng, budget=budget).budget_tokens()
+        b = Batcher(Engine(smollm2, None, spec, context=2048, batch=1), budget=budget)
+        full[name], held[name] = b.row_bytes._held(2048), b.budget_tokens()
     rows = {r.kind: r for r in plan(smollm2.config, ["kv", "xquant-4"], dtype=smollm2.dtype,
                                     include_weights=False)}
     expect = rows["kv"].bytes_per_token / rows["xquant-4"].bytes_per_token
-    assert abs(held["xquant-4"] / held["kv"] / expect - 1) < 0.05
+    assert abs(full["kv"] / full["xquant-4"] / expect - 1) < 0.05
+    assert held["kv"] == budget // full["kv"] * 2048 + budget % full["kv"] // (full["kv"] // 2048)
+    assert 4 * held["kv"] < held["xquant-4"] < budget // full["xquant-4"] * 2048
 
 
 def test_refusals(tiny_models):
@@ -225,3 +228,26 @@ def test_a_long_idle_row_beside_a_wide_prefill_step():
     drain(b)
     assert first.done.finish == second.done.finish == "max_tokens"
     assert [len(ids) for ids in b.engine.ids] == [203, 203]
+
+
+@pytest.mark.parametrize("name", ["kv", "kivi-4", "xquant-4", "xquant-4+ch0", "xquant-cl-3"])
+def test_row_bytes_is_the_peak_on_the_way(tiny_models, name):
+    """A per-channel stream's bytes drop when a group seals (its full-precision tail shrinks), so
+    `row_bytes(n)` is the most a row holds at any length up to n: it never decreases, and with the default
+    budget (every row full) a request of any length up to the context fits."""
+    import assets
+
+    from xqcli.config import ModelConfig
+    from xqcli.load import build_model
+
+    cfg = assets.tiny_config("qwen2") | {"num_key_value_heads": 1}  # narrow enough for per-channel X·U_k
+    model = build_model(ModelConfig.from_dict(cfg), assets.tiny_tensors(cfg, 5))
+    spec = CacheSpec.parse(name, window=4, group_size=8)
+    eng = Engine(model, None, spec, context=60, batch=2)
+    b = Batcher(eng)
+    sizes = [b.row_bytes._held(n) for n in range(61)]
+    if name != "kv":
+        assert any(later < earlier for earlier, later in zip(sizes, sizes[1:]))  # the saw the peak must cover
+    assert [b.row_bytes(n) for n in range(61)] == [max(sizes[:n + 1]) for n in range(61)]
+    for n in range(2, 61):
+        b.check(list(range(1, n)), SamplingParams(max_tokens=61 - n))  # prompt + max_tokens = the context + 1

@@ -99,23 +99,39 @@ class Row:
 
 
 class RowBytes:
-    """Bytes one row of n tokens holds for a cache kind (payload, scales, full-precision window, workspace),
-    from a one-row cache on the meta device: the storage code itself sizes it, nothing is allocated."""
+    """Bytes one row holds for a cache kind (payload, scales, full-precision window, workspace), from a
+    one-row cache on the meta device: the storage code itself sizes it, nothing is allocated.
+
+    `row_bytes(n)` is the most a row holds on its way to n tokens, not the bytes of n tokens alone: a
+    per-channel stream keeps a growing full-precision tail until a whole group seals, so n tokens can take
+    fewer bytes than n - 1 (SmolLM2 xquant-4, window 128: 512 tokens hold less than 511). A row reserved
+    for n tokens must fit at every length before n, and admission needs sizes that only grow."""
 
     def __init__(self, model: Transformer, spec: CacheSpec, context: int, artifacts: Artifacts | None = None) -> None:
         self._meta = make_cache(model, spec, 1, context, artifacts=artifacts, device=torch.device("meta"))
         self._workspace = measured_bytes_per_token(model, spec, artifacts=artifacts)[2]
+        # Between two seals a row's bytes only grow, and each seal point is higher than the one before (the
+        # sealed group costs less than it did in full precision, but more than nothing), so the peak up to n
+        # is among the last group_size + 1 lengths.
+        self._period = spec.group_size
         self.context = context
-        self._sizes: dict[int, int] = {}  # n -> bytes: the scheduler asks for the same few lengths every step
+        self._sizes: dict[int, int] = {}  # n -> bytes of n tokens; the scheduler asks for the same few lengths
+        self._peaks: dict[int, int] = {}
         self._lock = threading.Lock()  # the request threads check sizes too
 
     def __call__(self, n: int) -> int:
         with self._lock:
-            if n not in self._sizes:
-                self._meta.set_lengths(torch.full((1,), n, device=self._meta.device), [n])
-                b = self._meta.nbytes()
-                self._sizes[n] = b.payload + b.scales + b.fp_window + int(self._workspace * n)
-            return self._sizes[n]
+            if n not in self._peaks:
+                self._peaks[n] = max(self._held(m) for m in range(max(0, n - self._period), n + 1))
+            return self._peaks[n]
+
+    def _held(self, n: int) -> int:
+        """Bytes a row of exactly n tokens holds."""
+        if n not in self._sizes:
+            self._meta.set_lengths(torch.full((1,), n, device=self._meta.device), [n])
+            b = self._meta.nbytes()
+            self._sizes[n] = b.payload + b.scales + b.fp_window + int(self._workspace * n)
+        return self._sizes[n]
 
     def tokens_within(self, budget: int) -> int:
         """Tokens `budget` bytes hold in rows of the full context (the rest as one shorter row)."""
