@@ -145,6 +145,16 @@ def test_docs_cited_by_help_ship_in_the_package(capsys):
     assert Path(json.loads(out)["docs_dir"]) == package / "docs"
 
 
+def test_help_in_a_pipe_is_never_cut():
+    """`xq CMD --help | less`: Rich would lay the option tables out 80 columns wide and end long option names
+    and words with '…'."""
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "TERMINAL_WIDTH")}
+    for command in ("", *COMMANDS, "serve"):
+        proc = subprocess.run([sys.executable, "-m", "xqcli", *([command] if command else []), "--help"],
+                              capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0 and "--help" in proc.stdout and "…" not in proc.stdout, (command, proc.stdout)
+
+
 @pytest.mark.parametrize("command", ("", *COMMANDS, "serve"))
 def test_help_shows_every_word_its_source_has(capsys, monkeypatch, command):
     """Help is rendered as Markdown: brackets (`org/name[@revision]`, `xqcli[serve]`) are not markup there, but

@@ -44,8 +44,10 @@ class _Group(TyperGroup):
             raise StdoutClosed() from e
 
 
-app = typer.Typer(cls=_Group, help=HELP, add_completion=True, pretty_exceptions_enable=False, rich_markup_mode="markdown",
-                  context_settings={"help_option_names": ["-h", "--help"]})
+# Markdown, not Rich markup: "[...]" is text (org/name[@revision], xqcli[serve]) and a paragraph's line breaks
+# are spaces, so help reflows to any width.
+app = typer.Typer(cls=_Group, help=HELP, add_completion=True, pretty_exceptions_enable=False,
+                  rich_markup_mode="markdown", context_settings={"help_option_names": ["-h", "--help"]})
 
 
 def _version(value: bool) -> None:
@@ -95,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
     debug = os.environ.get("XQ_DEBUG") == "1"
     _open_closed_streams()
+    _wide_help_in_pipes()
     try:
         rv = app(args=argv, prog_name="xq", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
@@ -123,6 +126,17 @@ def main(argv: list[str] | None = None) -> int:
             _error_line(f"internal error: {type(e).__name__}: {e}", "run again with XQ_DEBUG=1 and report the traceback")
             code = 1
     return _finish(code, argv)
+
+
+def _wide_help_in_pipes() -> None:
+    """Rich lays help out 80 columns wide in a pipe, where it cuts long option names and words with '…'
+    (`xq serve --help | less`); xq's output in a pipe is never cut (README), so help gets 160 columns there.
+    COLUMNS and Typer's TERMINAL_WIDTH still decide when set."""
+    if "COLUMNS" in os.environ or "TERMINAL_WIDTH" in os.environ or sys.stdout.isatty():
+        return
+    import typer.rich_utils
+
+    typer.rich_utils.MAX_WIDTH = 160
 
 
 def _open_closed_streams() -> None:

@@ -31,8 +31,9 @@ def eval_(
     text: Annotated[Optional[str], typer.Option(
         "--text", help="wiki or news (gensim's test data: pip install --no-deps gensim==4.4.0), builtin (the Python "
                        "documentation, on every install) or a UTF-8 file. Default: wiki, else builtin.")] = None,
-    methods: Annotated[str, typer.Option("--methods", "-m", "--cache", "-c",
-                                         help="Comma-separated cache kinds.")] = DEFAULT_METHODS,
+    methods: Annotated[str, typer.Option(
+        "--methods", "-m", "--cache", "-c", show_default=DEFAULT_METHODS.replace(",", ", "),  # wraps, never cut
+        help="Comma-separated cache kinds.")] = DEFAULT_METHODS,
     tasks: Annotated[Optional[str], typer.Option(
         "--tasks", help="lm-evaluation-harness tasks, comma-separated (extra lmeval: pip install 'xqcli[lmeval]'): "
                         "lm-eval's metrics and stderr, a column per cache kind (docs/eval.md).")] = None,
