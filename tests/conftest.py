@@ -55,9 +55,13 @@ def smollm2_mha(smollm2_mha_dir):
 
 @pytest.fixture(scope="session")
 def tiny_models():
-    """{kind: loaded Transformer} for the tiny random llama/mistral/qwen2/mha folders."""
+    """{kind: loaded Transformer} for the tiny random llama/mistral/qwen2/mha folders (these cache X: 2·d_kv >= d),
+    and "latent": the qwen2 with one KV head, narrow enough for the SVD latents X·U_k, X·U_v (and so +ch0)."""
     import assets
 
-    from xqcli.load import load_hf_folder
+    from xqcli.config import ModelConfig
+    from xqcli.load import build_model, load_hf_folder
 
-    return {k: load_hf_folder(assets.tiny_hf(k)) for k in ("llama", "mistral", "qwen2", "mha")}
+    models = {k: load_hf_folder(assets.tiny_hf(k)) for k in ("llama", "mistral", "qwen2", "mha")}
+    cfg = assets.tiny_config("qwen2") | {"num_key_value_heads": 1}
+    return models | {"latent": build_model(ModelConfig.from_dict(cfg), assets.tiny_tensors(cfg, 5))}

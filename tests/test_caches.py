@@ -24,8 +24,8 @@ def stepped(model, spec, tokens: torch.Tensor, prefix: int, artifacts: Artifacts
     return torch.cat(outs, 1)
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "mha"])
-@pytest.mark.parametrize("name", KINDS_FP)
+@pytest.mark.parametrize(("kind", "name"), [(k, n) for n in KINDS_FP for k in ("llama", "mistral", "qwen2", "mha", "latent")
+                                         if "+ch0" not in n or k == "latent"])  # +ch0 needs latents
 def test_unquantized_kinds_equal_kv(tiny_models, kind, name):
     """With quantization off every kind is exact algebra (MHA, GQA-SVD, GQA-CL): the paper's derivation."""
     model = tiny_models[kind]
@@ -43,7 +43,7 @@ def test_unquantized_real_model(smollm2, smollm2_mha):
     for model in (smollm2, smollm2_mha):
         ref = model(tokens)
         artifacts = Artifacts()  # one per model: the SVDs run once
-        for name in KINDS_FP:
+        for name in [n for n in KINDS_FP if "+ch0" not in n or uses_latents(model.config)]:
             out = stepped(model, CacheSpec.parse(name, window=0), tokens, prefix=40, artifacts=artifacts)
             assert (out - ref).abs().max() <= 1e-4, name
 
@@ -55,7 +55,7 @@ def test_latent_choice(tiny_models, smollm2):
 
 @pytest.mark.parametrize("method", ["kivi", "xquant", "xquant-cl", "xquant+ch0"])
 def test_quantized_error_shrinks_with_bits_and_is_deterministic(tiny_models, method):
-    model = tiny_models["llama"]
+    model = tiny_models["latent" if "+ch0" in method else "llama"]
     tokens = torch.randint(0, model.config.vocab_size, (1, 50))
     ref = model(tokens)
     base, _, variant = method.partition("+")
@@ -238,6 +238,7 @@ def test_rotations_are_exact_algebra_and_help_per_token_quantization(tiny_models
 
 @pytest.mark.parametrize("bad,needle", [
     ("kivi-4+rot", "+rot applies to xquant"),
+    ("kivi-4+ch0", "+ch0 applies to xquant"),
     ("xquant-2.5", "bits must be one of 2, 3, 4, 8 (got 2.5)"),
     ("xquant-3+mix", "unknown variant +mix"),
     ("xquant-4+zip", "unknown variant +zip"),
@@ -248,10 +249,21 @@ def test_bad_variants(bad, needle):
     assert needle in str(e.value)
 
 
+@pytest.mark.parametrize("name", ["xquant-4+ch0", "xquant-cl-3+ch0"])
+def test_ch0_needs_latents(tiny_models, name):
+    """+ch0 keeps channel 0 of X·U_k: a model that caches X itself (MHA, or GQA with 2·d_kv >= d) has no such
+    channel, and the kind is refused rather than run as plain xquant under another name."""
+    for kind in ("mha", "llama"):
+        with pytest.raises(InputError, match="caches X itself") as e:
+            make_cache(tiny_models[kind], CacheSpec.parse(name), 1, 16)
+        assert e.value.hint == f"drop +ch0: --cache {name.removesuffix('+ch0')}"
+    assert make_cache(tiny_models["latent"], CacheSpec.parse(name), 1, 16).spec.fp16_channel0
+
+
 @pytest.mark.parametrize("name", ["kv", "kivi-4", "xquant-3", "xquant-cl-2", "xquant-fp", "xquant-4+ch0"])
 def test_snapshot_restore_repeats_a_decode_step(tiny_models, name):
     """After restore, the same decode steps give the same logits again (what bench times repeatedly)."""
-    model = tiny_models["qwen2"]
+    model = tiny_models["latent" if "+ch0" in name else "qwen2"]
     v = model.config.vocab_size
     cache = make_cache(model, CacheSpec.parse(name, window=3, group_size=4), 2, 40)
     model(torch.randint(0, v, (2, 17)), cache, [17, 11])
@@ -269,10 +281,10 @@ def test_bytes_per_token_of_a_filled_cache_matches_plan(tiny_models):
     from xqcli.load import measured_bytes_per_token
     from xqcli.readouts.plan import meta_model
 
-    model = tiny_models["llama"]
-    meta = meta_model(model.config, torch.float32)
-    tokens = torch.randint(0, model.config.vocab_size, (1, 64))
     for name in ("kv", "kivi-4", "xquant-3", "xquant-cl-2", "xquant-2+ch0"):
+        model = tiny_models["latent" if "+ch0" in name else "llama"]
+        meta = meta_model(model.config, torch.float32)
+        tokens = torch.randint(0, model.config.vocab_size, (1, 64))
         spec = CacheSpec.parse(name, window=8, group_size=16)
         cache = make_cache(model, spec, 1, 64)
         assert cache.bytes_per_token() is None, name

@@ -220,8 +220,8 @@ def test_request_stop_ends_after_the_current_step(tiny_models):
 # -------------------------------------------------------------------- engine == stepped reference
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
-@pytest.mark.parametrize("name", KINDS + ["xquant-4+ch0"])
+@pytest.mark.parametrize(("kind", "name"), [(k, n) for n in KINDS for k in ("llama", "qwen2")]
+                         + [("latent", "xquant-4+ch0")])  # +ch0 needs latents
 def test_engine_greedy_equals_reference_tiny(tiny_models, kind, name):
     model = tiny_models[kind]
     spec = CacheSpec.parse(name, window=6, group_size=8)
@@ -299,8 +299,8 @@ def test_chat_turn_prefills_only_new_tokens(tiny_chat):
 # -------------------------------------------------------------------------------- state and sessions
 
 
-@pytest.mark.parametrize("name", KINDS + ["xquant-4+ch0", "kivi-fp", "xquant-cl-fp"])
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize(("kind", "name"), [(k, n) for n in KINDS + ["kivi-fp", "xquant-cl-fp"] for k in ("llama", "qwen2")]
+                         + [("latent", "xquant-4+ch0")])  # +ch0 needs latents
 def test_state_dict_round_trip_continues_identically(tiny_models, kind, name):
     model = tiny_models[kind]
     spec = CacheSpec.parse(name, window=5, group_size=8)

@@ -15,7 +15,7 @@ from xqcli.bundle.artifacts import Artifacts
 from xqcli.cache.base import ModelCache, ModelParts
 from xqcli.cache.kivi import KiviCache
 from xqcli.cache.kv import KVCache
-from xqcli.cache.spec import CacheSpec
+from xqcli.cache.spec import CacheSpec, uses_latents
 from xqcli.cache.xquant import XQuantCache
 from xqcli.cache.xquant_cl import XQuantCLCache
 from xqcli.errors import InputError
@@ -40,6 +40,10 @@ def build_cache(spec: CacheSpec, parts: ModelParts, batch: int, max_len: int, *,
     variable XQ_KERNELS=off turns "auto" off: an escape hatch should a kernel misbehave on some GPU."""
     if kernels == "auto":
         kernels = kernels_setting()
+    if spec.fp16_channel0 and not uses_latents(parts.config):
+        raise InputError(f"{spec.name}: +ch0 keeps channel 0 of the latent X·U_k in full precision, and this model "
+                         f"caches X itself (no latents: 2·d_kv >= d, as in MHA models), so it would change nothing",
+                         hint=f"drop +ch0: --cache {spec.name.replace('+ch0', '')}")
     if spec.method == "kv":
         return KVCache(parts, batch, max_len, device)
     return STREAM_CACHES[spec.method](parts, spec, batch, max_len, device, artifacts, kernels)

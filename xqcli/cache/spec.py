@@ -83,6 +83,8 @@ class CacheSpec:
             raise InputError(f"{name!r}: bits must be one of 2, 3, 4, 8 (got {bits})")
         if "rot" in flags and method not in ("xquant", "xquant-cl"):
             raise InputError(f"{name!r}: +rot applies to xquant and xquant-cl (K carries RoPE, X does not)")
+        if "ch0" in flags and method not in ("xquant", "xquant-cl"):
+            raise InputError(f"{name!r}: +ch0 applies to xquant and xquant-cl (channel 0 of the latent X·U_k)")
         spec = cls(method=method, bits=bits, fp16_channel0="ch0" in flags, rotate="rot" in flags, **settings)
         spec.check()
         return spec
