@@ -4,12 +4,14 @@ admission and LRU eviction. Tiny models, float32, CPU."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
 from xqcli.cache.spec import CacheSpec
 from xqcli.engine import Engine, SamplingParams, collect
-from xqcli.engine.batcher import Batcher, QueueFull, Request
+from xqcli.engine.batcher import Batcher, PromptTooLong, QueueFull, Request
 from xqcli.errors import ResourceError
 from xqcli.readouts.plan import plan
 
@@ -235,19 +237,42 @@ def test_row_bytes_is_the_peak_on_the_way(tiny_models, name):
     """A per-channel stream's bytes drop when a group seals (its full-precision tail shrinks), so
     `row_bytes(n)` is the most a row holds at any length up to n: it never decreases, and with the default
     budget (every row full) a request of any length up to the context fits."""
-    import assets
-
-    from xqcli.config import ModelConfig
-    from xqcli.load import build_model
-
-    cfg = assets.tiny_config("qwen2") | {"num_key_value_heads": 1}  # narrow enough for per-channel X·U_k
-    model = build_model(ModelConfig.from_dict(cfg), assets.tiny_tensors(cfg, 5))
+    model = tiny_models["latent"]  # per-channel X·U_k
     spec = CacheSpec.parse(name, window=4, group_size=8)
     eng = Engine(model, None, spec, context=60, batch=2)
     b = Batcher(eng)
     sizes = [b.row_bytes._held(n) for n in range(61)]
     if name != "kv":
-        assert any(later < earlier for earlier, later in zip(sizes, sizes[1:]))  # the saw the peak must cover
+        assert any(later < earlier for earlier, later in itertools.pairwise(sizes))  # the saw the peak must cover
     assert [b.row_bytes(n) for n in range(61)] == [max(sizes[:n + 1]) for n in range(61)]
     for n in range(2, 61):
         b.check(list(range(1, n)), SamplingParams(max_tokens=61 - n))  # prompt + max_tokens = the context + 1
+
+
+def test_without_max_tokens_a_request_gets_what_the_budget_holds(tiny_models):
+    """A budget smaller than one full row: the default max_tokens is what it holds beside the prompt (the
+    request then fits exactly), and a prompt the budget cannot hold is refused as the prompt's fault."""
+    eng = Engine(tiny_models["llama"], None, "kv", context=64, batch=2)
+    b = Batcher(eng, budget=Batcher(eng).row_bytes(40))
+    assert b.max_new_tokens(20) == 21  # 20 + 21 - 1 = 40 tokens held at most
+    b.check(list(range(3, 23)), SamplingParams(max_tokens=21))
+    with pytest.raises(ResourceError, match="more than the budget"):
+        b.check(list(range(3, 23)), SamplingParams(max_tokens=22))
+    assert Batcher(eng).max_new_tokens(20) == 44  # no budget limit: the rest of the context
+    with pytest.raises(PromptTooLong, match="the prompt alone needs"):
+        b.check(list(range(3, 44)), SamplingParams(max_tokens=1))
+    with pytest.raises(PromptTooLong, match="the prompt has 64 tokens"):
+        b.check(list(range(64)), SamplingParams(max_tokens=1))
+
+
+def test_the_decode_rate_falls_to_zero_when_idle(tiny_models, monkeypatch):
+    import time
+
+    b = Batcher(Engine(tiny_models["llama"], None, "kv", context=64, batch=1))
+    submit(b, [3, 4, 5], max_tokens=20)
+    drain(b)
+    assert b.snapshot["decode_tokens_per_second"] > 0
+    later = time.perf_counter() + 10  # past the 5 s window, with no step since
+    monkeypatch.setattr(time, "perf_counter", lambda: later)
+    assert not b.step()
+    assert b.snapshot["decode_tokens_per_second"] == 0

@@ -79,6 +79,13 @@ class Server:
         return {line.split()[0]: float(line.split()[1]) for line in text.decode().splitlines()
                 if line and not line.startswith("#") and "{" not in line}
 
+    def requests_total(self) -> dict[tuple[str, str], float]:
+        """`xq_requests_total` by (endpoint, status)."""
+        _, _, text = self.request("GET", "/metrics")
+        line = re.compile(r'^xq_requests_total\{endpoint="(\w+)",status="(\d+)"\} (\S+)$', re.MULTILINE)
+        found = line.findall(text.decode())
+        return {(endpoint, status): float(n) for endpoint, status, n in found}
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -99,6 +106,16 @@ def server(tiny_gguf) -> Iterator[Server]:
     assert srv.stop() == 0
 
 
+@pytest.fixture(scope="module")
+def long_server(tiny_gguf) -> Iterator[Server]:
+    """2 rows of 4,096 tokens (past the tiny model's 512 trained positions: garbage text, but long answers that
+    take seconds) and a budget of 3,072 tokens, less than one full row."""
+    srv = Server(tiny_gguf, "--cache", "kv", "--context", "4096", "--allow-long-context", "--max-rows", "2",
+                 "--budget", "1536KiB")
+    yield srv
+    assert srv.stop() == 0
+
+
 def wait_idle(srv: Server, timeout: float = 10) -> dict[str, float]:
     deadline = time.monotonic() + timeout
     while True:
@@ -106,6 +123,14 @@ def wait_idle(srv: Server, timeout: float = 10) -> dict[str, float]:
         if (m["xq_active_rows"] == 0 and m["xq_queue_depth"] == 0) or time.monotonic() > deadline:
             return m
         time.sleep(0.05)
+
+
+def wait_for(srv: Server, name: str, value: float, timeout: float = 60) -> None:
+    """Poll /metrics until `name` reaches `value` (a generous deadline: the machine may be loaded)."""
+    deadline = time.monotonic() + timeout
+    while srv.metrics()[name] < value:
+        assert time.monotonic() < deadline, f"{name} never reached {value}"
+        time.sleep(0.02)
 
 
 def test_openai_client_chat_and_completions(server):
@@ -157,17 +182,29 @@ def test_a_conversation_continued_reuses_its_cached_prefix(server):
     ({"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 250}, 400,
      "max_tokens is 250: 2", "max_tokens"),
     ({"model": "x", "messages": [], "stream": True}, 400, "non-empty list", "messages"),
+    ({"model": "x", "messages": [{"role": "user", "content": "hi"}], "min_p": 1}, 400, "'min_p' must be in [0, 1)",
+     "min_p"),
+    ({"model": "x", "messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}, 400,
+     "leave it out or send 0", "frequency_penalty"),
+    # No max_tokens: the prompt alone is too long, and the message does not blame a max_tokens never sent.
+    ({"model": "x", "messages": [{"role": "user", "content": "a" * 300}]}, 400, "more than the context of 256",
+     "messages"),
 ])
 def test_bad_requests_get_openai_errors_naming_the_field(server, body, status, needle, param):
     code, _headers, raw = server.request("POST", "/v1/chat/completions", body)
     err = json.loads(raw)["error"]
     assert code == status and needle in err["message"] and err["param"] == param
     assert err["type"] == "invalid_request_error"
+    if "context" in needle and "max_tokens" not in body:
+        assert "max_tokens" not in err["message"] and err["code"] == "context_length_exceeded"
 
 
 def test_context_overflow_names_the_numbers(server):
     code, _, raw = server.request("POST", "/v1/completions", {"model": "x", "prompt": "a" * 200, "max_tokens": 100})
     assert code == 400 and "more than the context of 256" in json.loads(raw)["error"]["message"]
+    code, _, raw = server.request("POST", "/v1/completions", {"model": "x", "prompt": "a" * 300})
+    err = json.loads(raw)["error"]
+    assert code == 400 and err["param"] == "prompt" and "max_tokens" not in err["message"]
 
 
 def test_auth_body_limit_and_unknown_routes(server):
@@ -180,8 +217,15 @@ def test_auth_body_limit_and_unknown_routes(server):
     assert_valid(json.loads(raw), "serve-health")
     code, _, raw = server.request("POST", "/v1/completions", b"{" + b" " * (5 << 20) + b"}")
     assert code == 413 and "limit" in json.loads(raw)["error"]["message"]
+    before = server.requests_total()
     code, _, raw = server.request("GET", "/v2/anything")
     assert code == 404 and json.loads(raw)["error"]["type"] == "not_found_error"
+    code, headers, raw = server.request("GET", "/v1/chat/completions")
+    assert code == 405 and headers["allow"] == "POST"
+    assert json.loads(raw)["error"]["message"] == "GET is not allowed on /v1/chat/completions: use POST"
+    after = server.requests_total()
+    for key in (("other", "404"), ("chat", "405")):
+        assert after[key] == before.get(key, 0) + 1
 
 
 def test_startup_line_and_metrics_show_the_budget(server):
@@ -192,6 +236,34 @@ def test_startup_line_and_metrics_show_the_budget(server):
     m = server.metrics()
     assert m["xq_cache_budget_tokens"] == tokens and m["xq_cache_budget_bytes"] == 40 << 10
     assert m["xq_rows"] == 4 and m["xq_cache_bytes_allocated"] > 0
+
+
+def test_a_chat_without_max_tokens_gets_what_the_budget_holds(long_server):
+    """The budget holds 3,072 tokens, less than a row of 4,096: a chat without max_tokens is admitted and may
+    generate up to what the budget holds for its row (it was refused, blaming a max_tokens never sent)."""
+    whole = long_server.client().chat.completions.create(model="x", messages=[{"role": "user", "content": "Hi"}])
+    use = whole.usage
+    held = use.prompt_tokens + use.completion_tokens - 1  # the last token is never fed
+    assert held <= 3072 and (whole.choices[0].finish_reason == "stop" or held == 3072)
+
+
+def test_a_client_that_disconnects_before_a_whole_answer_frees_its_row(long_server):
+    """A non-streaming request whose client goes away is cancelled: it does not run to its 3,000 tokens."""
+    before = long_server.metrics()["xq_generated_tokens_total"]
+    gone = long_server.requests_total().get(("completion", "499"), 0)
+    sock = socket.create_connection((long_server.host, int(long_server.port)), timeout=30)
+    body = json.dumps({"model": "x", "prompt": "go", "max_tokens": 3000}).encode()
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    wait_for(long_server, "xq_active_rows", 1)
+    sock.close()
+    deadline = time.monotonic() + 60
+    while long_server.requests_total().get(("completion", "499"), 0) == gone:
+        assert time.monotonic() < deadline, "the request was never cancelled"
+        time.sleep(0.05)
+    m = wait_idle(long_server)
+    assert m["xq_active_rows"] == 0 and m["xq_cache_bytes_reserved"] == 0
+    assert m["xq_generated_tokens_total"] - before < 3000
 
 
 def stream_and_drop(srv: Server, max_tokens: int, after: int) -> int:
@@ -259,22 +331,29 @@ def test_load_32_concurrent_streams_some_cancelled(server):
 
 
 def test_queue_full_429_then_sigterm_finishes_in_flight_and_exits_0(tiny_gguf):
-    srv = Server(tiny_gguf, "--cache", "kv", "--context", "512", "--max-rows", "1", "--max-queue", "1",
-                 "--shutdown-timeout", "20")
+    # The running request is long (2,000 tokens: seconds even for the tiny model, trained on 512 positions:
+    # the text past them does not matter here) so that it still runs, and the second one still waits, when
+    # the third arrives; the second is sent once the first streams (sent together, either may get the row).
+    srv = Server(tiny_gguf, "--cache", "kv", "--context", "2048", "--allow-long-context", "--max-rows", "1",
+                 "--max-queue", "1", "--shutdown-timeout", "120")
+    assert "| 1 row x 2,048 tokens," in srv.startup
     client = srv.client()
-    body = {"model": "x", "prompt": "go", "max_tokens": 400, "stream": True}
     conns = []
-    for _ in range(2):  # one runs, one waits
-        c = http.client.HTTPConnection(srv.host, int(srv.port), timeout=60)
+    for max_tokens in (2000, 400):  # one runs, one waits
+        body = {"model": "x", "prompt": "go", "max_tokens": max_tokens, "stream": True}
+        c = http.client.HTTPConnection(srv.host, int(srv.port), timeout=180)
         c.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
         conns.append(c)
-    running = conns[0].getresponse()
-    assert running.status == 200 and running.readline().startswith(b"data: ")
-    deadline = time.monotonic() + 10
+        if len(conns) == 1:
+            running = c.getresponse()
+            assert running.status == 200 and running.readline().startswith(b"data: ")
+    deadline = time.monotonic() + 30
     while srv.metrics()["xq_queue_depth"] < 1 and time.monotonic() < deadline:
         time.sleep(0.02)
+    assert srv.metrics()["xq_queue_depth"] == 1
     code, headers, raw = srv.request("POST", "/v1/completions", {"model": "x", "prompt": "hi", "max_tokens": 4})
     assert code == 429 and headers["retry-after"] == "1" and json.loads(raw)["error"]["code"] == "queue_full"
+    assert "1 request is already waiting for a row" in json.loads(raw)["error"]["message"]
     with pytest.raises(openai.RateLimitError):
         client.completions.create(model="x", prompt="hi", max_tokens=4)
     srv.proc.send_signal(signal.SIGTERM)
@@ -285,6 +364,43 @@ def test_queue_full_429_then_sigterm_finishes_in_flight_and_exits_0(tiny_gguf):
     assert srv.stop() == 0
     with pytest.raises(OSError):
         socket.create_connection((srv.host, int(srv.port)), timeout=2)
+
+
+def test_sigterm_past_the_timeout_ends_every_request_with_its_error(tiny_gguf):
+    """--shutdown-timeout 0 with two long requests running and one waiting: the engine stops them, so the
+    stream ends with the shutdown error event and [DONE], the whole answer and the waiting request get the
+    503 error object; nothing is cut or answered in plain text, no traceback, exit 0."""
+    srv = Server(tiny_gguf, "--cache", "kv", "--context", "4096", "--allow-long-context", "--max-rows", "2",
+                 "--shutdown-timeout", "0")
+    conns = [http.client.HTTPConnection(srv.host, int(srv.port), timeout=60) for _ in range(3)]
+    headers = {"Content-Type": "application/json"}
+    conns[0].request("POST", "/v1/chat/completions", json.dumps(
+        {"messages": [{"role": "user", "content": "go"}], "max_tokens": 4000, "stream": True}), headers)
+    stream = conns[0].getresponse()
+    assert stream.status == 200 and stream.readline().startswith(b"data: ")
+    conns[1].request("POST", "/v1/completions", json.dumps({"prompt": "go", "max_tokens": 4000}), headers)
+    wait_for(srv, "xq_active_rows", 2)
+    conns[2].request("POST", "/v1/completions", json.dumps({"prompt": "go", "max_tokens": 4000}), headers)
+    wait_for(srv, "xq_queue_depth", 1)
+    srv.proc.send_signal(signal.SIGTERM)
+    events = [line for line in stream.read().decode().splitlines() if line]
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2].removeprefix("data: "))["error"]["code"] == "shutting_down"
+    for conn in conns[1:]:
+        resp = conn.getresponse()
+        assert resp.status == 503 and resp.getheader("content-type") == "application/json"
+        assert json.loads(resp.read())["error"]["code"] == "shutting_down"
+    assert srv.stop() == 0
+    time.sleep(0.2)  # the stderr reader thread takes the last lines
+    assert not any("Traceback" in line or "Cancel" in line for line in srv.lines), "".join(srv.lines)
+
+
+def test_sizes_must_be_positive(capsys):
+    from xqcli.cli import main
+
+    for option, value in (("--max-body", "0B"), ("--budget", "0")):
+        assert main(["serve", "anything", option, value]) == 2
+        assert f"{option} {value}: the size must be positive" in capsys.readouterr().err
 
 
 def test_missing_serve_extra_exits_6(monkeypatch, capsys):

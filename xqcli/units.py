@@ -54,11 +54,13 @@ def parse_bytes(text: str | int, option: str = "--budget") -> int:
     """'24GiB', '24g', '6GB', '512MiB', '1e9' -> bytes (k/m/g/t and KiB.. binary, KB.. SI)."""
     t = str(text).strip().lower().replace(" ", "").replace("_", "")
     m = _SIZE.fullmatch(t)
-    value = float(m.group(1)) if m and m.group(2) in _BYTE_UNITS else -1.0
-    n = int(value * _BYTE_UNITS[m.group(2)]) if value > 0 else 0
+    hint = "write it like 24GiB, 24g (binary), 6GB (SI) or 512MiB"
+    if not m or m.group(2) not in _BYTE_UNITS:
+        raise InputError(f"{option}: cannot read the memory size {str(text).strip()!r}", hint=hint)
+    n = int(float(m.group(1)) * _BYTE_UNITS[m.group(2)])
     if not 1 <= n <= MAX_BYTES:
-        raise InputError(f"{option}: cannot read the memory size {str(text).strip()!r}",
-                         hint="write it like 24GiB, 24g (binary), 6GB (SI) or 512MiB")
+        limit = "must be positive (at least 1 byte)" if n < 1 else "is larger than any memory (at most 2**60 bytes)"
+        raise InputError(f"{option} {str(text).strip()}: the size {limit}", hint=hint)
     return n
 
 

@@ -172,10 +172,18 @@ class Batcher:
 
     # --- any thread --------------------------------------------------------------------------------
     def check(self, ids: Sequence[int], params: SamplingParams) -> None:
-        """Refuse a request that can never run here: beyond the context, or more memory than the budget."""
+        """Refuse a request that can never run here: beyond the context, or more memory than the budget
+        (PromptTooLong when the prompt alone is, whatever max_tokens says)."""
         ctx = self.engine.context
         if not ids:
             raise InputError("the prompt is empty")
+        if len(ids) >= ctx:
+            raise PromptTooLong(f"the prompt has {len(ids):,} tokens: with one generated token, more than the "
+                                f"context of {ctx:,}", hint="shorten the prompt")
+        if self.row_bytes(len(ids)) > self.budget:
+            raise PromptTooLong(f"the prompt alone needs {format_bytes(self.row_bytes(len(ids)))} of "
+                                f"{self.engine.spec.name} cache, more than the budget of {format_bytes(self.budget)}",
+                                hint="shorten the prompt")
         if len(ids) + params.max_tokens > ctx:
             raise ResourceError(f"the prompt has {len(ids):,} tokens and max_tokens is {params.max_tokens:,}: "
                                 f"{len(ids) + params.max_tokens:,} tokens, more than the context of {ctx:,}",
@@ -186,6 +194,12 @@ class Batcher:
                                 f"cache, more than the budget of {format_bytes(self.budget)}",
                                 hint="shorten the prompt or lower max_tokens")
 
+    def max_new_tokens(self, prompt: int) -> int:
+        """The most tokens a request with a `prompt`-token prompt may generate: up to the end of the context, or
+        as many as the budget holds for its row, whichever is less (below 1: the prompt alone does not fit)."""
+        fits = min(self.engine.context, self.row_bytes.tokens_within(self.budget))  # a row's tokens
+        return min(self.engine.context - prompt, fits - prompt + 1)  # the last token is never fed
+
     def submit(self, req: Request) -> None:
         """Queue a request for the engine thread; QueueFull when `max_queue` requests already wait."""
         self.check(req.ids, req.params)
@@ -193,7 +207,8 @@ class Batcher:
             if self._stopping.is_set():
                 raise ShuttingDown("the server is shutting down")
             if self._queued >= self.max_queue:
-                raise QueueFull(f"{self._queued} requests are already waiting for a row")
+                raise QueueFull(f"{self._queued} request{'s are' if self._queued != 1 else ' is'} already waiting "
+                                "for a row")
             self._queued += 1
         self._inbox.put(("submit", req))
 
@@ -252,8 +267,6 @@ class Batcher:
         self.totals["steps"] += 1
         self.totals["generated_tokens"] += decoded
         self._recent.append((now, decoded))
-        while self._recent and now - self._recent[0][0] > RATE_WINDOW_S:
-            self._recent.popleft()
         self.snapshot = self._snapshot()
         return True
 
@@ -425,10 +438,14 @@ class Batcher:
 
     # --- readouts ----------------------------------------------------------------------------------
     def decode_rate(self) -> float:
-        """Generated tokens per second over the last RATE_WINDOW_S seconds of steps."""
+        """Generated tokens per second over the last RATE_WINDOW_S seconds: steps older than that are dropped
+        here, when read, so the rate falls to 0 once the server is idle (engine thread)."""
+        now = time.perf_counter()
+        while self._recent and now - self._recent[0][0] > RATE_WINDOW_S:
+            self._recent.popleft()
         if len(self._recent) < 2:
             return 0.0
-        span = self._recent[-1][0] - self._recent[0][0]
+        span = now - self._recent[0][0]  # to now, not to the last step: a pause lowers the rate
         return sum(n for _, n in list(self._recent)[1:]) / span if span > 0 else 0.0
 
     def _snapshot(self) -> dict[str, float]:
@@ -456,6 +473,10 @@ class Batcher:
 
 class QueueFull(ResourceError):
     """Too many requests are waiting for a row (the server answers 429 with Retry-After)."""
+
+
+class PromptTooLong(ResourceError):
+    """The prompt alone is beyond the context or the budget (the server names `messages` or `prompt`)."""
 
 
 class ShuttingDown(XQError):

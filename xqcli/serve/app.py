@@ -28,7 +28,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from xqcli.engine.batcher import Batcher, Event
+from xqcli.engine.batcher import Batcher, Event, ShuttingDown
 from xqcli.engine.batcher import Request as EngineRequest
 from xqcli.errors import XQError
 from xqcli.serve import metrics, protocol
@@ -38,6 +38,9 @@ if TYPE_CHECKING:
     from xqcli.tokenizer import Tokenizer
 
 MAX_BODY = 4 << 20  # bytes of a request body (a long conversation is well under it)
+CLIENT_GONE = 499  # the status counted for a request whose client disconnected first (nginx's convention)
+# A running request ended by the engine's stop, not by its client: what its client is told (503).
+STOPPED = ShuttingDown("the server stopped this request (shutting down)")
 
 
 @dataclass
@@ -81,10 +84,17 @@ def build_app(service: Service) -> Starlette:
 
         return Route(path, endpoint, methods=methods, name=name)
 
-    async def not_found(request: Request, exc: HTTPException) -> Response:
-        status = exc.status_code
-        message = (f"no route {request.method} {request.url.path}" if status in (404, 405) else str(exc.detail))
-        return APIError(status, message).response()
+    async def no_route(request: Request, exc: HTTPException) -> Response:
+        """404 for a path no route has, 405 (with `Allow`) for a method the route does not take; both counted."""
+        path, headers = request.url.path, exc.headers or {}
+        if exc.status_code == 405:
+            message = f"{request.method} is not allowed on {path}: use {headers.get('Allow', 'another method')}"
+        elif exc.status_code == 404:
+            message = f"no route {request.method} {path}"
+        else:
+            message = str(exc.detail)
+        service.requests.add(names.get(path, "other"), exc.status_code)
+        return APIError(exc.status_code, message, headers=headers).response()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -94,13 +104,13 @@ def build_app(service: Service) -> Starlette:
         finally:
             await run_in_threadpool(service.stop)
 
-    return Starlette(
-        routes=[route("/v1/chat/completions", "chat", lambda s, r: _complete(s, r, "chat"), ["POST"]),
-                route("/v1/completions", "completion", lambda s, r: _complete(s, r, "completion"), ["POST"]),
-                route("/v1/models", "models", _models, ["GET"]),
-                route("/health", "health", _health, ["GET"]),
-                route("/metrics", "metrics", _metrics, ["GET"])],
-        exception_handlers={HTTPException: not_found}, lifespan=lifespan)
+    routes = [route("/v1/chat/completions", "chat", lambda s, r: _complete(s, r, "chat"), ["POST"]),
+              route("/v1/completions", "completion", lambda s, r: _complete(s, r, "completion"), ["POST"]),
+              route("/v1/models", "models", _models, ["GET"]),
+              route("/health", "health", _health, ["GET"]),
+              route("/metrics", "metrics", _metrics, ["GET"])]
+    names = {r.path: r.name for r in routes}
+    return Starlette(routes=routes, exception_handlers={HTTPException: no_route}, lifespan=lifespan)
 
 
 def _authorize(service: Service, request: Request) -> None:
@@ -137,7 +147,10 @@ async def _complete(service: Service, request: Request, endpoint: str) -> Respon
     parsed = protocol.parse(await _body(service, request), endpoint)
     ids = await run_in_threadpool(_tokenize, service.tokenizer, parsed)
     batcher = service.batcher
-    max_tokens = parsed.max_tokens if parsed.max_tokens is not None else max(1, batcher.engine.context - len(ids))
+    max_tokens = parsed.max_tokens
+    if max_tokens is None:  # the rest of the context, or what the budget holds (completions: at most 16)
+        room = batcher.max_new_tokens(len(ids))
+        max_tokens = max(1, room if endpoint == "chat" else min(room, protocol.COMPLETION_MAX_TOKENS))
     params = parsed.params.with_(max_tokens=max_tokens)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Event] = asyncio.Queue()
@@ -152,19 +165,23 @@ async def _complete(service: Service, request: Request, endpoint: str) -> Respon
     try:
         batcher.submit(req)
     except XQError as e:
-        raise from_library(e) from None
+        raise from_library(e, "messages" if endpoint == "chat" else "prompt") from None
     rid = protocol.new_id(endpoint)
     if parsed.stream:
         return StreamingResponse(_stream(service, req, events, parsed, rid), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    watcher = asyncio.create_task(_client_gone(request))
+    watcher.add_done_callback(lambda task: task.cancelled() or batcher.cancel(req))
     text: list[str] = []
     try:
         while True:
             ev = await events.get()
             if ev.kind == "token":
                 text.append(ev.text)
+            elif ev.finish == "cancelled" and req.cancelled:  # the client went away: nobody reads the answer
+                return Response(status_code=CLIENT_GONE)
             elif ev.kind == "error" or ev.finish == "cancelled":
-                raise from_library(ev.error or XQError("the server stopped this request (shutting down)"))
+                raise from_library(ev.error or STOPPED)
             else:
                 use = protocol.usage(ev.prompt_tokens, ev.generated_tokens, ev.reused_tokens)
                 return JSONResponse(protocol.completion(endpoint, rid, service.model_name, "".join(text),
@@ -172,6 +189,14 @@ async def _complete(service: Service, request: Request, endpoint: str) -> Respon
     except asyncio.CancelledError:
         batcher.cancel(req)
         raise
+    finally:
+        watcher.cancel()
+
+
+async def _client_gone(request: Request) -> None:
+    """Return when the client of a request whose body was read disconnects (the next ASGI message says so)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _tokenize(tokenizer: Tokenizer, parsed: protocol.Parsed) -> list[int]:
@@ -207,7 +232,7 @@ async def _stream(service: Service, req: EngineRequest, events: asyncio.Queue[Ev
                 continue
             over = True
             if ev.kind == "error" or ev.finish == "cancelled":
-                err = from_library(ev.error or XQError("the server stopped this request (shutting down)"))
+                err = from_library(ev.error or STOPPED)
                 yield _sse(err.body())
             else:
                 yield _sse(protocol.chunk(endpoint, rid, name, created, finish=ev.finish))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from starlette.responses import JSONResponse
 
-from xqcli.engine.batcher import QueueFull, ShuttingDown
+from xqcli.engine.batcher import PromptTooLong, QueueFull, ShuttingDown
 from xqcli.errors import InputError, ResourceError, XQError
 
 RETRY_AFTER_S = 1  # what a 429 asks the client to wait (a row frees as soon as one request ends)
@@ -37,14 +37,17 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
-def from_library(e: XQError) -> APIError:
+def from_library(e: XQError, prompt_param: str = "prompt") -> APIError:
     """The status for a library error: too many waiting (429), shutting down (503), the request does not fit
+    (400 naming `prompt_param`, the request's prompt field, when the prompt alone does not, else max_tokens)
     or is bad (400), anything else a server fault (500)."""
     text = str(e) + (f" ({e.hint})" if e.hint else "")
     if isinstance(e, QueueFull):
         return APIError(429, f"{text}: retry shortly", code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
     if isinstance(e, ShuttingDown):
         return APIError(503, text, code="shutting_down")
+    if isinstance(e, PromptTooLong):
+        return APIError(400, text, param=prompt_param, code="context_length_exceeded")
     if isinstance(e, ResourceError):
         return APIError(400, text, param="max_tokens", code="context_length_exceeded")
     if isinstance(e, InputError):

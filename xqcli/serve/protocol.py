@@ -8,6 +8,7 @@ OpenAI, `top_k`, `min_p` and `repeat_penalty` are taken (as llama-server takes t
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
@@ -15,13 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from xqcli.engine.sampling import SamplingParams
-from xqcli.errors import InputError
 from xqcli.serve.errors import APIError
 
 ROLES = ("system", "developer", "user", "assistant")
 MAX_STOP = 4  # OpenAI's limit on stop strings
 # Finish reasons of the engine -> OpenAI's: an end-of-sequence token or a stop string is "stop", a limit "length".
 FINISH = {"eos": "stop", "stop": "stop", "max_tokens": "length", "context": "length"}
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
 @dataclass
@@ -32,19 +33,21 @@ class Parsed:
     messages: list[dict[str, str]] | None  # chat
     prompt: str | None  # completion
     params: SamplingParams  # max_tokens: `max_tokens`, or 1 until the prompt is known when it is None
-    max_tokens: int | None  # None: the rest of the context (chat's default)
+    max_tokens: int | None  # None: the client sent none (the server picks it once the prompt is known)
     stream: bool
     include_usage: bool
 
 
-def _number(body: dict, key: str, lo: float, hi: float, *, lo_open: bool = False) -> float | None:
+def _number(body: dict, key: str, lo: float, hi: float, *, lo_open: bool = False,
+            hi_open: bool = False) -> float | None:
     v = body.get(key)
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise APIError(400, f"'{key}' must be a number (got {v!r})", param=key)
-    if v < lo or v > hi or (lo_open and v == lo):
-        raise APIError(400, f"'{key}' must be in {'(' if lo_open else '['}{lo:g}, {hi:g}] (got {v:g})", param=key)
+    if v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi):
+        raise APIError(400, f"'{key}' must be in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'} "
+                            f"(got {v:g})", param=key)
     return float(v)
 
 
@@ -60,9 +63,10 @@ def _integer(body: dict, key: str, lo: int, hi: int) -> int | None:
 
 
 def _neutral(body: dict, key: str, allowed: tuple) -> None:
-    """A field xq does not implement, accepted only with the value that means "off"."""
+    """A field xq does not implement, accepted only with the value that means "off" (or left out: null)."""
     if key in body and body[key] not in allowed:
-        raise APIError(400, f"'{key}' is not supported by xq serve (only {' or '.join(map(repr, allowed))})",
+        shown = " or ".join(json.dumps(v) for v in allowed if v is not None)
+        raise APIError(400, f"'{key}' is not supported by xq serve: leave it out or send {shown}",
                        param=key)
 
 
@@ -89,7 +93,7 @@ def parse(body: Any, endpoint: str) -> Parsed:
     if n not in (None, 1):
         raise APIError(400, f"'n' must be 1: one completion per request (got {n})", param="n")
     for key in ("frequency_penalty", "presence_penalty"):
-        _neutral(body, key, (0, 0.0, None))
+        _neutral(body, key, (0, None))  # 0.0 == 0
     _neutral(body, "logprobs", (False, None) if endpoint == "chat" else (None, 0))
     _neutral(body, "top_logprobs", (None, 0))
     _neutral(body, "echo", (False, None))
@@ -109,17 +113,12 @@ def parse(body: Any, endpoint: str) -> Parsed:
     else:
         messages, prompt = None, _prompt(body.get("prompt"))
         max_tokens = _integer(body, "max_tokens", 1, 1 << 40)
-        if max_tokens is None:
-            max_tokens = 16  # OpenAI's default for completions
+    # The ranges SamplingParams.check takes, so a value out of range is refused here, naming its field.
     sampling = {"temperature": _number(body, "temperature", 0, 2), "top_p": _number(body, "top_p", 0, 1, lo_open=True),
-                    "seed": _integer(body, "seed", 0, 2**63 - 1), "top_k": _integer(body, "top_k", 0, 1 << 30),
-                    "min_p": _number(body, "min_p", 0, 1), "repeat_penalty": _number(body, "repeat_penalty", 0, 100,
-                                                                                 lo_open=True),
-                    "stop": _stop(body.get("stop"))}
-    try:
-        params = SamplingParams(max_tokens=max_tokens or 1).with_(**sampling)
-    except InputError as e:
-        raise APIError(400, str(e)) from None
+                "seed": _integer(body, "seed", 0, 2**63 - 1), "top_k": _integer(body, "top_k", 0, 1 << 30),
+                "min_p": _number(body, "min_p", 0, 1, hi_open=True),
+                "repeat_penalty": _number(body, "repeat_penalty", 0, 100, lo_open=True), "stop": _stop(body.get("stop"))}
+    params = SamplingParams(max_tokens=max_tokens or 1).with_(**sampling)
     return Parsed(endpoint, messages, prompt, params, max_tokens, stream, include_usage)
 
 

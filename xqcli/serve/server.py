@@ -1,12 +1,14 @@
 """Starting `xq serve`: the model, the engine and its scheduler, the socket, Uvicorn, and a clean stop.
 
 Uvicorn runs the app on the main thread's event loop; SIGTERM or Ctrl-C stops accepting connections, lets
-running requests finish for up to `shutdown_timeout` seconds, cancels the rest, stops the engine thread and
-returns: the process exits 0 (a stop that was asked for is no error).
+running requests finish for up to `shutdown_timeout` seconds, then stops the engine, which ends what still
+runs (a stream gets its error event and [DONE], a whole answer its 503) and refuses what waits; the engine
+thread is joined and the process exits 0 (a stop that was asked for is no error).
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import sys
 from dataclasses import dataclass
@@ -25,6 +27,9 @@ from xqcli.units import format_bytes
 
 DEFAULT_ROWS = 8
 DEFAULT_QUEUE = 64
+# Seconds past --shutdown-timeout that Uvicorn waits before cancelling the handlers itself: they end on their
+# own once the engine has stopped their requests (after at most the step running then).
+UVICORN_GRACE_S = 60
 
 
 @dataclass
@@ -51,12 +56,26 @@ class ServeOptions:
 
 
 class _Server(uvicorn.Server):
-    """Uvicorn, except that a SIGTERM or SIGINT it handled is not raised again after the graceful stop
-    (Uvicorn re-raises it, which would end the process with the signal instead of exit 0)."""
+    """Uvicorn, with two changes to its stop. The grace period is ours: `shutdown_timeout` seconds after the
+    stop begins, the engine is stopped, so every handler still waiting hears why from the engine and answers
+    (Uvicorn's own timeout, set later, would cancel the handlers mid-answer). And a SIGTERM or SIGINT it
+    handled is not raised again after the stop (Uvicorn re-raises it: the process would end with the signal
+    instead of exit 0)."""
+
+    def __init__(self, config: uvicorn.Config, service: Service, shutdown_timeout: float) -> None:
+        super().__init__(config)
+        self.service, self.shutdown_timeout = service, shutdown_timeout
 
     def handle_exit(self, sig: int, frame) -> None:
         super().handle_exit(sig, frame)
         getattr(self, "_captured_signals", []).clear()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        timer = asyncio.get_running_loop().call_later(self.shutdown_timeout, self.service.batcher.stop)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
 
 
 def model_name(source: str) -> str:
@@ -93,8 +112,9 @@ def startup_line(service: Service, spec: CacheSpec, url: str) -> str:
     kv = RowBytes(eng.model, CacheSpec.parse("kv"), eng.context).tokens_within(b.budget)
     dtype = str(eng.model.dtype).removeprefix("torch.")
     vs_kv = f" (kv: {kv:,}, {tokens / kv:.1f}x)" if spec.method != "kv" and kv else ""
+    rows = f"{eng.batch} row{'s' if eng.batch != 1 else ''}"
     return (f"xq serve: {service.model_name}, {spec.name} cache ({eng.device}, {dtype}), on {url}/v1 | "
-            f"{eng.batch} rows x {eng.context:,} tokens, {format_bytes(b.allocated)} allocated | "
+            f"{rows} x {eng.context:,} tokens, {format_bytes(b.allocated)} allocated | "
             f"budget {format_bytes(b.budget)} holds {tokens:,} tokens{vs_kv} | {eng.decode_mode} decode")
 
 
@@ -120,7 +140,7 @@ def serve(model: str, opts: ServeOptions) -> None:
         if engine.decode_note:
             print(engine.decode_note, file=sys.stderr, flush=True)
         config = uvicorn.Config(build_app(service), http="h11", lifespan="on", log_level="warning",
-                                access_log=False, timeout_graceful_shutdown=opts.shutdown_timeout)
-        _Server(config).run(sockets=[sock])
+                                access_log=False, timeout_graceful_shutdown=opts.shutdown_timeout + UVICORN_GRACE_S)
+        _Server(config, service, opts.shutdown_timeout).run(sockets=[sock])
     finally:
         sock.close()
