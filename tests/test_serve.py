@@ -421,6 +421,14 @@ def test_a_taken_port_is_bad_input(capsys):
     assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
 
 
+def test_a_budget_that_holds_no_request_is_refused_at_startup(tiny_gguf):
+    # the tiny model's kv row: 512 B per token, so 1,000 B hold one token, and a request needs two
+    proc = subprocess.run([sys.executable, "-m", "xqcli", "serve", str(tiny_gguf), "--port", "0", "--budget", "1000B",
+                           "--cache", "kv"], capture_output=True, text=True, timeout=120)  # a server would not end
+    err = proc.stderr
+    assert proc.returncode == 7 and "holds no request: a row of 2 tokens of kv needs 1.00 KiB" in err and "raise --budget" in err
+
+
 @pytest.mark.slow
 def test_sixteen_concurrent_greedy_requests_are_xq_generate_texts_smollm2(smollm2_dir):
     """SmolLM2 over HTTP: 16 concurrent greedy completions return exactly the text each prompt gets from

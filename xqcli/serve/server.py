@@ -20,7 +20,7 @@ from xqcli.bundle.defaults import choose_spec
 from xqcli.cache.spec import CacheSpec
 from xqcli.engine import Engine
 from xqcli.engine.batcher import Batcher, RowBytes
-from xqcli.errors import InputError
+from xqcli.errors import InputError, ResourceError
 from xqcli.load import load
 from xqcli.serve.app import MAX_BODY, Service, build_app
 from xqcli.units import format_bytes
@@ -133,6 +133,10 @@ def serve(model: str, opts: ServeOptions) -> None:
                         cuda_graph=opts.cuda_graph, artifacts=loaded.artifacts,
                         allow_long_context=opts.allow_long_context)
         batcher = Batcher(engine, budget=opts.budget, max_queue=opts.max_queue)
+        if batcher.budget_tokens() < 2:  # a one-token prompt and one generated token: nothing would ever run
+            raise ResourceError(f"--budget {format_bytes(batcher.budget)} holds no request: a row of 2 tokens of "
+                                f"{spec.name} needs {format_bytes(batcher.row_bytes(2))}",
+                                hint="raise --budget (or leave it out: every row full)")
         service = Service(batcher, engine.tokenizer, model_name(model), opts.api_key, opts.max_body)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
