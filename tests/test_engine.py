@@ -374,8 +374,18 @@ def test_session_file_round_trip_and_mismatches(tmp_path, tiny_chat, tiny_models
         load_session(f, Engine(copy.deepcopy(model).to(torch.float64), tok, spec, context=128), "tiny")
     with pytest.raises(InputError, match="model config"):
         load_session(f, Engine(tiny_models["mha"], tok, spec, context=128), "tiny")
-    with pytest.raises(ResourceError, match="more than this cache.s capacity"):
-        load_session(f, Engine(model, tok, spec, context=8), "tiny")
+    with pytest.raises(ResourceError, match="more than this cache.s capacity") as err:
+        load_session(f, Engine(model, tok, spec, context=8), "tiny")  # the window (6 > 8?) is not what is named
+    assert err.value.hint == f"start xq chat with --context {len(meta['ids'])} or more"
+    wide = Engine(model, tok, CacheSpec.parse("xquant-cl-3", group_size=8), context=128)  # window 128
+    collect(wide.chat_turn(msgs, max_tokens=5))
+    save_session(tmp_path / "wide.safetensors", wide, msgs, "tiny")
+    held = len(wide.ids[0])  # a context that holds the tokens but cuts the window: the hint names the context
+    with pytest.raises(InputError, match=f"window 128 saved vs {held} here") as err:
+        load_session(tmp_path / "wide.safetensors",
+                     Engine(model, tok, CacheSpec.parse("xquant-cl-3", group_size=8), context=held), "tiny")
+    assert err.value.hint == f"this chat's --context {held} cuts the window to {held} tokens: start xq chat with " \
+        "--context 128 or more"
     assert e2.ids[0] and int(e2.cache.lengths[0]) == len(e2.ids[0])  # refused loads left e2 alone
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(InputError, match="not a session file"):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from xqcli.cache.spec import CacheSpec, uses_latents
-from xqcli.errors import InputError
+from xqcli.errors import InputError, ResourceError
 from xqcli.load import model_projections
 
 if TYPE_CHECKING:
@@ -143,12 +143,20 @@ def load_session(path: str | Path, engine: Engine, source: str) -> dict[str, Any
         raise InputError(f"{path}: a saved token id is outside the model's vocabulary of {vocab:,} ids (file edited?)")
     here = model_identity(engine.model, engine.artifacts, source, engine.spec)
     _refuse_other_model(path, saved_model, here, ("config_sha256", "weights_sha256", "dtype"))
+    if len(ids) > engine.context:  # first: a smaller context also cuts the window, which would be named instead
+        raise ResourceError(f"{path} holds {len(ids):,} tokens, more than this cache's capacity of {engine.context:,}",
+                            hint=f"start xq chat with --context {len(ids)} or more")
     mine = engine.cache.spec_settings()
     sdiff = [f"{k} {saved_spec.get(k)!r} saved vs {mine.get(k)!r} here" for k in sorted(set(saved_spec) | set(mine))
              if saved_spec.get(k) != mine.get(k)]
     if sdiff:  # before the projections and rotation: those follow from the cache kind
+        hint = "start xq chat with the cache settings it was saved with"
+        saved_window = saved_spec.get("window")
+        if isinstance(saved_window, int) and mine.get("window") == engine.context < saved_window:
+            hint = (f"this chat's --context {engine.context:,} cuts the window to {engine.context:,} tokens: start xq "
+                    f"chat with --context {saved_window} or more")
         raise InputError(f"{path} holds a {saved_spec.get('name')} cache, this session uses {mine.get('name')}: "
-                         f"{'; '.join(sdiff)}", hint="start xq chat with the cache settings it was saved with")
+                         f"{'; '.join(sdiff)}", hint=hint)
     _refuse_other_model(path, saved_model, here, ("projections_sha256", "rotation"))
     if not torch.equal(tensors.get("ids", torch.empty(0)), torch.tensor(ids, dtype=torch.long)):
         raise InputError(f"{path}: the token ids in the metadata and the tensors disagree (file edited?)")
