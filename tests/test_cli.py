@@ -46,6 +46,9 @@ def test_version_and_help(capsys):
     assert code == 0
     for cmd in ("convert", "chat", "generate", "eval", "bench", "plan", "inspect", "doctor", "serve"):
         assert cmd in out
+    for args, flag in (([], "--version"), (["generate"], "--json"), (["convert"], "--force")):
+        code, out, _ = run(capsys, *args, "--help")  # flags take no value: no `<bool>` beside them
+        assert code == 0 and flag in out and "--help" in out and "<bool>" not in out
 
 
 def test_commands_are_module_level_functions(capsys):

@@ -15,7 +15,7 @@ from typing import Annotated
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 import typer  # noqa: E402
-from typer.core import TyperGroup  # noqa: E402
+from typer.core import TyperCommand, TyperGroup  # noqa: E402
 
 from xqcli import __version__
 
@@ -35,7 +35,24 @@ class StdoutClosed(Exception):
     """The reader of stdout went away (`| head`): the end of the output, not an error of xq's."""
 
 
+def _bare_flags(params: list) -> None:
+    """Flags take no value: without a metavar Typer shows `<bool>` beside them, which reads as `--json true`."""
+    for p in params:
+        if getattr(p, "is_flag", False) and p.metavar is None:
+            p.metavar = ""
+
+
+class _Command(TyperCommand):
+    def format_help(self, ctx, formatter):
+        _bare_flags(self.get_params(ctx))
+        return super().format_help(ctx, formatter)
+
+
 class _Group(TyperGroup):
+    def format_help(self, ctx, formatter):
+        _bare_flags(self.get_params(ctx))
+        return super().format_help(ctx, formatter)
+
     def invoke(self, ctx):
         """Turn EPIPE into `StdoutClosed` before Typer's own handler sees it (that one exits 1)."""
         try:
@@ -72,15 +89,15 @@ def _register() -> None:
     """Every command is a plain module-level function; this is the one place that names them."""
     from xqcli.commands import bench, chat, convert, doctor, eval_cmd, generate, inspect_cmd, plan, serve
 
-    app.command("convert", epilog=_examples(convert.EXAMPLES))(convert.convert)
-    app.command("chat", help=chat.HELP, epilog=_examples(chat.EXAMPLES))(chat.chat)
-    app.command("generate", epilog=_examples(generate.EXAMPLES))(generate.generate)
-    app.command("eval", epilog=_examples(eval_cmd.EXAMPLES))(eval_cmd.eval_)
-    app.command("bench", epilog=_examples(bench.EXAMPLES))(bench.bench)
-    app.command("plan", epilog=_examples(plan.EXAMPLES))(plan.plan)
-    app.command("inspect", epilog=_examples(inspect_cmd.EXAMPLES))(inspect_cmd.inspect)
-    app.command("doctor", epilog=_examples(doctor.EXAMPLES))(doctor.doctor)
-    app.command("serve", epilog=_examples(serve.EXAMPLES))(serve.serve)
+    app.command("convert", cls=_Command, epilog=_examples(convert.EXAMPLES))(convert.convert)
+    app.command("chat", cls=_Command, help=chat.HELP, epilog=_examples(chat.EXAMPLES))(chat.chat)
+    app.command("generate", cls=_Command, epilog=_examples(generate.EXAMPLES))(generate.generate)
+    app.command("eval", cls=_Command, epilog=_examples(eval_cmd.EXAMPLES))(eval_cmd.eval_)
+    app.command("bench", cls=_Command, epilog=_examples(bench.EXAMPLES))(bench.bench)
+    app.command("plan", cls=_Command, epilog=_examples(plan.EXAMPLES))(plan.plan)
+    app.command("inspect", cls=_Command, epilog=_examples(inspect_cmd.EXAMPLES))(inspect_cmd.inspect)
+    app.command("doctor", cls=_Command, epilog=_examples(doctor.EXAMPLES))(doctor.doctor)
+    app.command("serve", cls=_Command, epilog=_examples(serve.EXAMPLES))(serve.serve)
 
 
 def _examples(lines: tuple[str, ...]) -> str:
