@@ -156,6 +156,20 @@ def test_md_and_table(result):
     assert "xq bench" in table and "xquant-cl-3" in table and "fits longest" in table
 
 
+def test_columns_use_plans_words(result, capsys):
+    """"vs fp16 KV" is a size fraction in plan and inspect: bench's compression factor is "compression" (kv on a
+    float32 model read "0.50x vs fp16 KV"), and the plan column names the dtype it counts at (`xq plan`: fp16)."""
+    md = bench.render(result, "md")
+    assert "| cache | context | B/token | plan B/token (float32) | compression | cache MiB |" in md
+    assert "vs fp16 KV" not in md
+    kv = next(line for line in md.splitlines() if line.startswith("| kv | 256 |")).split(" | ")
+    assert kv[2] == kv[3] == "46,080.0" and kv[4] == "0.50x", kv  # float32 KV: twice fp16, half the compression
+    assert "plan B/token (float32)" in bench.render(result, "table")
+    code, out, _ = run(capsys, "bench", "--help")
+    text = " ".join(out.replace("│", " ").split())
+    assert code == 0 and "xq plan's count at the run's dtype" in text and "compression (fp16 KV bytes over" in text
+
+
 def test_gates_on_result(result):
     kinds = result.settings["kinds"]
     assert bench.Gate.parse("xquant-4.ratio<3.5", kinds).failures(result.rows) == []
@@ -283,6 +297,19 @@ def test_cli_gate_fails_with_8(capsys):
     assert len(rows) == 1 and rows[0]["kind"] == "kivi-4" and 3.5 < float(rows[0]["ratio"]) < 4
     last = err.strip().splitlines()[-1]
     assert last.startswith("error:") and "kivi-4.ratio<4" in last and "kivi-4.ratio<3.5" not in last
+
+
+def test_cli_json_is_format_json(capsys):
+    """README: `--json` = `--format json` for plan, inspect, eval and bench (bench had no --json)."""
+    code, out, err = run(capsys, "bench", *SMOL, "--cache", "kv", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert_valid(doc, "bench")
+    assert [r["kind"] for r in doc["rows"]] == ["kv"]
+    code, _, err = run(capsys, "bench", *SMOL, "--cache", "kv", "--json", "--format", "csv")
+    assert code == 2 and "--json and --format csv disagree" in err
+    code, out, err = run(capsys, "bench", *SMOL, "--cache", "kv", "--json", "--format", "json")
+    assert code == 0 and json.loads(out)["tool"] == "xq bench", err
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -182,7 +182,43 @@ def test_projection_shapes_checked(bundle_copy):
 
 def test_not_a_bundle(gqa_dir, capsys):
     code, _, err = run_cli(capsys, "inspect", str(gqa_dir))
-    assert code == 4 and "not an xq bundle" in err
+    assert code == 2 and "not an xq bundle" in err  # never a bundle: bad input, not a corrupt bundle (4)
+
+
+def test_folder_without_xq_json_is_bad_input_and_a_damaged_one_corrupt(gqa_dir, bundle_copy, tmp_path, capsys):
+    """A folder without xq.json was never a bundle (2, naming `xq convert`); a damaged xq.json is corrupt (4, with
+    the fix); a model folder without xq.json still loads as a model folder."""
+    for folder, fix in ((gqa_dir, f"convert it first, xq convert {gqa_dir}"), (tmp_path, "xq convert MODEL")):
+        code, out, err = run_cli(capsys, "inspect", str(folder))
+        assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+        assert f"{folder} is not an xq bundle (no xq.json)" in err and fix in err, err
+    (bundle_copy / MANIFEST).write_text('{"schema_version": 1, "files": [')
+    code, _, err = run_cli(capsys, "inspect", str(bundle_copy))
+    assert code == 4 and "xq.json: unreadable JSON" in err and "convert the model again" in err, err
+    assert load(gqa_dir).bundle is None
+    code, out, err = run_cli(capsys, "generate", str(gqa_dir), "-p", "the cat", "-n", "2", "-c", "kv")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("damage,needle,fix", [
+    ("config", "'config' does not match config.json", "config.json was edited after conversion; convert the model"),
+    ("header", "projections.safetensors: unreadable safetensors", "the file is damaged; convert the model again"),
+])
+def test_damaged_bundle_errors_name_the_fix(bundle_copy, capsys, damage, needle, fix):
+    """These bundle errors named no fix (the sha256 and missing-file ones did)."""
+    from xqcli.bundle.format import PROJECTIONS, file_entry
+
+    if damage == "config":  # edited, with the manifest's size and sha256 kept in step
+        cfg = json.loads((bundle_copy / "config.json").read_text())
+        (bundle_copy / "config.json").write_text(json.dumps(cfg | {"rms_norm_eps": 0.5}))
+        edit_manifest(bundle_copy, lambda m: m.update(files=[file_entry(bundle_copy, f["path"]) for f in m["files"]]))
+    else:  # the same size (the manifest's check passes), a header length beyond the file
+        path = bundle_copy / PROJECTIONS
+        data = bytearray(path.read_bytes())
+        data[:8] = (len(data) * 2).to_bytes(8, "little")
+        path.write_bytes(bytes(data))
+    code, _, err = run_cli(capsys, "inspect", str(bundle_copy))
+    assert code == 4 and len(err.strip().splitlines()) == 1 and needle in err and fix in err, err
 
 
 _WEIRD = [None, True, False, -1, 0, 1, 2**70, 10**400, -1e308, 1e308, float("nan"), float("inf"), "", "x",

@@ -213,6 +213,21 @@ def test_numeric_c_is_answered_with_the_context_hint(capsys, tiny_gguf, command,
     assert f"did you mean --context {value}" in one_error_line(err)
 
 
+@pytest.mark.parametrize("argv,hint", [
+    (["eval", "MODEL"], "did you mean --seq-len {tokens}?"),  # an integer option: 32k is 32768 there
+    (["plan", "--shape", "smollm2-135m"], "plan takes cache kinds with -c and no context"),
+])
+@pytest.mark.parametrize("value", ["4096", "32k"])
+def test_numeric_c_in_plan_and_eval_gets_their_own_hint(capsys, tiny_gguf, argv, hint, value):
+    """plan has no --context and eval's window is --seq-len: each is told what it has (they got no hint)."""
+    code, out, err = run(capsys, *[tiny_gguf if a == "MODEL" else a for a in argv], "-c", value)
+    line = one_error_line(err)
+    tokens = {"4096": 4096, "32k": 32768}[value]
+    assert code == 2 and out == "" and hint.format(tokens=tokens) in line and "--context" not in line, line
+    if argv[0] == "plan":
+        assert "--budget" in line
+
+
 def test_ctx_size_is_context(capsys, tiny_gguf):
     for flag in ("--context", "--ctx-size"):
         code, _, err = run(capsys, "generate", tiny_gguf, "-p", "hi", flag, "10m")
@@ -307,6 +322,55 @@ def test_format_md_csv_json(capsys, tiny_gguf, tiny_bundle, text_file, command):
     assert code == 2 and "unknown --format" in one_error_line(err)
     code, _, err = run(capsys, *args, "--format", "md", "--json")
     assert code == 2 and "disagree" in one_error_line(err)
+
+
+def markdown_rows(md: str, first_column: str) -> list[dict[str, str]]:
+    """The rows of the markdown table whose header starts with `first_column`, as {column: cell}."""
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_column} |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True)))
+    return rows
+
+
+@pytest.mark.parametrize("command", ["plan", "inspect", "eval"])
+def test_vs_fp16_kv_is_the_size_fraction_everywhere(capsys, tiny_gguf, tiny_bundle, text_file, command):
+    """"vs fp16 KV" is bytes over fp16 KV's (xquant-4 well under 1), "compression" its inverse (eval said
+    "size vs fp16"; bench's "vs fp16 KV" was the compression factor: tests/test_bench.py)."""
+    code, md, err = run(capsys, *format_args(command, tiny_gguf, tiny_bundle, text_file), "--format", "md")
+    assert code == 0, err
+    rows = {r.get("cache", r.get("method")): r for r in markdown_rows(md, "method" if command == "eval" else "cache")}
+    row = rows["xquant-4"]
+    assert float(row["vs fp16 KV"]) < 0.5, row
+    if "compression" in row:
+        assert float(row["compression"].rstrip("x")) == pytest.approx(1 / float(row["vs fp16 KV"]), rel=0.01)
+    assert "size vs fp16" not in md
+
+
+def markdown_cell_counts(md: str) -> list[list[int]]:
+    """For each markdown table of `md`, the number of cells of each of its lines (a `\\|` is no cell border)."""
+    tables: list[list[int]] = []
+    previous = ""
+    for line in md.splitlines():
+        if line.startswith("|"):
+            if not previous.startswith("|"):
+                tables.append([])
+            tables[-1].append(len(re.split(r"(?<!\\)\|", line)) - 2)
+        previous = line
+    return tables
+
+
+def test_markdown_tables_stay_tables_with_a_pipe_in_a_cell(capsys, tiny_bundle):
+    """inspect's `max |X|` header split its cell: the table had 8 header cells over a 6-cell separator."""
+    code, md, err = run(capsys, "inspect", str(tiny_bundle), "--format", "md")
+    assert code == 0, err
+    assert r"| layer | max \|X\| | top ch |" in md, md
+    counts = markdown_cell_counts(md)
+    assert len(counts) == 2 and all(len(set(c)) == 1 for c in counts), counts
 
 
 # ----------------------------------------------------------------------------- download progress

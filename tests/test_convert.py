@@ -171,3 +171,20 @@ def test_unsupported_architecture_before_weights(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert code == 3 and "gpt2" in err and "not supported" in err and len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hub"]
+
+
+def test_missing_tokenizer_is_found_before_any_work(tmp_path, monkeypatch, capsys):
+    """A folder without tokenizer.json failed after the weights and the calibration, naming the temp folder."""
+    from xqcli.convert import pipeline
+
+    def no_weights(*_args, **_kw):
+        raise AssertionError("weights read before the tokenizer was checked")
+
+    monkeypatch.setattr(pipeline, "read_safetensors", no_weights)
+    src = assets.tiny_hf("llama")  # config.json and weights, no tokenizer
+    code = main(["convert", str(src), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # after the "reading SRC" progress line
+    assert code == 3 and last.startswith("error:") and "Traceback" not in err, err
+    assert f"{src} has no tokenizer.json" in last and ".tmp-" not in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -190,6 +190,43 @@ def test_missing_lm_eval_is_exit_6(capsys, tiny_gguf, monkeypatch):
     one_error(err, "pip install 'xqcli[lmeval]'")
 
 
+def test_task_dataset_not_cached_offline_is_exit_5(capsys, tiny_gguf, tmp_path, monkeypatch):
+    """A task whose hub dataset is not cached, offline: exit 5 naming the dataset and how to cache it (was exit 1)."""
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 set at import
+    (tmp_path / "xq_hub.yaml").write_text(
+        "task: xq_hub\ndataset_path: xq-test-nobody/not-a-dataset\ntest_split: test\n"
+        + lmeval_tasks._YAML["xq_capitals"] + "metadata:\n  version: 1.0\n", encoding="utf-8")
+    code, out, err = run(capsys, "eval", tiny_gguf, "--tasks", "xq_hub", "--include", str(tmp_path), "-c", "kv")
+    assert code == 5 and out == ""
+    one_error(err, "lm-eval task xq_hub", "dataset xq-test-nobody/not-a-dataset is not in the local cache",
+              "HF_HUB_OFFLINE", "--online")
+
+
+@pytest.mark.parametrize("module,name,message,needle", [
+    ("huggingface_hub.errors", "OfflineModeIsEnabled", "offline", "not in the local cache"),
+    ("huggingface_hub.errors", "LocalEntryNotFoundError", "no file", "not in the local cache"),
+    ("datasets.exceptions", "DatasetNotFoundError", "Dataset 'org/gone' doesn't exist on the Hub",
+     "dataset org/gone was not found on the hub"),
+])
+def test_task_manager_turns_dataset_hub_errors_into_exit_5(monkeypatch, module, name, message, needle):
+    import importlib
+
+    from lm_eval.tasks import TaskManager
+
+    from xqcli.errors import HubError
+    from xqcli.lmeval.run import task_manager
+
+    def fail(self, task_list):
+        raise getattr(importlib.import_module(module), name)(message)
+
+    monkeypatch.setattr(TaskManager, "load", fail)
+    with pytest.raises(HubError) as e:
+        task_manager(None).load(["arc_easy"])
+    assert e.value.exit_code == 5 and "lm-eval task arc_easy" in str(e.value) and needle in str(e.value)
+
+
 def test_the_cli_does_not_import_lm_eval():
     code = "import sys, xqcli.cli, xqcli.lmeval, xqcli.commands.eval_cmd; assert 'lm_eval' not in sys.modules"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)

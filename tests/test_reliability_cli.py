@@ -358,6 +358,14 @@ def test_context_help_is_right_for_each_command(capsys):
     assert "Default: the model's trained positions, at most 4096" in help_text(capsys, "chat")
 
 
+def test_allow_long_context_help_names_the_commands_own_option(capsys):
+    """eval has no --context: its --allow-long-context relaxes --seq-len (and passkey --lengths)."""
+    text = help_text(capsys, "eval")
+    assert "Allow a --seq-len (or passkey --lengths) beyond the model's trained positions" in text
+    assert "--context" not in text
+    assert "Allow a --context beyond the model's trained positions" in help_text(capsys, "generate")
+
+
 def test_eval_window_beyond_trained_positions(capsys, tiny_gguf):
     code, _, err = run(capsys, "eval", tiny_gguf, "--text", "news", "--seq-len", "1024", "--methods", "kv")
     assert code == 7
@@ -406,3 +414,54 @@ def test_eval_error_has_no_blank_line_before_it(capsys, tiny_gguf):
                        "--methods", "kv")
     assert code == 2
     one_error_line(err, "fewer than one window")
+
+
+# ------------------------------------------------------------------------------ 13. every error names its fix
+
+
+def broken_source(kind: str, tmp_path: Path, tiny_gguf: str) -> str:
+    """A model source broken one way: a cut GGUF, a file that is no GGUF, a folder without weights."""
+    if kind == "cut-gguf":
+        (tmp_path / "cut.gguf").write_bytes(Path(tiny_gguf).read_bytes()[:200])
+        return str(tmp_path / "cut.gguf")
+    if kind == "not-gguf":
+        (tmp_path / "fake.gguf").write_bytes(b"not gguf!")
+        return str(tmp_path / "fake.gguf")
+    import assets
+
+    (tmp_path / "nowts").mkdir()
+    (tmp_path / "nowts" / "config.json").write_text(json.dumps(assets.tiny_config("llama")))
+    return str(tmp_path / "nowts")
+
+
+@pytest.mark.parametrize("kind,code,needles", [
+    ("cut-gguf", 3, ["corrupt GGUF header", "download it again"]),
+    ("not-gguf", 3, ["not a GGUF file", "pass a .gguf model file"]),
+    ("no-weights", 3, ["no model.safetensors", "safetensors weights into it"]),
+])
+def test_broken_sources_name_the_fix(capsys, tiny_gguf, tmp_path, kind, code, needles):
+    got, out, err = run(capsys, "generate", broken_source(kind, tmp_path, tiny_gguf), "-p", "hi", "-n", "1")
+    assert got == code and out == ""
+    one_error_line(err, *needles)
+
+
+def test_missing_files_are_named_as_missing(capsys, tiny_gguf, tmp_path):
+    """A missing -f or --calib file was blamed on its encoding ("the prompt must be UTF-8 text")."""
+    code, _, err = run(capsys, "generate", tiny_gguf, "-f", str(tmp_path / "nope.txt"), "-n", "1")
+    assert code == 2 and "UTF-8" not in err
+    one_error_line(err, f"the prompt file {tmp_path / 'nope.txt'} does not exist", "check the path")
+    code, _, err = run(capsys, "convert", tiny_gguf, "-o", str(tmp_path / "b"), "--calib", str(tmp_path / "nope"))
+    assert code == 2 and "UTF-8 text (" not in err and not (tmp_path / "b").exists()
+    one_error_line(err, f"--calib {tmp_path / 'nope'}: no such file")
+
+
+def test_generate_prompt_filling_the_context_suggests_generates_fixes(capsys, tiny_gguf):
+    """generate has no /reset (chat's command): raise --context or shorten the prompt, or pass
+    --allow-long-context when the context is already the trained positions."""
+    code, out, err = run(capsys, "generate", tiny_gguf, "-p", "hello there my friend", "-n", "8", "--context", "4",
+                         "-c", "kv")
+    assert code == 7 and out == "" and "/reset" not in err
+    one_error_line(err, "leaves no room to answer", "raise --context above", "shorten the prompt")
+    code, out, err = run(capsys, "generate", tiny_gguf, "-p", "the cat sat on the mat " * 120, "-n", "1", "-c", "kv")
+    assert code == 7 and out == "" and "/reset" not in err
+    one_error_line(err, "the model's 512 trained positions", "shorten the prompt", "--allow-long-context")

@@ -32,6 +32,7 @@ from xqcli.fileio import sha256_file
 
 SCHEMA_VERSION = 1
 MANIFEST = "xq.json"
+DAMAGED = "the file is damaged; convert the model again"  # the fix for a bundle file that cannot be read
 PROJECTIONS = "projections.safetensors"
 CALIBRATION = "calibration.json"
 # calibration.json "version": 1 (no key) also held bit plans for the removed `+mix`; 2 holds statistics and
@@ -110,7 +111,7 @@ class Bundle:
                 with safe_open(str(shard), framework="pt") as f:
                     found |= {wanted[k]: f.get_tensor(k) for k in f.keys() if k in wanted}
             except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-                raise BundleError(f"{shard}: unreadable safetensors ({e})") from None
+                raise BundleError(f"{shard}: unreadable safetensors ({e})", hint=DAMAGED) from None
         missing = sorted(k for k, where in wanted.items() if where not in found)
         if missing:
             raise BundleError(f"{self.path}: the weights lack {', '.join(missing[:2])}")
@@ -152,9 +153,12 @@ def open_bundle(path: str | Path, verify: bool = False) -> Bundle:
         raise InputError(f"{root} does not exist", hint="pass a bundle folder made by xq convert")
     if not root.is_dir():
         raise InputError(f"{root} is not a folder", hint="pass a bundle folder made by xq convert")
-    if os.path.lexists(root / MANIFEST):
-        _check_regular(root, MANIFEST)
-    m = _read_json(root / MANIFEST, missing_hint="make one with: xq convert MODEL")
+    if not os.path.lexists(root / MANIFEST):  # never a bundle: bad input (2); a damaged xq.json is corrupt (4)
+        fix = (f"it is a model folder: convert it first, xq convert {root}" if (root / "config.json").is_file()
+               else "pass a bundle folder, or make one: xq convert MODEL")
+        raise InputError(f"{root} is not an xq bundle (no {MANIFEST})", hint=fix)
+    _check_regular(root, MANIFEST)
+    m = _read_json(root / MANIFEST)
     _check_schema(root, m)
     if verify:
         _verify_manifest(root, m)
@@ -193,16 +197,14 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise BundleError(f"{path}: unreadable safetensors ({e})") from None
+        raise BundleError(f"{path}: unreadable safetensors ({e})", hint=DAMAGED) from None
 
 
-def _read_json(path: Path, missing_hint: str | None = None) -> dict[str, Any]:
+def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BundleError(f"{path.parent} is not an xq bundle (no {path.name})", hint=missing_hint) from None
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise BundleError(f"{path}: unreadable JSON ({type(e).__name__}: {e})") from None
+        raise BundleError(f"{path}: unreadable JSON ({type(e).__name__}: {e})", hint=DAMAGED) from None
     if not isinstance(data, dict):
         raise BundleError(f"{path}: expected a JSON object")
     return data
@@ -278,7 +280,8 @@ def _check_config(root: Path, raw: dict[str, Any]) -> ModelConfig:
     except XQError as e:
         raise BundleError(f"{root}: {e}") from None
     if json.loads(json.dumps(config.to_dict())) != raw:
-        raise BundleError(f"{root / MANIFEST}: 'config' does not match config.json")
+        raise BundleError(f"{root / MANIFEST}: 'config' does not match config.json",
+                          hint="config.json was edited after conversion; convert the model again")
     return config
 
 
@@ -325,7 +328,7 @@ def _check_projections(root: Path, m: dict[str, Any], files: dict[str, BundleFil
             have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
             dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise BundleError(f"{path}: unreadable safetensors ({e})") from None
+        raise BundleError(f"{path}: unreadable safetensors ({e})", hint=DAMAGED) from None
     bad = sorted(set(want) ^ set(have)) + sorted(f"{k} {list(have[k])} != {list(want[k])}"
                                                   for k in set(want) & set(have) if have[k] != want[k])
     if bad:

@@ -56,17 +56,29 @@ def utf8_text(value: str | list[str] | None) -> str | list[str] | None:
     return value
 
 
-def not_a_context(value: str | None) -> str | None:
-    """Option callback for `-c`: llama.cpp users type `-c 4096` for the context size. In xq `-c` is the cache
-    kind (in every command), and no cache kind starts with a digit, so a token count is answered with a hint."""
-    if value is None or not value.strip()[:1].isdigit():
-        return value
-    try:
-        parse_tokens(value)
-    except InputError:
-        return value
-    raise typer.BadParameter(f"{value!r} is a token count, not a cache kind: -c is --cache in xq "
-                             f"(did you mean --context {value.strip()}? llama.cpp's -c is the context size)")
+def token_count_refused(suggestion: str) -> Callable[[str | None], str | None]:
+    """An option callback for `-c`: llama.cpp users type `-c 4096` for the context size. In xq `-c` is the cache
+    kind (in every command), and no cache kind starts with a digit, so a token count is answered with
+    `suggestion` (`{value}`: the text given, `{tokens}`: its token count), the command's own option for what was
+    meant."""
+    def check(value: str | None) -> str | None:
+        if value is None or not value.strip()[:1].isdigit():
+            return value
+        try:
+            tokens = parse_tokens(value)
+        except InputError:
+            return value
+        raise typer.BadParameter(f"{value!r} is a token count, not a cache kind: -c is --cache in xq "
+                                 f"({suggestion.format(value=value.strip(), tokens=tokens)} "
+                                 "llama.cpp's -c is the context size)")
+    return check
+
+
+not_a_context = token_count_refused("did you mean --context {value}?")  # chat, generate, serve, bench
+not_a_seq_len = token_count_refused("did you mean --seq-len {tokens}?")  # eval: its window, a plain integer
+not_a_plan_context = token_count_refused(  # plan has no context: it answers how long a context fits
+    "plan takes cache kinds with -c and no context: it prints their bytes per token, and with --budget 24GiB "
+    "the longest context that fits;")
 
 
 DeviceOpt = Annotated[str, typer.Option(
@@ -116,10 +128,13 @@ ChatContextOpt = Annotated[Optional[str], typer.Option(
     "--context", "--ctx-size", help=_CONTEXT_HELP + "the model's trained positions, at most 4096.")]
 GenerateContextOpt = Annotated[Optional[str], typer.Option(
     "--context", "--ctx-size", help=_CONTEXT_HELP + "the prompt plus --max-tokens, at most the model's trained positions.")]
+_LONG_CONTEXT_HELP = ("Allow a {option} beyond the model's trained positions (max_position_embeddings in its config): "
+                      "RoPE positions it never saw in training, so {what} past them are likely garbage.")
 AllowLongContextOpt = Annotated[bool, typer.Option(
-    "--allow-long-context",
-    help="Allow a --context beyond the model's trained positions (max_position_embeddings in its config): RoPE "
-         "positions it never saw in training, so answers past them are likely garbage.")]
+    "--allow-long-context", help=_LONG_CONTEXT_HELP.format(option="--context", what="answers"))]
+AllowLongSeqLenOpt = Annotated[bool, typer.Option(  # eval: its window is --seq-len
+    "--allow-long-context", help=_LONG_CONTEXT_HELP.format(option="--seq-len (or passkey --lengths)",
+                                                           what="scores"))]
 CudaGraphOpt = Annotated[bool, typer.Option(
     "--cuda-graph/--no-cuda-graph",
     help="CUDA: capture the decode step (every cache kind) in a CUDA graph (default; --no-cuda-graph or "

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from xqcli.commands._options import MAX_INT, DeviceOpt, DtypeOpt, OfflineOpt, at_most, not_a_context
+from xqcli.commands._options import MAX_INT, DeviceOpt, DtypeOpt, JsonOpt, OfflineOpt, at_most, not_a_context
 
 EXAMPLES = ('xq bench smollm2-xq --context 4k,32k',
             'xq bench --shape llama-3.1-8b --format md -o bench.md')
@@ -51,7 +51,8 @@ def bench(
                                 "attention memory at long contexts (default: one forward).")] = None,
     fmt: Annotated[Optional[str], typer.Option(
         "--format", "-f", help="md, json, jsonl, csv or table (default: a rich table on a terminal, md otherwise; "
-                               "with --output, from its suffix).")] = None,
+                               "with --output, from its suffix; json = --json).")] = None,
+    as_json: JsonOpt = False,
     output: Annotated[Optional[Path], typer.Option(
         "--output", "-o", help="Write the results to this file instead of stdout.")] = None,
     plot_path: Annotated[Optional[Path], typer.Option(
@@ -60,24 +61,26 @@ def bench(
     offline: OfflineOpt = None,
     fail_if: Annotated[Optional[list[str]], typer.Option(
         "--fail-if", help="Gate KIND.METRIC OP NUMBER, e.g. 'xquant-4.ratio<3.5' (repeatable): exit 8 when it is "
-                          "true at any context. OP: < <= > >= == !=; METRIC: ratio, bytes_per_token, decode_ms, "
-                          "prefill_tok_s, peak_bytes, max_context.")] = None,
+                          "true at any context. OP: < <= > >= == !=; METRIC: ratio (the compression "
+                          "column), bytes_per_token, decode_ms, prefill_tok_s, peak_bytes, max_context.")] = None,
 ) -> None:
-    """Measure each cache kind at each context: cache bytes/token (measured and `xq plan`'s), ratio to
-    fp16 KV, cache size (itemized), prefill tok/s, decode ms/token (median, p90), peak memory, the
-    longest context that fits, achieved GB/s and TFLOP/s, and the roofline floor from measured device
-    peaks. Results go to stdout, progress to stderr. Long or oversized runs are refused up front
-    (exit 7)."""
+    """Measure each cache kind at each context: cache bytes/token (measured, and `xq plan`'s count at the run's
+    dtype, while `xq plan` itself counts fp16), compression (fp16 KV bytes over these), cache size (itemized),
+    prefill tok/s, decode ms/token (median, p90), peak memory, the longest context that fits, achieved GB/s
+    and TFLOP/s, and the roofline floor from measured device peaks. Results go to stdout, progress to stderr.
+    Long or oversized runs are refused up front (exit 7)."""
     from rich.console import Console
     from rich.markup import escape
 
     from xqcli.errors import InputError
     from xqcli.load import pick_device
     from xqcli.readouts import bench as lib
-    from xqcli.readouts.render import check_output_file, show, write_output_file
+    from xqcli.readouts.render import check_output_file, choose_format, show, write_output_file
     from xqcli.sources.hub import apply_offline
     from xqcli.units import parse_tokens
 
+    if as_json:
+        fmt = choose_format(fmt, as_json)  # "json", or refused when --format says otherwise
     if fmt is None:
         if output is not None:
             fmt = SUFFIX_FORMATS.get(output.suffix.lower(), "md")

@@ -10,7 +10,7 @@ import typer
 
 from xqcli.commands._options import (
     MAX_INT,
-    AllowLongContextOpt,
+    AllowLongSeqLenOpt,
     DeviceOpt,
     DtypeOpt,
     FormatOpt,
@@ -18,6 +18,7 @@ from xqcli.commands._options import (
     JsonOpt,
     OfflineOpt,
     at_most,
+    not_a_seq_len,
 )
 
 EXAMPLES = ('xq eval smollm2-xq --methods kv,xquant-4,xquant-cl-3 --seq-len 512',
@@ -32,7 +33,7 @@ def eval_(
         "--text", help="wiki or news (gensim's test data: pip install --no-deps gensim==4.4.0), builtin (the Python "
                        "documentation, on every install) or a UTF-8 file. Default: wiki, else builtin.")] = None,
     methods: Annotated[str, typer.Option(
-        "--methods", "-m", "--cache", "-c", show_default=DEFAULT_METHODS.replace(",", ", "),  # wraps, never cut
+        "--methods", "-m", "--cache", "-c", callback=not_a_seq_len, show_default=DEFAULT_METHODS.replace(",", ", "),  # wraps, never cut
         help="Comma-separated cache kinds.")] = DEFAULT_METHODS,
     tasks: Annotated[Optional[str], typer.Option(
         "--tasks", help="lm-evaluation-harness tasks, comma-separated (extra lmeval: pip install 'xqcli[lmeval]'): "
@@ -74,7 +75,7 @@ def eval_(
     calibrated: Annotated[bool, typer.Option(
         "--calibrated", help="Also a row per xquant-B / kivi-B method with the bundle's per-layer clip ratios, "
                              "named '... (cal)'.")] = False,
-    allow_long_context: AllowLongContextOpt = False,
+    allow_long_context: AllowLongSeqLenOpt = False,
     offline: OfflineOpt = None,
     fmt: FormatOpt = None,
     as_json: JsonOpt = False,
@@ -171,6 +172,6 @@ def eval_(
         return
     cells_ = [(r.method, f"{r.bytes_per_token:,.0f}", f"{r.normalized:.3f}", f"{r.compression:.2f}x", f"{r.ppl:.3f}",
                f"{r.delta_ppl:+.3f}", f"{r.kl:.4f}", f"{100 * r.top1:.1f}%") for r in rows]
-    emit(fmt, [TableData(("method", "bytes/token", "size vs fp16", "compression", "ppl", "Δppl", "KL", "top-1"), cells_,
+    emit(fmt, [TableData(("method", "bytes/token", "vs fp16 KV", "compression", "ppl", "Δppl", "KL", "top-1"), cells_,
                          title=f"xq eval: {source} | {text} | {protocol or 'paper'} protocol | seq-len {seq_len} "
                                f"| {rows[0].scored_tokens} scored tokens")])

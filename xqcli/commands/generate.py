@@ -97,7 +97,13 @@ def generate(
         try:  # stdin as bytes: its text layer may let undecodable bytes through as surrogates
             raw = sys.stdin.buffer.read() if str(prompt_file) == "-" else prompt_file.read_bytes()
             prompt = raw.decode("utf-8")
-        except (OSError, UnicodeDecodeError) as e:
+        except FileNotFoundError:
+            raise InputError(f"the prompt file {prompt_file} does not exist",
+                             hint="check the path; -f - reads the prompt from stdin") from None
+        except OSError as e:
+            raise InputError(f"cannot read the prompt file {prompt_file}: {e.strerror or e}",
+                             hint="check the path and its permissions") from None
+        except UnicodeDecodeError as e:
             raise InputError(f"cannot read the prompt file {prompt_file}: {e}",
                              hint="the prompt must be UTF-8 text") from None
     if cache is not None:
@@ -120,6 +126,7 @@ def generate(
             ctx = min(ctx, loaded.config.max_position_embeddings)
     engine = Engine(loaded.model, tok, spec, context=ctx, cuda_graph=cuda_graph, sampling=params,
                     artifacts=loaded.artifacts, allow_long_context=allow_long_context)
+    _check_room(len(ids), engine.context, loaded.config.max_position_embeddings, allow_long_context)
     if engine.decode_note and not as_json:
         print(engine.decode_note, file=sys.stderr)
     tokens: list[int] = []
@@ -144,6 +151,21 @@ def generate(
         f"{stats.prompt_tokens} prompt + {stats.generated_tokens} generated tokens ({finish}) | "
         f"prefill {stats.prefill_tok_s:.1f} tok/s, decode {stats.decode_tok_s:.1f} tok/s | {memory_summary(mem)}",
         style="dim", markup=False)
+
+
+def _check_room(prompt_tokens: int, context: int, trained: int, allow_long_context: bool) -> None:
+    """A prompt that fills the context, refused with generate's fixes: the engine's own refusal (the same test)
+    offers chat's /reset, which generate does not have."""
+    from xqcli.engine.loop import LONG_CONTEXT_HINT
+    from xqcli.errors import ResourceError
+
+    if prompt_tokens < context:
+        return
+    at_limit = context >= trained and not allow_long_context
+    raise ResourceError(f"the prompt is {prompt_tokens:,} tokens and leaves no room to answer: the context is "
+                        f"{context:,}" + (f", the model's {trained:,} trained positions" if at_limit else ""),
+                        hint=f"shorten the prompt, or {LONG_CONTEXT_HINT}" if at_limit
+                        else f"raise --context above {prompt_tokens:,}, or shorten the prompt")
 
 
 def result_object(loaded, spec, engine, prompt, text, tokens, finish, stats, mem) -> dict[str, Any]:

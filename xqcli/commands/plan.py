@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from xqcli.commands._options import MAX_INT, FormatOpt, GroupOpt, JsonOpt, at_most
+from xqcli.commands._options import MAX_INT, FormatOpt, GroupOpt, JsonOpt, at_most, not_a_plan_context
 
 EXAMPLES = ('xq plan --shape llama-3.1-8b --budget 24GiB',
             'xq plan smollm2-xq -c kv,xquant-4 --format csv > plan.csv')
@@ -17,7 +17,7 @@ def plan(
     shape: Annotated[Optional[str], typer.Option(
         "--shape", help="llama-3.1-8b, llama-2-7b, mistral-7b or smollm2-135m.")] = None,
     kinds: Annotated[Optional[str], typer.Option(
-        "--cache", "-c", help="Comma-separated cache kinds (default: kv, kivi-4/3/2, xquant-8/4/3/2, "
+        "--cache", "-c", callback=not_a_plan_context, help="Comma-separated cache kinds (default: kv, kivi-4/3/2, xquant-8/4/3/2, "
                               "xquant-cl-4/3/2).")] = None,
     budget: Annotated[Optional[str], typer.Option(
         "--budget", help="Memory budget, e.g. 24GiB: prints the longest context.")] = None,

@@ -104,6 +104,9 @@ def convert(src: str | Path, out_dir: str | Path | None = None, *, dtype: str | 
     out = Path(out_dir).expanduser() if out_dir is not None else default_out_dir(str(src))
     local = Path(src).expanduser()
     check_target(out, force, local if local.exists() else None)  # before any download
+    if calib is not None and not Path(calib).is_file():  # read_user_text would blame the encoding
+        raise InputError(f"--calib {calib}: " + ("is a folder" if Path(calib).is_dir() else "no such file"),
+                         hint="give a UTF-8 text file (or leave --calib out: the Python documentation text)")
     text, text_label = (builtin_text(), "pydoc_data.topics (Python documentation)") if calib is None else \
         (read_user_text(Path(calib), "--calib"), Path(calib).name)
     source = resolve(str(src), revision=revision, token=token, offline=offline, progress=sys.stderr.isatty())
@@ -270,6 +273,9 @@ def _read_source(source: Source) -> _SourceModel:
     folder = source.path
     cfg_path = check_model_folder(folder)
     ModelConfig.from_file(cfg_path)  # unsupported or broken configs fail here, before the weights
+    from xqcli.tokenizer import Tokenizer
+
+    Tokenizer.from_folder(folder)  # so does a missing or broken tokenizer, named in the source, not the temp folder
     raw = json.loads(cfg_path.read_text(encoding="utf-8"))
     raw.pop("xquant", None)  # re-converting a bundle
     tensors = read_safetensors(shard_files(folder))

@@ -51,12 +51,13 @@ def task_scores(results: dict, cache: str) -> list[TaskScore]:
 
 
 def task_manager(include: Path | None):
-    """lm-eval's task index, with a folder of local task YAML files when given (checked here: exit 2)."""
-    from lm_eval.tasks import TaskManager
+    """lm-eval's task index, with a folder of local task YAML files when given (checked here: exit 2); a task's
+    dataset that cannot be had from the hub is exit 5 (`HubAwareTaskManager`)."""
+    from xqcli.lmeval.tasks import HubAwareTaskManager
 
     if include is not None and not Path(include).is_dir():
         raise InputError(f"--include {include}: not a folder of lm-eval task YAML files")
-    return TaskManager(include_path=str(include) if include is not None else None)
+    return HubAwareTaskManager(include_path=str(include) if include is not None else None)
 
 
 def run_tasks(loaded: Loaded, specs: Sequence[CacheSpec], tasks: Sequence[str], *, include: Path | None = None,

@@ -85,11 +85,16 @@ def rich_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], *, title: 
 
 def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], *,
                    numeric: Sequence[bool] | None = None) -> str:
-    """A GitHub markdown table; `numeric` columns are right-aligned (`---:`; default: all but the first)."""
+    """A GitHub markdown table; `numeric` columns are right-aligned (`---:`; default: all but the first). A `|` in
+    a header or cell (inspect's `max |X|`) is written `\\|`, else it would split the cell and break the table."""
     align = ["---:" if r else "---" for r in _right_aligned(len(columns), numeric)]
-    out = ["| " + " | ".join(columns) + " |", "|" + "|".join(align) + "|"]
-    out += ["| " + " | ".join(str(v) for v in r) + " |" for r in rows]
+    out = [_markdown_row(columns), "|" + "|".join(align) + "|"]
+    out += [_markdown_row(r) for r in rows]
     return "\n".join(out) + "\n"
+
+
+def _markdown_row(cells: Sequence[Any]) -> str:
+    return "| " + " | ".join(str(v).replace("|", "\\|") for v in cells) + " |"
 
 
 def csv_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -62,7 +62,8 @@ def shard_files(folder: Path) -> list[Path]:
     if list(folder.glob("*.bin")) or list(folder.glob("*.pt")):
         raise WeightsError(f"{folder}: only pickle weights (.bin/.pt) found; xq reads safetensors only",
                            hint="convert the checkpoint to safetensors first")
-    raise WeightsError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    raise WeightsError(f"{folder}: no model.safetensors or model.safetensors.index.json",
+                       hint="copy or download the model's *.safetensors weights into it too, or pass a .gguf file")
 
 
 def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:

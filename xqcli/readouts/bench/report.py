@@ -13,7 +13,9 @@ from xqcli.readouts.bench.results import SCHEMA_VERSION, BenchResult, Row
 
 FORMATS = ("table", "md", "json", "jsonl", "csv")
 TOOL = "bench"
-COLUMNS = ("cache", "context", "B/token", "plan B/token", "vs fp16 KV", "cache MiB", "fp window MiB",
+# "compression" is fp16 KV bytes/token over the row's, as `xq plan` names it ("vs fp16 KV" is plan's size fraction);
+# the plan column is `xq plan`'s count at the run's dtype (`columns` names it): `xq plan` itself counts fp16
+COLUMNS = ("cache", "context", "B/token", "plan B/token", "compression", "cache MiB", "fp window MiB",
            "workspace MiB", "prefill tok/s", "decode ms/token (p50 / p90)", "peak MiB", "max context", "GB/s",
            "TFLOP/s", "floor ms")
 NUMERIC = [c != "cache" for c in COLUMNS]
@@ -59,6 +61,11 @@ def cells(r: Row) -> list[str]:
             _f(r.roofline_ms, ".3f")]
 
 
+def columns(res: BenchResult) -> list[str]:
+    """`COLUMNS` with the plan column naming its dtype: a float32 run's kv row is twice `xq plan`'s fp16 count."""
+    return [f"{c} ({res.settings['dtype']})" if c == "plan B/token" else c for c in COLUMNS]
+
+
 def header_lines(res: BenchResult) -> list[str]:
     """The run's record above (markdown) or below (table) the rows: device, versions, model, settings."""
     env, m, s, p = res.environment, res.model, res.settings, res.peaks
@@ -99,7 +106,7 @@ def rich_view(res: BenchResult):
     from rich.console import Group
     from rich.text import Text
 
-    table = renderer.rich_table(COLUMNS, [cells(r) for r in res.rows], title=f"xq bench: {res.target}",
+    table = renderer.rich_table(columns(res), [cells(r) for r in res.rows], title=f"xq bench: {res.target}",
                               caption="\n".join(header_lines(res)), numeric=NUMERIC)
     extra = [Text(v.text) for v in res.verdicts] + [Text("note: " + n, style="dim") for n in res.notes]
     return Group(table, *extra)
@@ -107,7 +114,7 @@ def rich_view(res: BenchResult):
 
 def render_md(res: BenchResult) -> str:
     head = [f"## xq bench: {res.target}", ""] + [f"- {h}" for h in header_lines(res)] + [""]
-    table = renderer.markdown_table(COLUMNS, [cells(r) for r in res.rows], numeric=NUMERIC)
+    table = renderer.markdown_table(columns(res), [cells(r) for r in res.rows], numeric=NUMERIC)
     tail = [""] + [f"- {v.text}" for v in res.verdicts] + [f"- note: {n}" for n in res.notes]
     return "\n".join(head) + "\n" + table + "\n".join(tail) + "\n"
 

@@ -261,7 +261,7 @@ def _notes(rows: list[Row], peak: PeakMemory) -> list[str]:
     notes = []
     if any(r.bytes_per_token is None and r.error is None for r in rows):
         notes.append("some contexts are shorter than the full-precision window plus a 128-token block: "
-                     "nothing was quantized yet, so bytes/token and ratio are not measured there "
+                     "nothing was quantized yet, so bytes/token and compression are not measured there "
                      "(max context uses the plan number)")
     if peak.source is None:
         notes.append("peak memory is not measurable here (no CUDA, no /proc/self/clear_refs)")

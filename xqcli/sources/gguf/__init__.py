@@ -18,7 +18,7 @@ import torch
 
 from xqcli.errors import GGUFError, MissingDependencyError
 from xqcli.fileio import sha256_file
-from xqcli.sources.gguf.reader import HEADER, one_line, read_header
+from xqcli.sources.gguf.reader import DAMAGED_HINT, HEADER, NOT_GGUF_HINT, one_line, read_header
 from xqcli.sources.gguf.tensors import (
     HF_ARCHITECTURES,
     SUPPORTED_ARCHITECTURES,
@@ -63,7 +63,7 @@ def load_gguf(path: str | Path) -> GGUFModel:
         with open(path, "rb") as f:
             size = f.seek(0, 2)
             if size < HEADER.size:
-                raise GGUFError(f"{path}: not a GGUF file (only {size} bytes)")
+                raise GGUFError(f"{path}: not a GGUF file (only {size} bytes)", hint=NOT_GGUF_HINT)
             buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except OSError as e:
         raise GGUFError(f"{path}: cannot read the file ({e.strerror or e})") from None
@@ -75,7 +75,8 @@ def load_gguf(path: str | Path) -> GGUFModel:
     except (struct.error, ValueError, IndexError, KeyError, TypeError, OverflowError, ZeroDivisionError,
             MemoryError) as e:
         # Every check above should come first; this keeps a missed one a clean error, not a traceback.
-        raise GGUFError(f"{path}: malformed GGUF file ({type(e).__name__}: {one_line(e)})") from None
+        raise GGUFError(f"{path}: malformed GGUF file ({type(e).__name__}: {one_line(e)})",
+                        hint=DAMAGED_HINT) from None
     return GGUFModel(config, tensors, tokenizer_json, tokenizer_config, generation_config, sha256_file(path))
 
 

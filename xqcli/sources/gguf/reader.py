@@ -18,6 +18,8 @@ from typing import Any
 from xqcli.errors import GGUFError
 
 HEADER = struct.Struct("<4sIQQ")  # magic, version, tensor count, metadata count
+NOT_GGUF_HINT = "pass a .gguf model file (download it again if it was cut short)"
+DAMAGED_HINT = "the file is cut short or damaged: download it again"
 _U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
 # GGUF metadata value types: scalar id -> (struct format, numpy dtype for arrays)
 _SCALARS: dict[int, tuple[str, str]] = {
@@ -43,6 +45,11 @@ class TensorInfo:
         return tuple(reversed(self.dims))
 
 
+def corrupt_header(path: Path, detail: str, truncated: bool = False) -> GGUFError:
+    """A header that cannot be what a GGUF writer wrote: a download cut short, or a damaged file."""
+    return GGUFError(f"{path}: {'truncated or ' if truncated else ''}corrupt GGUF header: {detail}", hint=DAMAGED_HINT)
+
+
 class _Cursor:
     """Bounds-checked reads from the mapped file: no declared length is trusted past the file's end."""
 
@@ -50,8 +57,8 @@ class _Cursor:
         self.buf, self.end, self.path, self.pos = buf, size, path, 0
 
     def fail(self, what: str) -> GGUFError:
-        return GGUFError(f"{self.path}: truncated or corrupt GGUF header: {what} at byte {self.pos} "
-                         f"runs past the end of the {self.end}-byte file")
+        return corrupt_header(self.path, f"{what} at byte {self.pos} runs past the end of the {self.end}-byte file",
+                              truncated=True)
 
     def need(self, n: int, what: str) -> None:
         if n > self.end - self.pos:
@@ -75,7 +82,7 @@ class _Cursor:
         try:
             s = str(self.buf[self.pos:self.pos + n], "utf-8")
         except UnicodeDecodeError:
-            raise GGUFError(f"{self.path}: corrupt GGUF header: {what} at byte {self.pos} is not UTF-8") from None
+            raise corrupt_header(self.path, f"{what} at byte {self.pos} is not UTF-8") from None
         self.pos += n
         return s
 
@@ -96,8 +103,7 @@ class _Cursor:
                 pos += n
         except UnicodeDecodeError:
             self.pos = pos
-            raise GGUFError(f"{self.path}: corrupt GGUF header: entry {len(out)} of {what} at byte {pos} "
-                            "is not UTF-8") from None
+            raise corrupt_header(self.path, f"entry {len(out)} of {what} at byte {pos} is not UTF-8") from None
         self.pos = pos
         if len(out) < count:
             raise self.fail(f"entry {len(out)} of {what}")
@@ -130,8 +136,8 @@ class _Cursor:
             if itype == _ARRAY:
                 self.need(count * 12, what)
                 return [self.value(_ARRAY, what, depth + 1) for _ in range(count)]
-            raise GGUFError(f"{self.path}: corrupt GGUF header: {what} has unknown array item type {itype}")
-        raise GGUFError(f"{self.path}: corrupt GGUF header: {what} has unknown value type {vtype}")
+            raise corrupt_header(self.path, f"{what} has unknown array item type {itype}")
+        raise corrupt_header(self.path, f"{what} has unknown value type {vtype}")
 
 
 def short_float32(v: float) -> float:
@@ -145,23 +151,23 @@ def read_header(buf: mmap.mmap, size: int, path: Path) -> tuple[dict[str, Any], 
 
     magic, version, n_tensors, n_kv = HEADER.unpack_from(buf, 0)
     if magic != b"GGUF":
-        raise GGUFError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
+        raise GGUFError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF')", hint=NOT_GGUF_HINT)
     if version not in (2, 3):
         if struct.unpack(">I", struct.pack("<I", version))[0] in (2, 3):
             raise GGUFError(f"{path}: big-endian GGUF files are not supported")
         raise GGUFError(f"{path}: unsupported GGUF version {version} (supported: 2, 3)")
     # Every metadata entry takes at least 13 bytes, every tensor record at least 32.
     if n_kv > (size - HEADER.size) // 13:
-        raise GGUFError(f"{path}: corrupt GGUF header: {n_kv} metadata entries cannot fit in {size} bytes")
+        raise corrupt_header(path, f"{n_kv} metadata entries cannot fit in {size} bytes")
     if n_tensors > (size - HEADER.size) // 32:
-        raise GGUFError(f"{path}: corrupt GGUF header: {n_tensors} tensors cannot fit in {size} bytes")
+        raise corrupt_header(path, f"{n_tensors} tensors cannot fit in {size} bytes")
     cur = _Cursor(buf, size, path)
     cur.pos = HEADER.size
     kv: dict[str, Any] = {}
     for i in range(n_kv):
         key = cur.string(f"metadata key #{i}")
         if key in kv:
-            raise GGUFError(f"{path}: corrupt GGUF header: metadata key {key!r} appears twice")
+            raise corrupt_header(path, f"metadata key {key!r} appears twice")
         kv[key] = cur.value(cur.u32(f"type of metadata {key!r}"), f"metadata {key!r}")
     infos: list[TensorInfo] = []
     names: set[str] = set()
@@ -169,16 +175,16 @@ def read_header(buf: mmap.mmap, size: int, path: Path) -> tuple[dict[str, Any], 
         name = cur.string(f"name of tensor #{i}")
         n_dims = cur.u32(f"tensor {name!r}")
         if not 1 <= n_dims <= _MAX_DIMS:
-            raise GGUFError(f"{path}: corrupt GGUF header: tensor {name!r} has {n_dims} dimensions")
+            raise corrupt_header(path, f"tensor {name!r} has {n_dims} dimensions")
         dims = tuple(cur.u64(f"tensor {name!r}") for _ in range(n_dims))
         type_id, offset = cur.u32(f"tensor {name!r}"), cur.u64(f"tensor {name!r}")
         if name in names:
-            raise GGUFError(f"{path}: corrupt GGUF header: tensor {name!r} appears twice")
+            raise corrupt_header(path, f"tensor {name!r} appears twice")
         names.add(name)
         infos.append(TensorInfo(name, dims, type_id, offset))
     alignment = kv.get("general.alignment", 32)
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-        raise GGUFError(f"{path}: corrupt GGUF header: general.alignment {alignment!r} is not a power of two")
+        raise corrupt_header(path, f"general.alignment {alignment!r} is not a power of two")
     data_start = -(-cur.pos // alignment) * alignment
     for t in infos:
         try:
@@ -194,7 +200,7 @@ def read_header(buf: mmap.mmap, size: int, path: Path) -> tuple[dict[str, Any], 
         nbytes = math.prod(t.dims) // block * type_size
         if data_start + t.offset + nbytes > size:
             raise GGUFError(f"{path}: tensor {t.name!r} data ({nbytes} bytes at {data_start + t.offset}) runs past "
-                            f"the end of the {size}-byte file (truncated download?)")
+                            f"the end of the {size}-byte file (truncated download?)", hint=DAMAGED_HINT)
     return kv, infos, data_start
 
 
