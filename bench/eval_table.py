@@ -13,7 +13,7 @@ def table(path: str) -> str:
     d = json.load(open(path, encoding="utf-8"))
     head = (f"`{d['model']}` | text `{d['text']}` | {d['protocol']} protocol | seq-len {d['seq_len']} | "
             f"{d['rows'][0]['scored_tokens']:,} scored tokens")
-    lines = [head, "", "| method | bytes/token | size vs fp16 KV | compression | ppl | Δppl | KL vs kv | top-1 vs kv |",
+    lines = [head, "", "| method | bytes/token | vs fp16 KV | compression | ppl | Δppl | KL vs kv | top-1 vs kv |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in d["rows"]:
         lines.append(f"| {r['method']} | {r['bytes_per_token']:,.0f} | {r['normalized']:.3f} | {r['compression']:.2f}x | "
