@@ -44,10 +44,18 @@ REF_MAX_ABS = 2e-3
 KINDS = ("kv", "kivi-4", "xquant-4", "xquant-4+rot", "xquant-4+ch0", "xquant-cl-3", "xquant-cl-3+rot")
 
 
+def default_kinds(config) -> list[str]:
+    """KINDS without +ch0 on a model that caches X itself (MHA): there is no latent channel 0 to keep."""
+    from xqcli.cache.spec import uses_latents
+
+    return [k for k in KINDS if "+ch0" not in k or uses_latents(config)]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="an HF folder (default: SmolLM2-135M from the test assets)")
-    ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--kinds", help="comma-separated cache kinds (default: every kind of KINDS the model takes; "
+                                    "+ch0 needs latents)")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--interpret", action="store_true", help="CPU: the Triton interpreter, no graph")
     ap.add_argument("--protocol", choices=("synced", "free"), default="synced",
@@ -79,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     prompt = Tokenizer.from_folder(folder).encode(assets.wiki_text())[:100]
     context = len(prompt) + args.steps + 1
     rows, ok = [], True
-    for kind in args.kinds.split(","):
+    for kind in args.kinds.split(",") if args.kinds else default_kinds(model.config):
         spec = CacheSpec.parse(kind)
         if spec.method != "kv":
             spec = CacheSpec.parse(kind, window=16, group_size=32)  # most cached tokens read from codes

@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape", help="a named shape with random weights (xq plan's names) instead of SmolLM2")
     ap.add_argument("--layers", type=int, help="with --shape: this many layers instead of the shape's")
     ap.add_argument("--bundle", help="an xq bundle instead of SmolLM2")
-    ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated cache kinds")
+    ap.add_argument("--kinds", help="comma-separated cache kinds (default: KINDS, without +ch0 on a model that "
+                                    "caches X itself)")
     ap.add_argument("--context", default="256,1024", help="prefill lengths, comma-separated")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--auto-backend", choices=("triton", "ref"), default="triton",
@@ -143,7 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, artifacts, described = target(args)
         rows, notes = [], []
-        for kind in args.kinds.split(","):
+        from xqcli.cache.spec import uses_latents
+
+        kinds = args.kinds.split(",") if args.kinds else [k for k in KINDS if "+ch0" not in k
+                                                          or uses_latents(model.config)]  # +ch0 needs latents
+        for kind in kinds:
             for n in contexts:
                 print(f"tracing {kind} after {n:,} tokens", file=sys.stderr)
                 try:
