@@ -188,3 +188,93 @@ def test_missing_tokenizer_is_found_before_any_work(tmp_path, monkeypatch, capsy
     assert code == 3 and last.startswith("error:") and "Traceback" not in err, err
     assert f"{src} has no tokenizer.json" in last and ".tmp-" not in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["convert", "generate"])
+def test_tokenizer_of_another_model_is_refused_before_any_work(command, smollm2_dir, tmp_path, monkeypatch,
+                                                                capsys):
+    """SmolLM2's tokenizer (49,152 ids) beside tiny weights (256 rows): convert failed in calibration with
+    "internal error: IndexError" (exit 1) after writing the weights; both commands now name the mismatch (exit 3)."""
+    from xqcli.convert import pipeline
+
+    def no_weights(*_args, **_kw):
+        raise AssertionError("weights read before the tokenizer was checked")
+
+    monkeypatch.setattr(pipeline, "read_safetensors", no_weights)
+    src = tmp_path / "mixed"
+    shutil.copytree(assets.tiny_hf("llama"), src)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(smollm2_dir / name, src / name)
+    out = tmp_path / "out"
+    args = [command, str(src), *(["-o", str(out)] if command == "convert" else ["-p", "Hi", "-n", "2"])]
+    code = main(args)
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # after convert's "reading SRC" progress line
+    assert code == 3 and "Traceback" not in err and last.startswith(f"error: {src}: "), err
+    assert "has 49,152 tokens" in last and "vocab_size is 256" in last and "tokenizer.json" in last, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mixed"]  # no bundle, no temporary folder
+
+
+def test_a_target_force_cannot_replace_never_suggests_force(tmp_path, capsys):
+    """`-o` a user's folder said "pass --force to replace it", and --force was then refused."""
+    src = assets.tiny_gguf("llama")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    plain = tmp_path / "plain.txt"
+    plain.write_text("keep")
+    for out, fix in ((mine, "empty that folder"), (plain, "move that file away"), (src, "choose another --out")):
+        for force in ([], ["--force"]):
+            code = main(["convert", str(src), "-o", str(out), *force])
+            err = capsys.readouterr().err
+            assert code == 2 and "pass --force" not in err and fix in err, (out, force, err)
+    assert (mine / "notes.txt").read_text() == "keep" and plain.read_text() == "keep" and src.stat().st_size > 0
+    empty = tmp_path / "empty"
+    empty.mkdir()  # a folder --force may replace: the hint names it
+    assert main(["convert", str(src), "-o", str(empty)]) == 2 and "pass --force" in capsys.readouterr().err
+
+
+def test_two_different_revisions_are_refused(tmp_path, monkeypatch, capsys):
+    """`org/name@main --revision v2` silently used v2; the same revision given twice is fine."""
+    from xqcli.sources.hub import resolve
+
+    tiny = assets.tiny_hf("llama")
+    fake_hub(monkeypatch, tmp_path / "hub", "someone/tiny",
+             {n: tiny / n for n in ("config.json", "model.safetensors")})
+    for args in (["convert", "-o", str(tmp_path / "out")], ["generate", "-p", "hi"]):
+        code = main([args[0], "someone/tiny@main", *args[1:], "--revision", "v2"])
+        err = capsys.readouterr().err
+        assert code == 2 and "'main'" in err and "'v2'" in err and "once" in err, err
+    assert resolve("someone/tiny@main", revision="main").revision == COMMIT
+
+
+@pytest.mark.parametrize("files", [{}, {"config.json"}, {"config.json", "model.safetensors.index.json"}])
+@pytest.mark.parametrize("command", ["convert", "generate"])
+def test_partial_snapshot_offline_is_not_in_the_cache(files, command, tmp_path, monkeypatch, capsys):
+    """A snapshot cut short (no config.json, no weights, a shard missing) gave exit 2 or 3 with a path and no hint."""
+    tiny = assets.tiny_hf("llama")
+    index = json.dumps({"weight_map": {"model.embed_tokens.weight": "model-00001-of-00001.safetensors"}})
+    content = {"config.json": tiny / "config.json", "model.safetensors.index.json": index}
+    fake_hub(monkeypatch, tmp_path / "hub", "someone/tiny", {n: content[n] for n in files})
+    missing = ("config.json" if not files else "model-00001-of-00001.safetensors" if len(files) > 1
+               else "model.safetensors")
+    args = ["-o", str(tmp_path / "out")] if command == "convert" else ["-p", "hi"]
+    code = main([command, "someone/tiny", *args])
+    err = capsys.readouterr().err
+    assert code == 5 and err.startswith("error: someone/tiny: ") and len(err.strip().splitlines()) == 1, err
+    assert missing in err and "HF_HUB_OFFLINE is set" in err and "download it where the hub is reachable" in err, err
+
+
+@pytest.mark.parametrize("command", ["convert", "generate"])
+def test_offline_error_names_the_flag_that_caused_it(command, tmp_path, monkeypatch, capsys):
+    """Only --offline was given, and the error blamed HF_HUB_OFFLINE."""
+    fake_hub(monkeypatch, tmp_path / "hub", "someone/other", {"config.json": "{}"})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    args = ["-o", str(tmp_path / "out")] if command == "convert" else ["-p", "hi"]
+    code = main([command, "nobody/missing-model", *args, "--offline"])
+    err = capsys.readouterr().err
+    assert code == 5 and "--offline was given" in err and "HF_HUB_OFFLINE" not in err, err
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = main([command, "nobody/missing-model", *args])  # the variable alone, after a command with the flag
+    err = capsys.readouterr().err
+    assert code == 5 and "HF_HUB_OFFLINE is set" in err and "--offline" not in err, err

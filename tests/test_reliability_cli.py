@@ -427,6 +427,10 @@ def broken_source(kind: str, tmp_path: Path, tiny_gguf: str) -> str:
     if kind == "not-gguf":
         (tmp_path / "fake.gguf").write_bytes(b"not gguf!")
         return str(tmp_path / "fake.gguf")
+    if kind == "bad-json":
+        (tmp_path / "badjson").mkdir()
+        (tmp_path / "badjson" / "config.json").write_text('{"model_type": "llama",')
+        return str(tmp_path / "badjson")
     import assets
 
     (tmp_path / "nowts").mkdir()
@@ -438,6 +442,7 @@ def broken_source(kind: str, tmp_path: Path, tiny_gguf: str) -> str:
     ("cut-gguf", 3, ["corrupt GGUF header", "download it again"]),
     ("not-gguf", 3, ["not a GGUF file", "pass a .gguf model file"]),
     ("no-weights", 3, ["no model.safetensors", "safetensors weights into it"]),
+    ("bad-json", 3, ["not a readable JSON config", "download the model again, or fix its JSON"]),
 ])
 def test_broken_sources_name_the_fix(capsys, tiny_gguf, tmp_path, kind, code, needles):
     got, out, err = run(capsys, "generate", broken_source(kind, tmp_path, tiny_gguf), "-p", "hi", "-n", "1")
@@ -452,7 +457,10 @@ def test_missing_files_are_named_as_missing(capsys, tiny_gguf, tmp_path):
     one_error_line(err, f"the prompt file {tmp_path / 'nope.txt'} does not exist", "check the path")
     code, _, err = run(capsys, "convert", tiny_gguf, "-o", str(tmp_path / "b"), "--calib", str(tmp_path / "nope"))
     assert code == 2 and "UTF-8 text (" not in err and not (tmp_path / "b").exists()
-    one_error_line(err, f"--calib {tmp_path / 'nope'}: no such file")
+    one_error_line(err, f"--calib {tmp_path / 'nope'}: does not exist", "check the path")
+    code, _, err = run(capsys, "convert", tiny_gguf, "-o", str(tmp_path / "b"), "--calib", str(tmp_path))
+    assert code == 2 and "UTF-8 text (" not in err and not (tmp_path / "b").exists()
+    one_error_line(err, f"--calib {tmp_path}: is a folder", "give a UTF-8 text file")
 
 
 def test_generate_prompt_filling_the_context_suggests_generates_fixes(capsys, tiny_gguf):

@@ -16,6 +16,7 @@ from xqcli.errors import InputError, ModelError, UnsupportedModelError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+DAMAGED_CONFIG = "the file is damaged: download the model again, or fix its JSON"
 
 
 @dataclass(frozen=True)
@@ -118,9 +119,9 @@ class ModelConfig:
         except FileNotFoundError:
             raise InputError(f"{path} does not exist") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ModelError(f"{path}: not a readable JSON config ({e})") from None
+            raise ModelError(f"{path}: not a readable JSON config ({e})", hint=DAMAGED_CONFIG) from None
         if not isinstance(raw, dict):
-            raise ModelError(f"{path}: expected a JSON object")
+            raise ModelError(f"{path}: expected a JSON object", hint=DAMAGED_CONFIG)
         return cls.from_dict(raw, source=str(path))
 
     def _check(self, source: str) -> None:

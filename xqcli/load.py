@@ -16,13 +16,14 @@ from xqcli.cache.base import LayerWeights, ModelCache, ModelParts
 from xqcli.cache.factory import build_cache
 from xqcli.cache.spec import CacheSpec
 from xqcli.config import ModelConfig
-from xqcli.errors import BundleError, ModelError, WeightsError
+from xqcli.errors import BundleError, ModelError, WeightsError, XQError
 from xqcli.model import Transformer
 from xqcli.sources.hf import IGNORED_SUFFIXES, check_model_folder, parse_dtype, read_safetensors, shard_files
 from xqcli.sources.hub import Source, resolve
 
 if TYPE_CHECKING:
     from xqcli.bundle.format import Bundle
+    from xqcli.tokenizer import Tokenizer
 
 
 @dataclass
@@ -45,11 +46,26 @@ class Loaded:
         return make_cache(self.model, spec, batch, max_len, artifacts=self.artifacts, device=device,
                           kernels=kernels)
 
-    def tokenizer(self):  # -> xqcli.tokenizer.Tokenizer
-        """The tokenizer; a damaged tokenizer file of a bundle is a bundle problem (exit 4), not a source's."""
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer, checked against the weights; a damaged tokenizer file of a bundle is a bundle problem
+        (exit 4), not a source's."""
         from xqcli.tokenizer import Tokenizer
 
-        return Tokenizer.from_folder(self.tokenizer_dir, error=BundleError if self.bundle is not None else ModelError)
+        error = BundleError if self.bundle is not None else ModelError
+        tok = Tokenizer.from_folder(self.tokenizer_dir, error=error)
+        check_vocab(tok, self.config, self.source.describe(), error)
+        return tok
+
+
+def check_vocab(tok: Tokenizer, cfg: ModelConfig, source: str, error: type[XQError] = ModelError) -> None:
+    """A tokenizer whose vocabulary is larger than the embedding belongs to another model: refused when the source
+    is opened, before its ids fail deep in a forward pass (an IndexError on the CPU, a device-side assert on a GPU).
+    Added special tokens are not counted: some models add one past their embedding (a pad token) and run fine as
+    long as it is never fed; an id beyond the vocabulary in a prompt is refused when it is encoded."""
+    if tok.base_vocab_size > cfg.vocab_size:
+        raise error(f"{source}: the tokenizer has {tok.base_vocab_size:,} tokens but the model's vocab_size is "
+                    f"{cfg.vocab_size:,}: the tokenizer does not match the weights",
+                    hint="use the tokenizer.json and tokenizer_config.json of the model the weights come from")
 
 
 def pick_device(device: str | None) -> torch.device:

@@ -132,8 +132,15 @@ def read_user_text(path: Path, option: str) -> str:
     """A user's UTF-8 text file (eval text, calibration text), refused when unreadable or empty."""
     try:
         text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{option} {path}: cannot read it as UTF-8 text ({e})") from None
+    except FileNotFoundError:
+        raise InputError(f"{option} {path}: does not exist", hint="check the path") from None
+    except IsADirectoryError:
+        raise InputError(f"{option} {path}: is a folder", hint="give a UTF-8 text file") from None
+    except OSError as e:  # not its encoding: permissions, a device error
+        raise InputError(f"{option} {path}: cannot read it ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{option} {path}: cannot read it as UTF-8 text ({e})",
+                         hint="give a UTF-8 text file") from None
     if not text.strip():
         raise InputError(f"{option} {path}: the file is empty")
     return text

@@ -117,6 +117,7 @@ class Tokenizer:
             eos_ids[0] if eos_ids else None
         )
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
+        self.base_vocab_size: int = backend.get_vocab_size(with_added_tokens=False)  # without added special tokens
         self.chat_template = chat_template
         self._chat_template_source = chat_template_source
         self._chat_template_overridden = False

@@ -1,9 +1,9 @@
 """`xq chat`: an interactive conversation through any cache kind, with a live memory panel.
 
 The loop, the slash commands and the rendering live here; generation is `xqcli.engine.Engine`.
-Output rules: answers go to stdout; the live panel, the banner and the per-turn summary go to
-stderr. When stdout is not a terminal, answers are plain streamed text, there is no panel, and
-`/stats` and `/mem` print plain `key: value` lines to stdout.
+Output rules: answers go to stdout; the live panel, the banner, the per-turn summary, status lines and
+the /help, /set and /system listings go to stderr. When stdout is not a terminal, answers are plain
+streamed text, there is no panel, and `/stats` and `/mem` print plain `key: value` lines to stdout.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ COMMANDS_HELP = """\
                  seed (or none), max_tokens; /set alone shows them
 /save FILE       save the conversation and its cache (safetensors)
 /load FILE       restore a saved session and continue it
+/help            this list (alias /?)
 /exit            quit (alias /quit, /bye)"""
 
 # `--help` is Markdown (xqcli/cli.py): the two aligned blocks are code blocks there.
@@ -149,7 +150,7 @@ class ChatSession:
         if cmd in ("/exit", "/quit", "/bye"):
             return False
         if cmd in ("/help", "/?"):
-            self.out.print(COMMANDS_HELP, markup=False, highlight=False)
+            self.err.print(COMMANDS_HELP, markup=False, highlight=False)  # a listing, as /set's: never among answers
         elif cmd == "/stats":
             stats = self.engine.stats
             self.show(generation_lines(stats), generation_table(stats))

@@ -55,9 +55,9 @@ from xqcli.convert.calibrate import DEFAULT_TOKENS, calibrate
 from xqcli.texts import builtin_text
 from xqcli.errors import InputError, ResourceError, XQError
 from xqcli.fileio import write_json
-from xqcli.load import build_model, expected_shapes
+from xqcli.load import build_model, check_vocab, expected_shapes
 from xqcli.sources.hf import check_model_folder, parse_dtype, read_safetensors, shard_files
-from xqcli.sources.hub import ALLOW_PATTERNS, Source, resolve
+from xqcli.sources.hub import ALLOW_PATTERNS, Source, apply_offline, resolve
 from xqcli.texts import read_user_text
 from xqcli.units import format_bytes
 
@@ -104,11 +104,9 @@ def convert(src: str | Path, out_dir: str | Path | None = None, *, dtype: str | 
     out = Path(out_dir).expanduser() if out_dir is not None else default_out_dir(str(src))
     local = Path(src).expanduser()
     check_target(out, force, local if local.exists() else None)  # before any download
-    if calib is not None and not Path(calib).is_file():  # read_user_text would blame the encoding
-        raise InputError(f"--calib {calib}: " + ("is a folder" if Path(calib).is_dir() else "no such file"),
-                         hint="give a UTF-8 text file (or leave --calib out: the Python documentation text)")
     text, text_label = (builtin_text(), "pydoc_data.topics (Python documentation)") if calib is None else \
         (read_user_text(Path(calib), "--calib"), Path(calib).name)
+    apply_offline(offline)  # as every command does: each lookup of the conversion follows it, and errors name it
     source = resolve(str(src), revision=revision, token=token, offline=offline, progress=sys.stderr.isatty())
     check_target(out, force, source.path)  # a hub source's folder is known now
     with _signals_interrupt():
@@ -178,16 +176,19 @@ def check_target(out: Path, force: bool, source: Path | None = None) -> None:
     contains the source. Anything else (a user's folder or file, the source itself) is never deleted."""
     if not os.path.lexists(out):
         return
-    if not force:
-        raise InputError(f"{out} already exists", hint="pass --force to replace it, or choose another --out")
+    # What --force cannot replace is refused without suggesting --force (it would be refused in turn).
     if source is not None and _holds(out, source):
-        raise InputError(f"{out} is or contains the source {source}: --force would delete it",
-                         hint="choose another --out")
-    why = ("is a symbolic link" if out.is_symlink() else "is not a folder" if not out.is_dir()
-           else None if is_bundle(out) or not any(out.iterdir()) else "is not an xq bundle (no xq.json) and not empty")
+        raise InputError(f"{out} is or contains the source {source}"
+                         + (": --force would delete it" if force else ""), hint="choose another --out")
+    why, fix = (("is a symbolic link", "remove that link") if out.is_symlink()
+                else ("is not a folder", "move that file away") if not out.is_dir()
+                else (None, "") if is_bundle(out) or not any(out.iterdir())
+                else ("is not an xq bundle (no xq.json) and not empty", "empty that folder"))
     if why is not None:
         raise InputError(f"{out} {why}: --force replaces only a bundle folder or an empty folder",
-                         hint="choose another --out, or move that path away yourself")
+                         hint=f"choose another --out, or {fix} yourself")
+    if not force:
+        raise InputError(f"{out} already exists", hint="pass --force to replace it, or choose another --out")
 
 
 def _holds(out: Path, source: Path) -> bool:
@@ -272,10 +273,11 @@ def _read_source(source: Source) -> _SourceModel:
                             lambda folder: write_tokenizer_files(g, folder))
     folder = source.path
     cfg_path = check_model_folder(folder)
-    ModelConfig.from_file(cfg_path)  # unsupported or broken configs fail here, before the weights
+    cfg = ModelConfig.from_file(cfg_path)  # unsupported or broken configs fail here, before the weights
     from xqcli.tokenizer import Tokenizer
 
-    Tokenizer.from_folder(folder)  # so does a missing or broken tokenizer, named in the source, not the temp folder
+    # so does a missing, broken or mismatched tokenizer, named in the source, not the temp folder
+    check_vocab(Tokenizer.from_folder(folder), cfg, source.describe())
     raw = json.loads(cfg_path.read_text(encoding="utf-8"))
     raw.pop("xquant", None)  # re-converting a bundle
     tensors = read_safetensors(shard_files(folder))

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from xqcli.errors import HubError, InputError
+from xqcli.errors import HubError, InputError, WeightsError
 
 ALLOW_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
                   "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -59,11 +59,22 @@ def token_source() -> str | None:
     return "a Google Colab secret"
 
 
+# The HF_HUB_OFFLINE value the running command's --offline/--online wrote: errors name the flag, not the variable.
+_FLAG_WROTE: dict[str, str] = {}
+
+
 def apply_offline(offline: bool | None) -> None:
     """A command's --offline/--online: HF_HUB_OFFLINE for this process, set before huggingface_hub is imported
     (it reads the variable once), so every lookup of the command, whoever makes it, follows it. None: as set."""
+    _FLAG_WROTE.clear()
     if offline is not None:
-        os.environ["HF_HUB_OFFLINE"] = "1" if offline else "0"
+        os.environ["HF_HUB_OFFLINE"] = _FLAG_WROTE["value"] = "1" if offline else "0"
+
+
+def _offline_cause(flag: bool | None) -> str:
+    """What made a lookup offline: the command's --offline, or the HF_HUB_OFFLINE variable."""
+    by_flag = flag or os.environ.get("HF_HUB_OFFLINE") == _FLAG_WROTE.get("value")
+    return "--offline was given" if by_flag else "HF_HUB_OFFLINE is set"
 
 
 def show_progress() -> bool:
@@ -89,6 +100,9 @@ def resolve(src: str, *, revision: str | None = None, token: str | None = None, 
     if src.lower().endswith(".gguf") or "/" not in src or src.startswith((".", "/", "~")) or not HF_ID.match(src):
         raise InputError(f"{src} does not exist", hint="pass a model folder, a .gguf file or a Hugging Face id org/name")
     repo_id, _, rev = src.partition("@")
+    if rev and revision and rev != revision:
+        raise InputError(f"{src} names revision {rev!r} and --revision names {revision!r}",
+                         hint="give the revision once: org/name@REV or --revision REV")
     return _download(repo_id, revision or rev or None, token=token, offline=offline, progress=progress)
 
 
@@ -99,20 +113,26 @@ def _download(repo_id: str, revision: str | None, *, token: str | None, offline:
                                        RevisionNotFoundError, disable_progress_bars, enable_progress_bars)
 
     from xqcli.config import ModelConfig
+    from xqcli.sources.hf import shard_files
 
+    flag = offline
     if offline is None:
         offline = hub_cache_info()["offline"]
     (enable_progress_bars if (show_progress() if progress is None else progress) else disable_progress_bars)()
     common = dict(repo_id=repo_id, revision=revision, token=token, local_files_only=offline)
+    label = f"{repo_id}{'@' + revision if revision else ''}"
+    fetch_it = "download it where the hub is reachable, or pass a local folder"
     try:
         cfg_dir = Path(snapshot_download(allow_patterns=["config.json"], **common))
+        if offline and not (cfg_dir / "config.json").is_file():
+            raise HubError(f"{label}: its cached snapshot has no config.json and {_offline_cause(flag)}",
+                           hint=fetch_it)
         ModelConfig.from_file(cfg_dir / "config.json")  # unsupported architectures stop here
         folder = Path(snapshot_download(allow_patterns=ALLOW_PATTERNS, **common))
     except LocalEntryNotFoundError:
-        why = "it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set" if offline else \
+        why = f"it is not in the local Hugging Face cache and {_offline_cause(flag)}" if offline else \
             "it is not in the local cache and the hub cannot be reached"
-        raise HubError(f"{repo_id}{'@' + revision if revision else ''}: {why}",
-                       hint="download it where the hub is reachable, or pass a local folder") from None
+        raise HubError(f"{label}: {why}", hint=fetch_it) from None
     except GatedRepoError:
         raise HubError(f"{repo_id} is gated", hint="accept its license on the hub and set HF_TOKEN") from None
     except RepositoryNotFoundError:
@@ -121,4 +141,10 @@ def _download(repo_id: str, revision: str | None, *, token: str | None, offline:
         raise HubError(f"{repo_id}: revision {revision!r} not found") from None
     except OSError as e:
         raise HubError(f"{repo_id}: download failed ({e})") from None
+    if offline:  # a download that stopped part way: offline, its weights are as absent as an uncached model
+        try:
+            shard_files(folder)
+        except WeightsError as e:
+            raise HubError(f"{label}: its cached snapshot is incomplete ({str(e).removeprefix(f'{folder}: ')}) "
+                           f"and {_offline_cause(flag)}", hint=fetch_it) from None
     return Source("hub", folder, repo_id=repo_id, revision=folder.name)
