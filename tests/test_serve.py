@@ -33,11 +33,14 @@ ROOT = Path(__file__).resolve().parents[1]
 class Server:
     """`python -m xqcli serve MODEL ARGS --port 0` in a child process; `url` once it listens."""
 
+    started: list[Server] = []  # every server of the session: none may outlive it (a failed test leaves its own)
+
     def __init__(self, model: Path | str, *args: str, timeout: float = 90) -> None:
         env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "passive", "PYTHONUNBUFFERED": "1"}
         env.pop("TRITON_INTERPRET", None)
         self.proc = subprocess.Popen([sys.executable, "-m", "xqcli", "serve", str(model), "--port", "0", *args],
                                      cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        Server.started.append(self)
         self.lines: list[str] = []
         deadline = time.monotonic() + timeout
         while True:
@@ -90,6 +93,15 @@ class Server:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         return self.proc.wait(timeout)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_server_outlives_the_tests() -> Iterator[None]:
+    yield
+    for srv in Server.started:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+            srv.proc.wait(30)
 
 
 @pytest.fixture(scope="module")
