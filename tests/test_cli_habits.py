@@ -324,6 +324,71 @@ def test_format_md_csv_json(capsys, tiny_gguf, tiny_bundle, text_file, command):
     assert code == 2 and "disagree" in one_error_line(err)
 
 
+def csv_tables(text: str) -> list[list[dict[str, str]]]:
+    """The tables of `--format csv` output (an empty line between two), each as its rows {header: cell}."""
+    return [list(csv.DictReader(io.StringIO(chunk))) for chunk in text.split("\n\n") if chunk.strip()]
+
+
+def json_numbers(command: str, obj: dict) -> list[dict[str, dict[str, float | None]]]:
+    """For each CSV table of `command`, {row label: {CSV header: the number `--json` holds for it}}: the CSV
+    columns a spreadsheet should read as numbers (None: `--json` has none, the CSV cell is empty)."""
+    if command == "plan":
+        keys = {"bytes/token": "bytes_per_token", "paper formula": "paper_bytes_per_token",
+                "vs fp16 KV": "normalized", "compression": "ratio", "fixed (bytes)": "fixed_bytes",
+                "CL workspace/token": "workspace_bytes_per_token", "max context": "max_context"}
+        return [{r["kind"]: {h: r[k] for h, k in keys.items()} for r in obj["rows"]}]
+    if command == "eval":
+        keys = {"bytes/token": "bytes_per_token", "vs fp16 KV": "normalized", "compression": "compression",
+                "ppl": "ppl", "Δppl": "delta_ppl", "KL": "kl", "top-1 (fraction)": "top1"}
+        return [{r["method"]: {h: r[k] for h, k in keys.items()} for r in obj["rows"]}]
+    if command == "passkey":
+        tables: dict[str, dict[str, dict[str, float | None]]] = {}
+        for c in obj["cells"]:
+            rows = tables.setdefault(c["protocol"], {})
+            row = rows.setdefault(c["cache"], {"bytes/token": c["bytes_per_token"]})
+            row[f"{c['length']} @{100 * c['depth']:.0f}% (fraction)"] = c["accuracy"]
+        return list(tables.values())
+    sizes = {r["kind"]: {"bytes/token": r["bytes_per_token"], "vs fp16 KV": r["vs_fp16_kv"]}
+             for r in obj["bytes_per_token"]}
+    layers = {}
+    for rec in obj["calibration"]["layers"]:
+        layers[str(rec["layer"])] = {"layer": rec["layer"], "max |X|": rec["x"]["max_abs"],
+                                     "top ch": rec["x"]["top_channels"][0][0],
+                                     "ch0 (fraction)": rec["latent"] and rec["latent"]["k_channel0_energy"],
+                                     "K/V err": rec["kv_error"]["xquant"]["3"]}
+        layers[str(rec["layer"])] |= {f"clip {b}-bit": rec["clip"]["xquant"][b] for b in ("2", "3", "4", "8")}
+    return [sizes, layers]
+
+
+@pytest.mark.parametrize("command", ["plan", "inspect", "eval", "passkey"])
+def test_csv_cells_are_the_json_numbers(capsys, tiny_gguf, tiny_bundle, text_file, command):
+    """CSV is for spreadsheets and scripts: every numeric cell a plain number ("6180", not "6,180"; "3.73",
+    not "3.73x"; a fraction, not "92.7%"; bytes, not "1.41 MiB"), the very number `--json` has."""
+    args = {"plan": ["plan", "--shape", "smollm2-135m", "--budget", "4GiB"],
+            "passkey": ["eval", tiny_gguf, "--task", "passkey", "--text", "builtin", "--lengths", "256",
+                        "--depths", "0,0.75", "--samples", "1", "-c", "kv,xquant-4", "--window", "32",
+                        "--group-size", "32"],
+            }.get(command) or format_args(command, tiny_gguf, tiny_bundle, text_file)
+    code, out, err = run(capsys, *args, "--json")
+    assert code == 0, err
+    want = json_numbers(command, json.loads(out))
+    code, text, err = run(capsys, *args, "--format", "csv")
+    assert code == 0, err
+    tables = csv_tables(text)
+    assert len(tables) == len(want), text
+    for rows, numbers in zip(tables, want, strict=True):
+        label = next(iter(rows[0]))
+        assert {r[label] for r in rows} == set(numbers), text
+        for row in rows:
+            expected = numbers[row[label]]
+            assert set(row) - {label} == set(expected) - {label}, row
+            for header, number in expected.items():
+                if number is None:
+                    assert row[header] == "", (header, row)
+                else:
+                    assert float(row[header]) == number, (header, row, number)
+
+
 def markdown_rows(md: str, first_column: str) -> list[dict[str, str]]:
     """The rows of the markdown table whose header starts with `first_column`, as {column: cell}."""
     lines = md.splitlines()

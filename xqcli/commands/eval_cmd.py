@@ -89,7 +89,17 @@ def eval_(
     from xqcli.cache.spec import CacheSpec
     from xqcli.errors import InputError
     from xqcli.load import load
-    from xqcli.readouts.render import TableData, choose_format, dumps, emit
+    from xqcli.readouts.render import (
+        BYTES_PER_TOKEN,
+        COMPRESSION,
+        VS_FP16_KV,
+        Column,
+        choose_format,
+        dumps,
+        emit,
+        fraction,
+        table,
+    )
     from xqcli.sources.hub import apply_offline
     from xqcli.texts import default_text, load_text
 
@@ -170,8 +180,11 @@ def eval_(
         typer.echo(dumps("eval", {"model": source, "text": text, "protocol": protocol or "paper",
                                   "seq_len": seq_len, "rows": [r.as_dict() for r in rows]}))
         return
-    cells_ = [(r.method, f"{r.bytes_per_token:,.0f}", f"{r.normalized:.3f}", f"{r.compression:.2f}x", f"{r.ppl:.3f}",
-               f"{r.delta_ppl:+.3f}", f"{r.kl:.4f}", f"{100 * r.top1:.1f}%") for r in rows]
-    emit(fmt, [TableData(("method", "bytes/token", "vs fp16 KV", "compression", "ppl", "Δppl", "KL", "top-1"), cells_,
-                         title=f"xq eval: {source} | {text} | {protocol or 'paper'} protocol | seq-len {seq_len} "
-                               f"| {rows[0].scored_tokens} scored tokens")])
+    columns = (Column("method", numeric=False), BYTES_PER_TOKEN, VS_FP16_KV, COMPRESSION,
+               Column("ppl", "{:.3f}".format), Column("Δppl", "{:+.3f}".format),
+               Column("KL", "{:.4f}".format),
+               Column("top-1", "{:.1%}".format, fraction("top-1")))
+    values = [(r.method, r.bytes_per_token, r.normalized, r.compression, r.ppl, r.delta_ppl, r.kl, r.top1)
+              for r in rows]
+    emit(fmt, [table(columns, values, title=f"xq eval: {source} | {text} | {protocol or 'paper'} protocol "
+                                            f"| seq-len {seq_len} | {rows[0].scored_tokens} scored tokens")])

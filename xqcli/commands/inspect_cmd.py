@@ -35,7 +35,7 @@ def inspect(
 
 def _parts(r: dict) -> list:
     """The report as lines and tables, for any --format."""
-    from xqcli.readouts.render import TableData
+    from xqcli.readouts.render import BYTES_PER_TOKEN, VS_FP16_KV, Column, fraction, table
     from xqcli.units import format_bytes
 
     cfg, src = r["config"], r["source"]
@@ -50,22 +50,27 @@ def _parts(r: dict) -> list:
                    "xquant stores "
                    + ("the SVD latents X·U_k, X·U_v" if r["latents"]
                       else "X itself (latents would not be narrower)"),
-                   TableData(("cache", "bytes/token", "vs fp16 KV"),
-                             [(row["kind"], f"{row['bytes_per_token']:,.0f}", f"{row['vs_fp16_kv']:.3f}")
-                              for row in r["bytes_per_token"]], title="bytes per token (all layers)")]
+                   table((Column("cache", numeric=False), BYTES_PER_TOKEN, VS_FP16_KV),
+                         [(row["kind"], row["bytes_per_token"], row["vs_fp16_kv"])
+                          for row in r["bytes_per_token"]],
+                         title="bytes per token (all layers)")]
     cal = r["calibration"]
     if cal is None:
         return parts + ["no calibration"]
     parts.append(f"calibration: {cal.get('tokens')} tokens of {cal.get('text')}. ch0 = energy share of "
                  "latent channel 0 of X·U_k; clip = xquant range ratio at 2/3/4/8 bits (least K/V error); "
                  "K/V err = relative error of the K and V that xquant-3 rebuilds, with that clip")
-    rows = []
+    bits = (2, 3, 4, 8)
+    columns = (Column("layer"), Column("max |X|", "{:.1f}".format), Column("top ch"),
+               Column("ch0", "{:.1%}".format, fraction("ch0")),
+               Column("clip", lambda clips: "/".join("-" if c is None else str(c) for c in clips),
+                      tuple(f"clip {b}-bit" for b in bits)),
+               Column("K/V err", "{:.4f}".format))
+    values = []
     for i, rec in enumerate(cal["layers"]):
-        top = rec["x"].get("top_channels") or [["-"]]
-        energy = f"{rec['latent']['k_channel0_energy']:.1%}" if rec["latent"] else "-"
-        clips = "/".join(f"{rec['clip'].get('xquant', {}).get(str(b), '-')}" for b in (2, 3, 4, 8))
-        err = rec["kv_error"].get("xquant", {}).get("3")
-        rows.append((str(i), f"{rec['x']['max_abs']:.1f}", str(top[0][0]), energy, clips,
-                     "-" if err is None else f"{err:.4f}"))
-    columns = ("layer", "max |X|", "top ch", "ch0", "clip", "K/V err")
-    return parts + [TableData(columns, rows, numeric=[True] * len(columns))]
+        top = rec["x"].get("top_channels")
+        values.append((i, rec["x"]["max_abs"], top[0][0] if top else None,
+                       rec["latent"]["k_channel0_energy"] if rec["latent"] else None,
+                       tuple(rec["clip"].get("xquant", {}).get(str(b)) for b in bits),
+                       rec["kv_error"].get("xquant", {}).get("3")))
+    return parts + [table(columns, values)]

@@ -36,7 +36,18 @@ def plan(
     from xqcli.errors import InputError
     from xqcli.readouts.plan import PLAN_KINDS, config_for, weight_bytes
     from xqcli.readouts.plan import plan as make_plan
-    from xqcli.readouts.render import TableData, choose_format, dumps, emit
+    from xqcli.readouts.render import (
+        BYTES_PER_TOKEN,
+        COMPRESSION,
+        VS_FP16_KV,
+        Column,
+        choose_format,
+        count,
+        dumps,
+        emit,
+        in_bytes,
+        table,
+    )
     from xqcli.units import format_bytes, parse_bytes
 
     fmt = choose_format(fmt, as_json)
@@ -56,11 +67,12 @@ def plan(
     if budget_b:
         note = (f" | budget {budget} " + (f"incl. {format_bytes(wb)} fp16 weights" if weights else
                                           "for the cache alone (weights not counted)"))
-    cols = ["cache", "bytes/token", "paper formula", "vs fp16 KV", "compression", "fixed", "CL workspace/token"]
-    cols += ["max context"] if budget_b else []
-    cells = [[r.kind, f"{r.bytes_per_token:,.0f}", f"{r.paper_bytes_per_token:,.0f}", f"{r.normalized:.3f}",
-              f"{r.ratio:.2f}x", format_bytes(r.fixed_bytes), f"{r.workspace_bytes_per_token:,.0f}"]
-             + ([f"{r.max_context:,}"] if budget_b else []) for r in rows]
-    emit(fmt, [TableData(cols, cells, title=f"xq plan: {label}{note}")])
+    columns = [Column("cache", numeric=False), BYTES_PER_TOKEN, Column("paper formula", count), VS_FP16_KV,
+               COMPRESSION, Column("fixed", format_bytes, in_bytes("fixed")),
+               Column("CL workspace/token", count)]
+    columns += [Column("max context", "{:,}".format)] if budget_b else []
+    values = [[r.kind, r.bytes_per_token, r.paper_bytes_per_token, r.normalized, r.ratio, r.fixed_bytes,
+               r.workspace_bytes_per_token] + ([r.max_context] if budget_b else []) for r in rows]
+    emit(fmt, [table(columns, values, title=f"xq plan: {label}{note}")])
     Console(stderr=True).print("[dim]fixed = per-sequence full-precision residual (per-channel blocks waiting "
                                "to fill, window 0); CL workspace = transient accumulator, not in the ratio.[/]")

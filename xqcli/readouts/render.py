@@ -14,6 +14,7 @@ import io
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence, Union
@@ -146,12 +147,77 @@ def plain_text(renderable) -> str:
 
 @dataclass(frozen=True)
 class TableData:
-    """A table as data, for `emit` to render in any of `FORMATS` but json. `numeric`: as in `rich_table`."""
+    """A table as data, for `emit` to render in any of `FORMATS` but json. `numeric`: as in `rich_table`.
+    `csv_columns`/`csv_rows`, where given, are what CSV writes instead of the displayed cells: plain numbers a
+    spreadsheet reads (build both with `table`, so they cannot drift)."""
 
     columns: Sequence[str]
     rows: Sequence[Sequence[Any]]
     title: str | None = None
     numeric: Sequence[bool] | None = None
+    csv_columns: Sequence[str] | None = None
+    csv_rows: Sequence[Sequence[Any]] | None = None
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column of a `table`: its header, how a raw value shows in table and markdown (None shows as "-"),
+    and its CSV headers where they differ: one with the unit CSV's raw value is in ("fixed (bytes)", "top-1
+    (fraction)"), or several that a tuple value spreads over (one number per CSV cell). `to_csv`: the number
+    CSV writes of a value that carries more (passkey's cell: its accuracy, beside a mark for display)."""
+
+    name: str
+    show: Callable[[Any], str] = str
+    csv: tuple[str, ...] = ()
+    numeric: bool = True
+    to_csv: Callable[[Any], Any] | None = None
+
+
+def table(columns: Sequence[Column], values: Sequence[Sequence[Any]], *,
+          title: str | None = None) -> TableData:
+    """A `TableData` from raw values, one per column in each row: the displayed cells are `Column.show` of
+    them, the CSV cells the values themselves (None an empty cell). CSV rule, as in `--json`: sizes in bytes,
+    ratios as plain floats, percentages as fractions (0..1) with "(fraction)" in the header."""
+    csv_columns = [name for c in columns for name in (c.csv or (c.name,))]
+    shown, raw = [], []
+    for row in values:
+        shown.append(["-" if v is None else c.show(v) for c, v in zip(columns, row, strict=True)])
+        raw.append([x for c, v in zip(columns, row, strict=True) for x in _spread(c, v)])
+    return TableData([c.name for c in columns], shown, title=title, numeric=[c.numeric for c in columns],
+                     csv_columns=csv_columns, csv_rows=raw)
+
+
+def count(value: float) -> str:
+    """A whole number as displayed (bytes per token, tokens): thousands separated, "6,180"."""
+    return f"{value:,.0f}"
+
+
+# columns that plan, inspect, eval and passkey share, shown alike
+BYTES_PER_TOKEN = Column("bytes/token", count)
+VS_FP16_KV = Column("vs fp16 KV", "{:.3f}".format)  # bytes over fp16 KV's
+COMPRESSION = Column("compression", "{:.2f}x".format)  # fp16 KV's bytes over the row's
+
+
+def _spread(column: Column, value: Any) -> Sequence[Any]:
+    """A value's CSV cells: a tuple over a column's several CSV headers (None: all empty), else itself."""
+    if value is not None and column.to_csv is not None:
+        value = column.to_csv(value)
+    if len(column.csv) < 2:
+        return (value,)
+    cells = (None,) * len(column.csv) if value is None else tuple(value)
+    if len(cells) != len(column.csv):
+        raise ValueError(f"column {column.name!r}: {len(cells)} values for {len(column.csv)} CSV headers")
+    return cells
+
+
+def fraction(name: str) -> tuple[str, ...]:
+    """The CSV header of a percentage column, whose CSV cells are fractions."""
+    return (f"{name} (fraction)",)
+
+
+def in_bytes(name: str) -> tuple[str, ...]:
+    """The CSV header of a size column displayed with a unit (`format_bytes`), whose CSV cells are bytes."""
+    return (f"{name} (bytes)",)
 
 
 Part = Union[str, TableData]  # a report is lines of plain text and tables, in order
@@ -172,7 +238,8 @@ def choose_format(fmt: str | None, as_json: bool = False) -> str:
 
 def emit(fmt: str, parts: Sequence[Part]) -> None:
     """Print a report on stdout: `table` as rich tables never cut, `md` as paragraphs and GitHub tables, `csv` as
-    its tables alone, an empty line between two (text lines have no place in CSV)."""
+    its tables alone, an empty line between two (text lines have no place in CSV), with the raw numbers of the
+    tables `table` built."""
     if fmt == "table":
         from rich.console import Console
 
@@ -192,6 +259,7 @@ def emit(fmt: str, parts: Sequence[Part]) -> None:
             chunks.append((f"**{part.title}**\n\n" if part.title else "")
                           + markdown_table(part.columns, part.rows, numeric=part.numeric))
         else:
-            chunks.append(csv_table(part.columns, part.rows))
+            chunks.append(csv_table(part.csv_columns or part.columns,
+                                    part.rows if part.csv_rows is None else part.csv_rows))
     sys.stdout.write("\n".join(chunks))
     sys.stdout.flush()

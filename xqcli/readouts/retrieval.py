@@ -29,7 +29,7 @@ from xqcli.errors import InputError, ResourceError
 from xqcli.load import measured_bytes_per_token
 from xqcli.model import Transformer
 from xqcli.readouts.plan import meta_model
-from xqcli.readouts.render import TableData
+from xqcli.readouts.render import BYTES_PER_TOKEN, Column, TableData, fraction, table
 from xqcli.readouts.scoring import score
 from xqcli.units import format_tokens
 
@@ -174,20 +174,26 @@ def passkey(model: Transformer, tokenizer, specs: Sequence[CacheSpec], prompts: 
 
 def passkey_tables(cells: Sequence[PasskeyCell], title: str) -> list[TableData]:
     """One table per protocol: a row per cache kind (bytes/token beside it), a column per length and depth.
-    A decode cell whose fact was not yet quantized in every stream (inside the window) is marked `*`."""
+    A decode cell whose fact was not yet quantized in every stream (inside the window) is marked `*` (not in
+    CSV, whose cells are the accuracies alone, as fractions: `--json` has `fact_quantized`)."""
     tables = []
     for protocol in dict.fromkeys(c.protocol for c in cells):
         mine = [c for c in cells if c.protocol == protocol]
         points = list(dict.fromkeys((c.length, c.depth) for c in mine))
-        rows: dict[str, list[str]] = {}
+        rows: dict[str, list] = {}
         for c in mine:
-            row = rows.setdefault(c.cache, [c.cache, f"{c.bytes_per_token:,.0f}"] + [""] * len(points))
-            row[2 + points.index((c.length, c.depth))] = f"{100 * c.accuracy:.0f}%" + (
-                "*" if c.fact_quantized is False else "")
-        cols = ["cache", "bytes/token"] + [f"{format_tokens(n)} @{100 * d:.0f}%" for n, d in points]
-        tables.append(TableData(cols, list(rows.values()), title=f"{title} | {protocol} protocol",
-                                numeric=[False] + [True] * (len(cols) - 1)))
+            row = rows.setdefault(c.cache, [c.cache, c.bytes_per_token] + [None] * len(points))
+            row[2 + points.index((c.length, c.depth))] = c
+        names = [f"{format_tokens(n)} @{100 * d:.0f}%" for n, d in points]
+        columns = [Column("cache", numeric=False), BYTES_PER_TOKEN] + [
+            Column(name, _shown_accuracy, fraction(name), to_csv=lambda c: c.accuracy) for name in names]
+        tables.append(table(columns, list(rows.values()), title=f"{title} | {protocol} protocol"))
     return tables
+
+
+def _shown_accuracy(cell: PasskeyCell) -> str:
+    """A cell as displayed: "80%", "80%*" where the fact was not yet quantized in every stream."""
+    return f"{100 * cell.accuracy:.0f}%" + ("*" if cell.fact_quantized is False else "")
 
 
 def parse_depths(text: str) -> list[float]:
