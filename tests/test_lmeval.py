@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import subprocess
 import sys
@@ -169,6 +171,22 @@ def test_eval_tasks_on_local_tasks_for_kv_and_xquant(capsys, tiny_gguf, tasks_di
                          "--limit", "2", "-c", "kv,xquant-4", "--format", "md")
     assert code == 0, err
     assert "| task | metric | n | kv | xquant-4 |" in out and "xq_opposites" in out
+    # CSV: the value and its stderr as numbers per cache kind, those of --json for the same run
+    args = ["eval", tiny_gguf, "--tasks", "xq_opposites", "--include", str(tasks_dir), "--limit", "2", "-c",
+            "kv,xquant-4"]
+    code, out, err = run(capsys, *args, "--format", "csv")
+    assert code == 0, err
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert list(rows[0]) == ["task", "metric", "n", "kv", "kv stderr", "xquant-4", "xquant-4 stderr"]
+    code, out, err = run(capsys, *args, "--json")
+    assert code == 0, err
+    want = {(s["metric"], s["cache"]): s for s in json.loads(out)["scores"]}
+    for row in rows:
+        assert int(row["n"]) == 2
+        for cache in ("kv", "xquant-4"):
+            s = want[(row["metric"], cache)]
+            assert float(row[cache]) == s["value"]
+            assert row[f"{cache} stderr"] == "" if s["stderr"] is None else float(row[f"{cache} stderr"]) == s["stderr"]
 
 
 @pytest.mark.parametrize("extra,needle", [

@@ -12,7 +12,7 @@ from xqcli.cache.spec import CacheSpec
 from xqcli.errors import InputError
 from xqcli.lmeval import require_lm_eval
 from xqcli.load import Loaded
-from xqcli.readouts.render import TableData
+from xqcli.readouts.render import Column, TableData, table
 
 
 @dataclass(frozen=True)
@@ -92,14 +92,21 @@ def run_tasks(loaded: Loaded, specs: Sequence[CacheSpec], tasks: Sequence[str], 
 
 
 def task_table(rows: Sequence[TaskScore], title: str) -> TableData:
-    """A row per (task, metric, filter), a column per cache kind: "value ± stderr" as lm-eval reports them."""
+    """A row per (task, metric, filter), a column per cache kind: "value ± stderr" as lm-eval reports them; CSV
+    has the value and its stderr as two numbers per cache kind."""
     caches = list(dict.fromkeys(r.cache for r in rows))
-    table: dict[tuple[str, str, str], list[str]] = {}
+    cells: dict[tuple[str, str, str], list[tuple[float, float | None] | None]] = {}
     for r in rows:
-        cells = table.setdefault((r.task, r.metric, r.filter), [""] * len(caches))
-        cells[caches.index(r.cache)] = f"{r.value:.4f}" + (f" ± {r.stderr:.4f}" if r.stderr is not None else "")
-    body = [[task, metric if flt == "none" else f"{metric} ({flt})", str(n), *cells]
-            for (task, metric, flt), cells in table.items()
-            for n in [max(r.samples for r in rows if r.task == task)]]
-    return TableData(["task", "metric", "n", *caches], body, title=title,
-                     numeric=[False, False, True] + [True] * len(caches))
+        row = cells.setdefault((r.task, r.metric, r.filter), [None] * len(caches))
+        row[caches.index(r.cache)] = (r.value, r.stderr)
+    values = [[task, metric if flt == "none" else f"{metric} ({flt})",
+               max(r.samples for r in rows if r.task == task), *scores] for (task, metric, flt), scores in cells.items()]
+    columns = [Column("task", numeric=False), Column("metric", numeric=False), Column("n")]
+    columns += [Column(c, _score, csv=(c, f"{c} stderr")) for c in caches]
+    return table(columns, values, title=title)
+
+
+def _score(value: tuple[float, float | None]) -> str:
+    """lm-eval's "value ± stderr" (no stderr: the value alone)."""
+    score, stderr = value
+    return f"{score:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
