@@ -200,8 +200,20 @@ def test_context_full_and_too_long_prompt(tiny_models):
     out = collect(e.generate(list(range(3, 15)), max_tokens=50))[0]
     assert out["finish"] == "context" and len(out["tokens"]) == 20 - 12 + 1
     assert int(e.cache.lengths[0]) == 20 and len(e.ids[0]) == 20
-    with pytest.raises(ResourceError, match="context"):
+    with pytest.raises(ResourceError, match="context") as err:
         collect(e.generate(list(range(3, 23)), max_tokens=5))
+    assert err.value.hint == "raise --context above 20, or shorten the prompt"  # nothing held: /reset would not help
+
+
+def test_a_conversation_that_fills_the_context_suggests_reset(tiny_chat):
+    """Only a row holding an earlier conversation gets chat's /reset in the hint."""
+    model, tok = tiny_chat
+    e = Engine(model, tok, "kv", context=64)
+    msgs = [{"role": "user", "content": "the cat"}]
+    msgs.append({"role": "assistant", "content": collect(e.chat_turn(msgs, max_tokens=3))[0]["text"]})
+    with pytest.raises(ResourceError, match="leaves no room") as err:
+        collect(e.chat_turn(msgs + [{"role": "user", "content": "the dog " * 40}], max_tokens=3))
+    assert "(or /reset the conversation)" in err.value.hint
 
 
 def test_request_stop_ends_after_the_current_step(tiny_models):

@@ -126,7 +126,6 @@ def generate(
             ctx = min(ctx, loaded.config.max_position_embeddings)
     engine = Engine(loaded.model, tok, spec, context=ctx, cuda_graph=cuda_graph, sampling=params,
                     artifacts=loaded.artifacts, allow_long_context=allow_long_context)
-    _check_room(len(ids), engine.context, loaded.config.max_position_embeddings, allow_long_context)
     if engine.decode_note and not as_json:
         print(engine.decode_note, file=sys.stderr)
     tokens: list[int] = []
@@ -151,21 +150,6 @@ def generate(
         f"{stats.prompt_tokens} prompt + {stats.generated_tokens} generated tokens ({finish}) | "
         f"prefill {stats.prefill_tok_s:.1f} tok/s, decode {stats.decode_tok_s:.1f} tok/s | {memory_summary(mem)}",
         style="dim", markup=False)
-
-
-def _check_room(prompt_tokens: int, context: int, trained: int, allow_long_context: bool) -> None:
-    """A prompt that fills the context, refused with generate's fixes: the engine's own refusal (the same test)
-    offers chat's /reset, which generate does not have."""
-    from xqcli.engine.loop import LONG_CONTEXT_HINT
-    from xqcli.errors import ResourceError
-
-    if prompt_tokens < context:
-        return
-    at_limit = context >= trained and not allow_long_context
-    raise ResourceError(f"the prompt is {prompt_tokens:,} tokens and leaves no room to answer: the context is "
-                        f"{context:,}" + (f", the model's {trained:,} trained positions" if at_limit else ""),
-                        hint=f"shorten the prompt, or {LONG_CONTEXT_HINT}" if at_limit
-                        else f"raise --context above {prompt_tokens:,}, or shorten the prompt")
 
 
 def result_object(loaded, spec, engine, prompt, text, tokens, finish, stats, mem) -> dict[str, Any]:

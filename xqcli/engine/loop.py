@@ -272,13 +272,16 @@ class Engine:
         self._check_ids(prompts)
         trained = self.model.config.max_position_embeddings
         for r, p in enumerate(prompts):
-            if len(self.ids[r]) + len(p) >= self.context:
+            need = len(self.ids[r]) + len(p)
+            if need >= self.context:
                 at_limit = self.context >= trained and not self.allow_long_context
-                raise ResourceError(f"the prompt needs {len(self.ids[r]) + len(p):,} tokens of context and leaves "
-                                    f"no room to answer: the context is {self.context:,}"
+                # /reset (chat) only helps when the row holds an earlier conversation
+                forget = " (or /reset the conversation)" if self.ids[r] else ""
+                raise ResourceError(f"the prompt needs {need:,} tokens of context and leaves no room to answer: the "
+                                    f"context is {self.context:,}"
                                     + (f", the model's {trained:,} trained positions" if at_limit else ""),
-                                    hint=(f"shorten the prompt (or /reset), or {LONG_CONTEXT_HINT}" if at_limit
-                                          else "raise --context, or /reset the conversation"))
+                                    hint=(f"shorten the prompt{forget}, or {LONG_CONTEXT_HINT}" if at_limit
+                                          else f"raise --context above {need:,}, or shorten the prompt{forget}"))
         stats = self.stats = GenerationStats(rows=n, prompt_tokens=sum(map(len, prompts)), reused_tokens=reused,
                                              finish=[""] * n)
         self._stop = False
