@@ -46,9 +46,11 @@ def convert(
     from xqcli.bundle.format import open_bundle
     from xqcli.convert.pipeline import convert as run
     from xqcli.readouts.render import dumps
+    from xqcli.sources.hub import apply_offline
     from xqcli.units import format_bytes, parse_bytes
 
     err = Console(stderr=True, highlight=False)
+    apply_offline(offline)
     t0 = time.monotonic()
     folder = run(src, out, dtype=dtype, revision=revision, token=token, offline=offline, force=force,
                  calib=calib, calib_tokens=calib_tokens, shard_size=parse_bytes(shard_size, "--shard-size"),

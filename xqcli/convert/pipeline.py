@@ -57,7 +57,7 @@ from xqcli.errors import InputError, ResourceError, XQError
 from xqcli.fileio import write_json
 from xqcli.load import build_model, check_vocab, expected_shapes
 from xqcli.sources.hf import check_model_folder, parse_dtype, read_safetensors, shard_files
-from xqcli.sources.hub import ALLOW_PATTERNS, Source, apply_offline, resolve
+from xqcli.sources.hub import ALLOW_PATTERNS, Source, resolve
 from xqcli.texts import read_user_text
 from xqcli.units import format_bytes
 
@@ -106,7 +106,6 @@ def convert(src: str | Path, out_dir: str | Path | None = None, *, dtype: str | 
     check_target(out, force, local if local.exists() else None)  # before any download
     text, text_label = (builtin_text(), "pydoc_data.topics (Python documentation)") if calib is None else \
         (read_user_text(Path(calib), "--calib"), Path(calib).name)
-    apply_offline(offline)  # as every command does: each lookup of the conversion follows it, and errors name it
     source = resolve(str(src), revision=revision, token=token, offline=offline, progress=sys.stderr.isatty())
     check_target(out, force, source.path)  # a hub source's folder is known now
     with _signals_interrupt():
