@@ -91,7 +91,8 @@ CacheOpt = Annotated[Optional[str], typer.Option(
     "--cache", "-c", callback=not_a_context,
     help="Cache kind: kv, kivi-B, xquant-B or xquant-cl-B (B = 2, 3, 4, 8), or a method with --bits. "
          "Variants: +rot (rotated X; wins on MHA models, loses on GQA at 4 bits (Wikipedia) and 3 bits (news)), "
-         "+ch0 (latent channel 0 kept exact; GQA only, worse perplexity at 3 bits on Wikipedia). "
+         "+ch0 (latent channel 0 kept exact; only where latents are cached, GQA with 2·d_kv < d; worse perplexity "
+         "at 3 bits on Wikipedia). "
          "Default: the bundle's cache settings, else xquant-4. (-c is not the context size: that is --context.)")]
 BitsOpt = Annotated[Optional[int], typer.Option(
     "--bits", "-b", callback=at_most(MAX_INT), help="Bit width for --cache kivi|xquant|xquant-cl (2, 3, 4, 8).")]
