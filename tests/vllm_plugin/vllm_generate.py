@@ -1,6 +1,7 @@
 """Run one vLLM engine and print its greedy completions as JSON (a script: vLLM spawns its engine process).
 
-usage: vllm_generate.py MODEL CACHE PROMPTS_JSON [TP]   (CACHE: `vllm` for vLLM's own Llama, else an xq kind)
+usage: vllm_generate.py MODEL CACHE PROMPTS_JSON [TP] [--exact]
+CACHE: `vllm` for vLLM's own Llama, else an xq kind; --exact: the plugin's `xq_exact` mode.
 """
 
 import json
@@ -13,9 +14,13 @@ KV_CACHE_BYTES = 1 << 28  # the same cache memory for every run, so capacities c
 
 
 def main() -> None:
-    model, cache, prompts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-    tp = int(sys.argv[4]) if len(sys.argv) > 4 else 1
-    extra = {} if cache == "vllm" else {"hf_overrides": {"architectures": ["XqLlamaForCausalLM"], "xq_cache": cache}}
+    args = [a for a in sys.argv[1:] if a != "--exact"]
+    model, cache, prompts = args[0], args[1], json.loads(args[2])
+    tp = int(args[3]) if len(args) > 3 else 1
+    overrides = {"architectures": ["XqLlamaForCausalLM"], "xq_cache": cache}
+    if "--exact" in sys.argv:
+        overrides["xq_exact"] = True
+    extra = {} if cache == "vllm" else {"hf_overrides": overrides}
     llm = LLM(model=model, dtype="float32", max_model_len=2048, enforce_eager=True, kv_cache_memory_bytes=KV_CACHE_BYTES,
               tensor_parallel_size=tp, **extra)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS))

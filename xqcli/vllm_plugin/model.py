@@ -6,7 +6,8 @@ default: the bundle's `cache_defaults`, else `xquant-4`). Only the attention cha
 qkv projection and RoPE; the cached streams are X (xquant, MHA), X·U_k, X·U_v (xquant, GQA, docs/design.md §3),
 (X − X̂_{i−1})·U_kv or X − X̂_{i−1} (xquant-cl, `xqcli.vllm_plugin.cl`) or pre-RoPE K, V (kivi); K and V are rebuilt
 from the pages on every forward (`xqcli.vllm_plugin.backend`). Under tensor parallelism each rank caches the
-streams of its own kv-head slice (docs/vllm.md).
+streams of its own kv-head slice (docs/vllm.md). `"xq_exact": True` computes every product as xq does instead
+(`xqcli.vllm_plugin.exact`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from vllm.config import get_current_vllm_config
+from vllm.forward_context import get_forward_context
 from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
 from vllm.model_executor.models.utils import extract_layer_index
 
@@ -25,6 +29,7 @@ from xqcli.bundle.projections import LayerProjections, layer_projections
 from xqcli.cache.spec import CacheSpec
 from xqcli.vllm_plugin.backend import StagingPool, XQuantAttention
 from xqcli.vllm_plugin.cl import Accumulator, ChainLayer, layer_layout
+from xqcli.vllm_plugin.exact import ExactNumerics
 
 DEFAULT_CACHE = "xquant-4"
 
@@ -55,6 +60,7 @@ class XqLlamaAttention(LlamaAttention):
         forward_context = vllm_config.compilation_config.static_forward_context
         del forward_context[f"{prefix}.attn"]  # replaced below under the same name
         shared = _shared(vllm_config)
+        self.shared = shared
         self.bundle_projections = shared.projections
         self.layer = extract_layer_index(prefix)
         hidden = self.hidden_size
@@ -79,27 +85,41 @@ class XqLlamaAttention(LlamaAttention):
         self.factors: tuple[torch.Tensor, ...] = ()
         self.kv_bias: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def capture_weights(self) -> None:
+    def capture_weights(self, exact: ExactNumerics | None = None) -> None:
         """Derive the rebuild weights from this rank's W_k, W_v while they are plain tensors: after loading, before
-        vLLM's CPU GEMM dispatch may repack (and drop) `qkv_proj.weight`. Latents: (u_k, m_k, u_v, m_v); X and
-        XQuant-CL's X̂: (W_kᵀ, W_vᵀ), with U_kv in `chain`. KIVI needs none: it caches K and V themselves."""
+        vLLM's CPU GEMM dispatch may repack (and drop) `qkv_proj.weight`; under `xq_exact` xq's own tensors (the
+        products' operands in xq's layouts: a contiguous copy of a transposed weight rounds differently). Latents:
+        (u_k, m_k, u_v, m_v); X: (W_kᵀ, W_vᵀ); XQuant-CL's X̂: (W_k, W_v) for `F.linear`, with U_kv in `chain`.
+        KIVI needs none: it caches K and V themselves."""
         if self.kivi:
             return
-        w, b = self.qkv_proj.weight.detach(), self.qkv_proj.bias
-        ks, vs = slice(self.q_size, self.q_size + self.kv_size), slice(self.q_size + self.kv_size, None)
-        w_k, w_v = w[ks], w[vs]
-        self.kv_bias = None if b is None else (b.detach()[ks].clone(), b.detach()[vs].clone())
+        if exact is None:
+            w, b = self.qkv_proj.weight.detach(), self.qkv_proj.bias
+            ks, vs = slice(self.q_size, self.q_size + self.kv_size), slice(self.q_size + self.kv_size, None)
+            w_k, w_v = w[ks].clone(), w[vs].clone()
+            self.kv_bias = None if b is None else (b.detach()[ks].clone(), b.detach()[vs].clone())
+            w_kt, w_vt = w_k.T.contiguous(), w_v.T.contiguous()
+        else:
+            attn = exact.model.layers[self.layer].self_attn
+            w_k, w_v = attn.k_proj.weight, attn.v_proj.weight
+            self.kv_bias = None if attn.k_proj.bias is None else (attn.k_proj.bias, attn.v_proj.bias)
+            w_kt, w_vt = w_k.T, w_v.T
         if not self.latent and self.part == "plain":
-            self.factors = (w_k.T.contiguous(), w_v.T.contiguous())
+            self.factors = (w_kt, w_vt)
             return
-        p = (self.bundle_projections[self.layer] if self.bundle_projections is not None and self.tp_size == 1
-             else layer_projections(w_k, w_v))  # under TP: the SVD of this rank's kv-head slice (docs/vllm.md)
+        if exact is not None:
+            p = exact.projections()[self.layer]
+        elif self.bundle_projections is not None and self.tp_size == 1:
+            p = self.bundle_projections[self.layer]
+        else:
+            p = layer_projections(w_k, w_v)  # under TP: the SVD of this rank's kv-head slice (docs/vllm.md)
+        # xq's layouts under xq_exact (the factors as `Artifacts.projections` casts them), else contiguous copies
+        cast = (lambda t: t.to(w_k.dtype)) if exact is not None else (lambda t: t.to(w_k.dtype).contiguous())
         if self.part == "plain":
-            self.factors = tuple(t.to(w.dtype).contiguous() for t in (p.k.u, p.k.m, p.v.u, p.v.m))
+            self.factors = tuple(cast(t) for t in (p.k.u, p.k.m, p.v.u, p.v.m))
             return
-        u = p.kv.u.to(w.dtype).contiguous() if self.latent else None
-        self.chain = ChainLayer(seed=self.part == "seed", u=u)
-        self.factors = (w_k.T.contiguous(), w_v.T.contiguous())
+        self.chain = ChainLayer(seed=self.part == "seed", u=cast(p.kv.u) if self.latent else None)
+        self.factors = (w_k, w_v)
 
     @property
     def tp_size(self) -> int:
@@ -120,47 +140,70 @@ class XqLlamaAttention(LlamaAttention):
             k, v = values
         else:
             f = self.factors
+            b_k, b_v = self.kv_bias or (None, None)
             if self.chain is not None:  # X̂_i = X̂_{i−1} + this layer's dequantized deltas (the seed: alone)
                 x = self.accumulator.add(request, new, self.chain.up(values[0]), self.chain.seed)
-                k, v = x @ f[0], x @ f[1]
-            elif self.latent:
-                k, v = values[0] @ f[1], values[1] @ f[3]
+                k, v = F.linear(x, f[0], b_k), F.linear(x, f[1], b_v)  # as xq's XQuantCLCache
             else:
-                k, v = values[0] @ f[0], values[0] @ f[1]
-            if self.kv_bias is not None:
-                k, v = k + self.kv_bias[0], v + self.kv_bias[1]
+                k, v = (values[0] @ f[1], values[1] @ f[3]) if self.latent else (values[0] @ f[0], values[0] @ f[1])
+                if b_k is not None:
+                    k, v = k + b_k, v + b_v
+        exact = self.shared.exact
+        if exact is not None:
+            return exact.rope(k, positions, self.head_dim), v
         k, _ = self.rotary_emb(positions, k.contiguous(), None)
         return k, v
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        qkv, _ = self.qkv_proj(hidden_states)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        # q only: vLLM's RoPE works in place, and KIVI caches K before RoPE (`rebuild` rotates every K).
-        q, _ = self.rotary_emb(positions, q)
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, xq_attn: nn.Module | None = None
+                ) -> torch.Tensor:
+        """`xq_attn` (`xq_exact` only): xq's attention module of this layer, whose weights give q (and KIVI's K, V)
+        and the output, request by request (`ExactNumerics`)."""
+        exact = self.shared.exact if xq_attn is not None else None
+        rows = _whole_batch if exact is None else exact.rows
+        if exact is None:
+            qkv, _ = self.qkv_proj(hidden_states)
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            # q only: vLLM's RoPE works in place, and KIVI caches K before RoPE (`rebuild` rotates every K).
+            q, _ = self.rotary_emb(positions, q)
+        else:
+            q = exact.rope(exact.linear(xq_attn.q_proj, hidden_states), positions, self.head_dim)
+            k, v = (exact.linear(xq_attn.k_proj, hidden_states), exact.linear(xq_attn.v_proj, hidden_states)
+                    ) if self.kivi else (None, None)
         if self.kivi:
             key, value = k, v
         elif self.chain is not None:  # deltas against X̂_{i−1} of the new tokens, from this forward's previous layer
             if self.chain.seed:
                 self.accumulator.reset(hidden_states)
-            s = self.chain.stream(hidden_states, self.accumulator.at_new_tokens())
+            s = rows(self.chain.stream, hidden_states, self.accumulator.at_new_tokens())
             key, value = (s[:, :self.kv_size].contiguous(), s[:, self.kv_size:].contiguous()) if self.latent else (s, s)
         elif self.latent:
-            key, value = hidden_states @ self.factors[0], hidden_states @ self.factors[2]
+            key = rows(lambda x: x @ self.factors[0], hidden_states)
+            value = rows(lambda x: x @ self.factors[2], hidden_states)
         else:
             key = value = hidden_states
         out = self.attn(q, key, value)
+        if exact is not None:
+            return exact.linear(xq_attn.o_proj, out)
         output, _ = self.o_proj(out)
         return output
 
 
+def _whole_batch(f, *ts: torch.Tensor) -> torch.Tensor:
+    """`ExactNumerics.rows` without the mode: one product over the whole batch."""
+    return f(*ts)
+
+
 @dataclass
 class _Shared:
-    """What a model's layers share: the cache kind, a bundle's projections, the staging pool, XQuant-CL's X̂."""
+    """What a model's layers share: the cache kind, a bundle's projections, the staging pool, XQuant-CL's X̂, and
+    under `xq_exact` xq's model (set once the weights are loaded)."""
 
     spec: CacheSpec
     projections: list[LayerProjections] | None
     staging: StagingPool
     accumulator: Accumulator
+    exact_wanted: bool = False
+    exact: ExactNumerics | None = None
 
 
 _SHARED: dict[int, _Shared] = {}
@@ -174,9 +217,23 @@ def _shared(vllm_config) -> _Shared:
         if spec.method == "xquant-cl" and vllm_config.parallel_config.pipeline_parallel_size > 1:
             raise ValueError("xq's vLLM plugin runs xquant-cl without pipeline parallelism only: a layer's X̂ is the "
                              "previous layer's plus its deltas, and the plugin does not pass it between stages")
+        exact = bool(getattr(vllm_config.model_config.hf_config, "xq_exact", False))
+        if exact:
+            check_exact(vllm_config)
         pages = 2 * vllm_config.scheduler_config.max_num_seqs * vllm_config.model_config.hf_config.num_hidden_layers
-        _SHARED[key] = _Shared(spec, projections, StagingPool(pages), Accumulator())
+        _SHARED[key] = _Shared(spec, projections, StagingPool(pages), Accumulator(), exact)
     return _SHARED[key]
+
+
+def check_exact(vllm_config) -> None:
+    """`xq_exact` computes as xq's CPU reference path does: one rank, on the CPU."""
+    parallel = vllm_config.parallel_config
+    if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
+        raise ValueError("xq_exact runs on one rank (tensor_parallel_size and pipeline_parallel_size 1): it "
+                         "computes every product as xq does on one CPU; drop xq_exact to run in parallel")
+    if vllm_config.device_config.device_type != "cpu":
+        raise ValueError(f"xq_exact runs on the CPU (xq's reference arithmetic), not on "
+                         f"{vllm_config.device_config.device_type}; drop xq_exact there")
 
 
 class XqLlamaDecoderLayer(LlamaDecoderLayer):
@@ -190,10 +247,43 @@ class XqLlamaForCausalLM(LlamaForCausalLM):
 
     def __init__(self, *, vllm_config, prefix: str = "", layer_type=XqLlamaDecoderLayer) -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
+        self.shared = _shared(vllm_config)
+        self.model_path, self.model_dtype = vllm_config.model_config.model, vllm_config.model_config.dtype
 
     def load_weights(self, weights) -> set[str]:
         loaded = super().load_weights(weights)
+        if self.shared.exact_wanted:
+            from xqcli.load import load
+
+            self.shared.exact = ExactNumerics(load(self.model_path, dtype=self.model_dtype, device="cpu"))
         for layer in self.model.layers:
             if isinstance(layer, XqLlamaDecoderLayer):  # pipeline parallel: other ranks' layers are placeholders
-                layer.self_attn.capture_weights()
+                layer.self_attn.capture_weights(self.shared.exact)
         return loaded
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate_tensors=None,
+                inputs_embeds: torch.Tensor | None = None):
+        """vLLM's Llama forward, or under `xq_exact` xq's `Transformer.hidden_states` with this model's attention
+        layers (their pages) in place of xq's cache."""
+        exact = self.shared.exact
+        if exact is None:
+            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+        exact.begin(self._query_starts(), positions.shape[0])
+        xq = exact.model
+        h = xq.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        for layer, xq_layer in zip(self.model.layers, xq.layers):
+            h = h + layer.self_attn(positions, xq_layer.input_layernorm(h), xq_layer.self_attn)
+            h = h + exact.linear(xq_layer.mlp, xq_layer.post_attention_layernorm(h))
+        return xq.model.norm(h)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        exact = self.shared.exact
+        return super().compute_logits(hidden_states) if exact is None else exact.logits(hidden_states)
+
+    def _query_starts(self) -> list[int] | None:
+        """The running forward's per-request token ranges (None in vLLM's profiling runs, which carry none)."""
+        metadata = get_forward_context().attn_metadata
+        if isinstance(metadata, list):
+            metadata = metadata[0] if metadata else None
+        md = (metadata or {}).get(self.model.layers[0].self_attn.attn.layer_name)
+        return None if md is None else md.query_start_loc
