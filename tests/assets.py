@@ -129,6 +129,14 @@ def smollm2_hf() -> Path:
                        lambda tmp: write_hf_folder(load_gguf(smollm2_gguf()), tmp))
 
 
+def smollm2_bundle() -> Path:
+    """`xq convert` of `smollm2_hf()` in float32 (stored projections and calibration; 256 calibration tokens)."""
+    from xqcli.convert.pipeline import convert
+
+    return _cached_dir("smollm2-135m-instruct-xq-f32-v1",
+                       lambda tmp: convert(smollm2_hf(), tmp, dtype="float32", force=True, calib_tokens=256))
+
+
 def smollm2_mha_hf() -> Path:
     """SmolLM2 with each kv head repeated for its 3 query heads: a 9/9-head MHA model, exactly equivalent."""
     return _smollm2_variant("smollm2-135m-instruct-mha-f32-v1", expand_kv_heads)
