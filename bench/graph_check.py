@@ -27,6 +27,7 @@ pick differs, or when eager and the reference differ by more than REF_MAX_ABS (t
     python bench/graph_check.py --json OUT.json                 # on a GPU: 64 steps, every kind
     python bench/graph_check.py --interpret --steps 2 --kinds kv  # CPU smoke run (Triton interpreter)
     python bench/graph_check.py --float64 --kinds xquant-4,xquant-cl-3  # float32 rounding's own distance
+    python bench/graph_check.py --threads 1 --kinds xquant-cl-3  # the BLAS thread count's own distance
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--float64", action="store_true",
                     help="no kernels: the float32 reference path against a float64 one, the distance float32 rounding "
                          "alone gives (the scale a step's difference compares with)")
+    ap.add_argument("--threads", type=int,
+                    help="no kernels: the reference path at this many BLAS threads against itself at torch's default "
+                         "(the distance the thread count alone gives: BLAS splits products by threads)")
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args(argv)
     if args.interpret:
@@ -93,23 +99,30 @@ def main(argv: list[str] | None = None) -> int:
             spec = CacheSpec.parse(kind, window=16, group_size=32)  # most cached tokens read from codes
         with torch.inference_mode():
             artifacts = Artifacts()
-            graphed = cuda and not args.float64
+            reference_only = args.float64 or args.threads is not None
+            graphed = cuda and not reference_only
             # before the caches, as the engine does
-            weights = None if args.float64 else DecodeWeights.build(model, spec, artifacts)
+            weights = None if reference_only else DecodeWeights.build(model, spec, artifacts)
             # graph (CUDA only: without a GPU it would be the eager step again), eager, then the reference;
-            # --float64: the reference in float64, then in float32
-            if args.float64:
-                models = (model64, model)
-                caches = [make_cache(m, spec, 1, context, artifacts=Artifacts(), kernels="off") for m in models]
-                decoders = [lambda tok, n_new, rows: model64(tok[:, None], caches[0])[:, -1].float()]
+            # --float64 / --threads: the reference in float64 / at N threads, then as it runs by default
+            if reference_only:
+                other = model64 if args.float64 else model
+                caches = [make_cache(m, spec, 1, context, artifacts=Artifacts(), kernels="off") for m in (other, model)]
+
+                def other_reference(tok, cache=caches[0]):
+                    with blas_threads(args.threads):
+                        return other(tok, cache)[:, -1].float()
+
+                prefills = [other_reference, lambda t: model(t, caches[1])[:, -1].float()]
+                decoders = [lambda tok, n_new, rows: other_reference(tok[:, None])]
             else:
                 paths = ("auto", "auto", "off") if cuda else ("auto", "off")
-                models = (model,) * len(paths)
                 caches = [make_cache(model, spec, 1, context, artifacts=artifacts, kernels=k) for k in paths]
+                prefills = [lambda t, c=c: model(t, c)[:, -1].float() for c in caches]
                 decoders = [StepDecoder(DecodeStep(model, c, weights, backend="auto" if cuda else "triton"), graph=g)
                             for c, g in zip(caches[:-1], (cuda, False))]
             tokens = torch.tensor([prompt], device=model.device)
-            logits = [m(tokens, c)[:, -1].float() for m, c in zip(models, caches)]
+            logits = [prefill(tokens) for prefill in prefills]
             d_graph, d_ref = (0.0 if graphed else None), 0.0
             same_picks = True
             flips = {"code_bytes_differ": 0, "scales_zeros_differ": 0}
@@ -130,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                     for key in flips:
                         flips[key] += step_diff[key]
         row = {"kind": kind, "protocol": args.protocol, "steps": args.steps, "graph": graphed, "float64": args.float64,
+               "threads": args.threads,
                "max_graph_vs_eager": d_graph, "max_eager_vs_ref": d_ref, "same_greedy_picks": same_picks}
         if args.protocol == "synced":
             row |= {f"flips_{key}": n for key, n in flips.items()}
@@ -141,6 +155,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"device": str(model.device), "rows": rows}, indent=2))
     return 0 if ok else 1
+
+
+@contextmanager
+def blas_threads(n: int | None) -> Iterator[None]:
+    """Run the block at n intra-op threads (None: as it is)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def load_into(cache, source) -> None:

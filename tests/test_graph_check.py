@@ -16,7 +16,7 @@ from xqcli.cache.spec import CacheSpec
 from xqcli.load import make_cache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from graph_check import load_into, stored_differences  # noqa: E402
+from graph_check import blas_threads, load_into, stored_differences  # noqa: E402
 
 
 @pytest.mark.parametrize("kind", ["kivi-4", "xquant-4", "xquant-cl-3"])
@@ -49,3 +49,13 @@ def test_load_into_a_float64_cache():
     load_into(target, source)
     assert stored_differences(target, source)["code_bytes_differ"] == 0
     assert target.streams[-1][0].tail.dtype == torch.float64 and target.host_lengths == [11]
+
+
+def test_blas_threads_sets_then_restores():
+    """`--threads N`: the other reference runs at N threads; everything else at the count it had."""
+    before = torch.get_num_threads()
+    with blas_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with blas_threads(None):
+        assert torch.get_num_threads() == before
