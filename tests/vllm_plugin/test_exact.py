@@ -14,7 +14,7 @@ from xqcli.model import Transformer
 from xqcli.rope import rotate
 from xqcli.sources.hub import Source
 from xqcli.vllm_plugin.exact import ExactNumerics
-from xqcli.vllm_plugin.model import check_exact
+from xqcli.vllm_plugin.model import exact_wanted
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +60,21 @@ def test_logits_are_each_rows_own(exact: ExactNumerics) -> None:
         assert torch.equal(got[i], F.linear(h[i:i + 1], exact.model.output_weight())[0])
 
 
-@pytest.mark.parametrize(("tp", "pp", "device", "why"), [(2, 1, "cpu", "one rank"), (1, 2, "cpu", "one rank"),
-                                                         (1, 1, "cuda", "on the CPU")])
-def test_exact_refuses_what_xq_does_not_compute(tp: int, pp: int, device: str, why: str) -> None:
-    config = SimpleNamespace(parallel_config=SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=pp),
-                             device_config=SimpleNamespace(device_type=device))
+def vllm_config(exact=True, tp: int = 1, pp: int = 1, device: str = "cpu") -> SimpleNamespace:
+    return SimpleNamespace(model_config=SimpleNamespace(hf_config=SimpleNamespace(xq_exact=exact)),
+                           parallel_config=SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=pp),
+                           device_config=SimpleNamespace(device_type=device))
+
+
+@pytest.mark.parametrize(("config", "why"), [(vllm_config(tp=2), "one rank"), (vllm_config(pp=2), "one rank"),
+                                             (vllm_config(device="cuda"), "on the CPU"),
+                                             (vllm_config(exact="yes"), "true or false")])
+def test_exact_refuses_what_xq_does_not_compute(config: SimpleNamespace, why: str) -> None:
     with pytest.raises(ValueError, match=why):
-        check_exact(config)
-    check_exact(SimpleNamespace(parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1),
-                                device_config=SimpleNamespace(device_type="cpu")))
+        exact_wanted(config)
+
+
+def test_exact_is_off_unless_asked() -> None:
+    assert exact_wanted(vllm_config()) is True
+    assert exact_wanted(vllm_config(exact=False, tp=2, device="cuda")) is False
+    assert exact_wanted(SimpleNamespace(model_config=SimpleNamespace(hf_config=SimpleNamespace()))) is False

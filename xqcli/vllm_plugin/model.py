@@ -27,6 +27,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 from xqcli.bundle.format import is_bundle, open_bundle
 from xqcli.bundle.projections import LayerProjections, layer_projections
 from xqcli.cache.spec import CacheSpec
+from xqcli.load import load
 from xqcli.vllm_plugin.backend import StagingPool, XQuantAttention
 from xqcli.vllm_plugin.cl import Accumulator, ChainLayer, layer_layout
 from xqcli.vllm_plugin.exact import ExactNumerics
@@ -217,16 +218,19 @@ def _shared(vllm_config) -> _Shared:
         if spec.method == "xquant-cl" and vllm_config.parallel_config.pipeline_parallel_size > 1:
             raise ValueError("xq's vLLM plugin runs xquant-cl without pipeline parallelism only: a layer's X̂ is the "
                              "previous layer's plus its deltas, and the plugin does not pass it between stages")
-        exact = bool(getattr(vllm_config.model_config.hf_config, "xq_exact", False))
-        if exact:
-            check_exact(vllm_config)
+        exact = exact_wanted(vllm_config)
         pages = 2 * vllm_config.scheduler_config.max_num_seqs * vllm_config.model_config.hf_config.num_hidden_layers
         _SHARED[key] = _Shared(spec, projections, StagingPool(pages), Accumulator(), exact)
     return _SHARED[key]
 
 
-def check_exact(vllm_config) -> None:
-    """`xq_exact` computes as xq's CPU reference path does: one rank, on the CPU."""
+def exact_wanted(vllm_config) -> bool:
+    """hf_overrides `xq_exact`, checked: it computes as xq's CPU reference path does, so one rank, on the CPU."""
+    exact = getattr(vllm_config.model_config.hf_config, "xq_exact", False)
+    if exact not in (True, False):
+        raise ValueError(f"hf_overrides xq_exact must be true or false, not {exact!r}")
+    if not exact:
+        return False
     parallel = vllm_config.parallel_config
     if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
         raise ValueError("xq_exact runs on one rank (tensor_parallel_size and pipeline_parallel_size 1): it "
@@ -234,6 +238,7 @@ def check_exact(vllm_config) -> None:
     if vllm_config.device_config.device_type != "cpu":
         raise ValueError(f"xq_exact runs on the CPU (xq's reference arithmetic), not on "
                          f"{vllm_config.device_config.device_type}; drop xq_exact there")
+    return True
 
 
 class XqLlamaDecoderLayer(LlamaDecoderLayer):
@@ -253,8 +258,6 @@ class XqLlamaForCausalLM(LlamaForCausalLM):
     def load_weights(self, weights) -> set[str]:
         loaded = super().load_weights(weights)
         if self.shared.exact_wanted:
-            from xqcli.load import load
-
             self.shared.exact = ExactNumerics(load(self.model_path, dtype=self.model_dtype, device="cpu"))
         for layer in self.model.layers:
             if isinstance(layer, XqLlamaDecoderLayer):  # pipeline parallel: other ranks' layers are placeholders
