@@ -7,7 +7,8 @@ so its greedy text parts from xq's after a few tokens. Here every product is the
 CPU: xq's modules and weights (read from the same files, so they sit at the same addresses modulo the page, which
 MKL's one-row kernel depends on), each request's rows on their own as xq's engine runs one prompt, xq's RoPE
 tables. vLLM's scheduler, block allocator and pages run unchanged; the pages hold the same codes and scales as
-without this mode, given the same X.
+without this mode, given the same X. Equal bits also need the `xq generate` run's dtype and BLAS thread count
+(MKL splits products by thread; vLLM's CPU worker picks its own count unless OMP_NUM_THREADS is set).
 
 It is slow (a GEMM per request and weight, no oneDNN) and doubles the weights in memory: a mode to check the
 plugin against xq, not to serve. CPU, one rank.
