@@ -25,7 +25,6 @@ from torch import nn
 
 from xqcli.bundle.projections import LayerProjections
 from xqcli.load import Loaded, model_projections
-from xqcli.rope import rotate
 
 
 class ExactNumerics:
@@ -58,8 +57,7 @@ class ExactNumerics:
     def rope(self, x: torch.Tensor, positions: torch.Tensor, head_dim: int) -> torch.Tensor:
         """(T, heads·head_dim) rows rotated at `positions` with xq's tables and op order (`xqcli.rope.rotate`)."""
         heads = x.view(x.shape[0], -1, head_dim).transpose(0, 1)[None]
-        cos, sin = self.model.rope.cos_sin(positions[None], x.dtype)
-        return rotate(heads, cos, sin)[0].transpose(0, 1).reshape(x.shape)
+        return self.model.rope.apply(heads, positions[None])[0].transpose(0, 1).reshape(x.shape)
 
     def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Each sampled row's logits on its own, as xq's engine computes a prompt's (fp32, the true vocabulary)."""

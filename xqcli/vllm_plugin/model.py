@@ -18,7 +18,6 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from vllm.config import get_current_vllm_config
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
@@ -155,11 +154,10 @@ class XqLlamaAttention(LlamaAttention):
         k, _ = self.rotary_emb(positions, k.contiguous(), None)
         return k, v
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, xq_attn: nn.Module | None = None
-                ) -> torch.Tensor:
-        """`xq_attn` (`xq_exact` only): xq's attention module of this layer, whose weights give q (and KIVI's K, V)
-        and the output, request by request (`ExactNumerics`)."""
-        exact = self.shared.exact if xq_attn is not None else None
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Under `xq_exact` xq's attention module of this layer gives q (and KIVI's K, V) and the output, request by
+        request (`ExactNumerics`)."""
+        exact = self.shared.exact
         rows = _whole_batch if exact is None else exact.rows
         if exact is None:
             qkv, _ = self.qkv_proj(hidden_states)
@@ -167,6 +165,7 @@ class XqLlamaAttention(LlamaAttention):
             # q only: vLLM's RoPE works in place, and KIVI caches K before RoPE (`rebuild` rotates every K).
             q, _ = self.rotary_emb(positions, q)
         else:
+            xq_attn = exact.model.layers[self.layer].self_attn
             q = exact.rope(exact.linear(xq_attn.q_proj, hidden_states), positions, self.head_dim)
             k, v = (exact.linear(xq_attn.k_proj, hidden_states), exact.linear(xq_attn.v_proj, hidden_states)
                     ) if self.kivi else (None, None)
@@ -275,7 +274,7 @@ class XqLlamaForCausalLM(LlamaForCausalLM):
         xq = exact.model
         h = xq.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         for layer, xq_layer in zip(self.model.layers, xq.layers):
-            h = h + layer.self_attn(positions, xq_layer.input_layernorm(h), xq_layer.self_attn)
+            h = h + layer.self_attn(positions, xq_layer.input_layernorm(h))
             h = h + exact.linear(xq_layer.mlp, xq_layer.post_attention_layernorm(h))
         return xq.model.norm(h)
 
