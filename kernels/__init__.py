@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     )
     from xqcli.kernels.kivi_attention import kivi_attention, kivi_attention_ref
     from xqcli.kernels.kv_attention import kv_append_rope, kv_append_rope_ref, kv_attention, kv_attention_ref
-    from xqcli.kernels.packed import PackedStream
+    from xqcli.kernels.packed import PackedStream, PagedStream, PageFormat
     from xqcli.kernels.quant import (
         QTensor,
         QuantSpec,
@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "quant": ("QTensor", "QuantSpec", "dequantize", "dequantize_ref", "fake_quantize", "packed_width", "quantize",
               "quantize_ref"),
-    "packed": ("PackedStream",),
+    "packed": ("PackedStream", "PagedStream", "PageFormat"),
     "stream_append": ("StreamBuffers", "allocate_stream", "ring_capacity", "ring_view", "sealed_count", "stream_append",
                       "stream_append_ref", "stream_values_ref"),
     "xquant_attention": ("xquant_attention", "xquant_attention_ref"),

@@ -29,6 +29,7 @@ __all__ = [
     "check_rope_tables",
     "check_seq_lens",
     "group_min_max",
+    "load_half",
     "load_query",
     "launch_merge",
     "load_tile",
@@ -300,16 +301,26 @@ def launch_merge(acc: Tensor, ml: Tensor, out: Tensor, seq_lens: Tensor, split: 
 
 
 @jit
+def load_half(p, o_lo, o_hi, m):
+    """fp16 values stored as a low byte at p + o_lo and a high byte at p + o_hi (any alignment), as float32;
+    0 where m is false."""
+    b_lo = tl.load(p + o_lo, mask=m, other=0).to(tl.int32)
+    b_hi = tl.load(p + o_hi, mask=m, other=0).to(tl.int32)
+    return (b_lo | (b_hi << 8)).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@jit
 def load_tile(
     p_c, s_ct,  # this row's codes, token stride
     p_s, p_z, s_st,  # this row's scale and zero, stride per token (token axis) or per block (channel axis)
     p_t, s_tt,  # this row's tail, token stride
+    p_bt,  # this row's block table (read only if PAGE)
     o_t, o_c,  # (BT,) token and (BC,) channel indices
     m_q, m_f, m_c,  # (BT,) tokens read from codes, (BT,) tokens read from the tail, (BC,) valid channels
     sealed,  # quantized tokens of this row
     t0, c0,  # first token and first channel of the tile (used when ALIGNED)
     BITS: tl.constexpr, GS: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_CODES: tl.constexpr,
-    ALIGNED: tl.constexpr, RING: tl.constexpr = 0,
+    ALIGNED: tl.constexpr, RING: tl.constexpr = 0, PAGE: tl.constexpr = 0,
 ):
     """A (BT, BC) float32 tile of the stream; 0 where neither mask holds.
 
@@ -318,6 +329,10 @@ def load_tile(
     ALIGNED: the tile lies in one quantization group along the grouped axis (channel axis: its
     tokens share one scale row; token axis: its channels share one group), so scale/zero are a
     vector load instead of a per-element gather.
+    PAGE: 0 for a row's own buffers, else tokens per page of a ``packed.PagedStream``: token t's codes
+    are in row ``t % PAGE`` of page ``p_bt[t // PAGE]`` (p_c, p_s, p_z are byte pointers into the
+    shared pages, s_ct the page row's bytes), its fp16 scales and zeros two bytes each in that row
+    (token axis) or spread over the page's rows, s_st bytes a row (channel axis).
     """
     m_ft = m_f[:, None] & m_c[None, :]
     if RING:
@@ -329,11 +344,27 @@ def load_tile(
         m_qt = m_q[:, None] & m_c[None, :]
         o_bit = o_c * BITS  # codes form a little-endian bit stream: code c starts at bit c * BITS
         o_sh = o_bit % 8
-        p_b = p_c + o_t[:, None] * s_ct + (o_bit // 8)[None, :]
+        if PAGE:
+            o_pg = tl.load(p_bt + o_t // PAGE, mask=m_q, other=0).to(tl.int64) * PAGE  # each token's page's row 0
+            o_r = o_pg + o_t % PAGE
+        else:
+            o_r = o_t
+        p_b = p_c + o_r[:, None] * s_ct + (o_bit // 8)[None, :]
         b_w = tl.load(p_b, mask=m_qt, other=0).to(tl.int32)
         if BITS == 3:  # a 3-bit code may straddle two bytes
             b_w = b_w | (tl.load(p_b + 1, mask=m_qt & (o_sh > 5)[None, :], other=0).to(tl.int32) << 8)
         b_q = ((b_w >> o_sh[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
+        if PAGE:
+            if PER_CHANNEL:  # channel c's fp16 is bytes 2c, 2c + 1 of the page's scales, s_st of them a row
+                o_j = 2 * o_c
+                o_lo = (o_pg * s_ct)[:, None] + ((o_j // s_st) * s_ct + o_j % s_st)[None, :]
+                o_hi = (o_pg * s_ct)[:, None] + (((o_j + 1) // s_st) * s_ct + (o_j + 1) % s_st)[None, :]
+            else:
+                o_lo = o_r[:, None] * s_ct + (2 * (o_c // GS))[None, :]
+                o_hi = o_lo + 1
+            b_sc = load_half(p_s, o_lo, o_hi, m_qt)
+            b_zr = load_half(p_z, o_lo, o_hi, m_qt)
+            return tl.where(m_qt, b_q * b_sc + b_zr, b_x)
         if PER_CHANNEL:
             if ALIGNED:
                 o_s = ((t0 // GS) * s_st + o_c)[None, :]  # (1, BC)

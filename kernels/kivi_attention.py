@@ -80,10 +80,10 @@ def kivi_attention_ref(
 @jit(do_not_specialize=["NS", "SPLIT", "s_ab", "s_ah", "s_mlb", "s_mlh"])
 def _kivi_split_kernel(
     Q, s_qb, s_qh,  # q (B, H, D)
-    KC, KS, KZ, KT, K_SEALED,  # pre-RoPE K stream (width H_KV * D)
-    s_kcb, s_kct, s_ksb, s_kst, s_ktb, s_ktt,
-    VC, VS, VZ, VT, V_SEALED,  # V stream (width H_KV * D)
-    s_vcb, s_vct, s_vsb, s_vst, s_vtb, s_vtt,
+    KC, KS, KZ, KT, K_SEALED, KB,  # pre-RoPE K stream (width H_KV * D)
+    s_kcb, s_kct, s_ksb, s_kst, s_ktb, s_ktt, s_kbb,
+    VC, VS, VZ, VT, V_SEALED, VB,  # V stream (width H_KV * D)
+    s_vcb, s_vct, s_vsb, s_vst, s_vtb, s_vtt, s_vbb,
     SEQ,  # (B,) tokens per row
     COS, SIN, s_rope,  # RoPE tables (positions, D)
     ACC, s_ab, s_ah, s_as,  # out: unnormalized per split outputs (B, H, NS, D) float32
@@ -93,9 +93,9 @@ def _kivi_split_kernel(
     G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr, DH: tl.constexpr, BDH: tl.constexpr,
     BD: tl.constexpr, BT: tl.constexpr,
     K_BITS: tl.constexpr, K_GS: tl.constexpr, K_PER_CHANNEL: tl.constexpr, K_HAS_CODES: tl.constexpr,
-    K_ALIGNED: tl.constexpr, K_RING: tl.constexpr,
+    K_ALIGNED: tl.constexpr, K_RING: tl.constexpr, K_PAGE: tl.constexpr,
     V_BITS: tl.constexpr, V_GS: tl.constexpr, V_PER_CHANNEL: tl.constexpr, V_HAS_CODES: tl.constexpr,
-    V_ALIGNED: tl.constexpr, V_RING: tl.constexpr,
+    V_ALIGNED: tl.constexpr, V_RING: tl.constexpr, V_PAGE: tl.constexpr,
     LOWP: tl.constexpr,
 ):
     i_b, i_hk, i_s = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
@@ -114,6 +114,7 @@ def _kivi_split_kernel(
 
     p_kc, p_ks, p_kz, p_kt = KC + i_b * s_kcb, KS + i_b * s_ksb, KZ + i_b * s_ksb, KT + i_b * s_ktb
     p_vc, p_vs, p_vz, p_vt = VC + i_b * s_vcb, VS + i_b * s_vsb, VZ + i_b * s_vsb, VT + i_b * s_vtb
+    p_kb, p_vb = KB + i_b * s_kbb, VB + i_b * s_vbb
     b_m = tl.full([BG], float("-inf"), tl.float32)
     b_l = tl.zeros([BG], tl.float32)
     b_acc = tl.zeros([BG, BD], tl.float32)
@@ -121,15 +122,16 @@ def _kivi_split_kernel(
         o_t = t0 + tl.arange(0, BT).to(tl.int64)
         m_t = o_t < t_hi
         m_qk, m_fk = m_t & (o_t < k_sealed), m_t & (o_t >= k_sealed)
-        b_k1 = load_tile(p_kc, s_kct, p_ks, p_kz, s_kst, p_kt, s_ktt, o_t, o_c1, m_qk, m_fk, m_d, k_sealed,
-                          t0, i_hk * D, K_BITS, K_GS, K_PER_CHANNEL, K_HAS_CODES, K_ALIGNED, K_RING)
-        b_k2 = load_tile(p_kc, s_kct, p_ks, p_kz, s_kst, p_kt, s_ktt, o_t, o_c1 + DH, m_qk, m_fk, m_d, k_sealed,
-                          t0, i_hk * D + DH, K_BITS, K_GS, K_PER_CHANNEL, K_HAS_CODES, K_ALIGNED, K_RING)
+        b_k1 = load_tile(p_kc, s_kct, p_ks, p_kz, s_kst, p_kt, s_ktt, p_kb, o_t, o_c1, m_qk, m_fk, m_d, k_sealed,
+                          t0, i_hk * D, K_BITS, K_GS, K_PER_CHANNEL, K_HAS_CODES, K_ALIGNED, K_RING, K_PAGE)
+        b_k2 = load_tile(p_kc, s_kct, p_ks, p_kz, s_kst, p_kt, s_ktt, p_kb, o_t, o_c1 + DH, m_qk, m_fk, m_d,
+                          k_sealed, t0, i_hk * D + DH, K_BITS, K_GS, K_PER_CHANNEL, K_HAS_CODES, K_ALIGNED, K_RING,
+                          K_PAGE)
         b_s = rope_scores(b_q1, b_q2, b_k1, b_k2, COS, SIN, s_rope, o_t, m_t, o_d, m_d, DH, LOWP)  # (BG, BT)
         b_p, b_alpha, b_m, b_l = online_softmax(b_s, b_m, b_l)
-        b_v = load_tile(p_vc, s_vct, p_vs, p_vz, s_vst, p_vt, s_vtt, o_t, i_hk * D + o_dv,
+        b_v = load_tile(p_vc, s_vct, p_vs, p_vz, s_vst, p_vt, s_vtt, p_vb, o_t, i_hk * D + o_dv,
                          m_t & (o_t < v_sealed), m_t & (o_t >= v_sealed), m_dv, v_sealed, t0, i_hk * D,
-                         V_BITS, V_GS, V_PER_CHANNEL, V_HAS_CODES, V_ALIGNED, V_RING)
+                         V_BITS, V_GS, V_PER_CHANNEL, V_HAS_CODES, V_ALIGNED, V_RING, V_PAGE)
         if LOWP:
             b_acc = tl.dot(b_p, b_v, b_acc * b_alpha[:, None], input_precision="tf32")
         else:

@@ -126,8 +126,8 @@ def xquant_attention_ref(
 @jit(do_not_specialize=["NS", "SPLIT", "s_mlb", "s_mlh"])
 def _xq_scores_kernel(
     Q, s_qb, s_qh,  # q (B, H, D)
-    KC, KS, KZ, KT, K_SEALED,  # K-latent stream: codes, scale, zero, tail, sealed (B,)
-    s_kcb, s_kct, s_ksb, s_kst, s_ktb, s_ktt,  # its strides: codes (b, t), scale/zero (b, t|block), tail (b, t)
+    KC, KS, KZ, KT, K_SEALED, KB,  # K-latent stream: codes, scale, zero, tail, sealed (B,), block table
+    s_kcb, s_kct, s_ksb, s_kst, s_ktb, s_ktt, s_kbb,  # strides: codes (b, t), scale/zero (b, t|block), tail, table
     SEQ,  # (B,) tokens per row
     MK, s_mkc, s_mkn,  # M_k (C_K, H_KV * D): latent channel c, output column n
     BK,  # b_k (H_KV * D,), read only if HAS_BIAS
@@ -141,13 +141,15 @@ def _xq_scores_kernel(
     G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr, DH: tl.constexpr, BDH: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr,
     BITS: tl.constexpr, GS: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_CODES: tl.constexpr,
-    ALIGNED: tl.constexpr, RING: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CH0: tl.constexpr, LOWP: tl.constexpr,
+    ALIGNED: tl.constexpr, RING: tl.constexpr, PAGE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CH0: tl.constexpr,
+    LOWP: tl.constexpr,
 ):
     i_b, i_hk, i_s = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     _lo, seq, split, n_used = row_span(SEQ, i_b, NS, SPLIT, BT, 0)
     if i_s >= n_used:  # past the row's last split: nothing to read or write
         return
     sealed = tl.load(K_SEALED + i_b).to(tl.int64)
+    p_kb = KB + i_b * s_kbb
     t_lo = i_s * split
     t_hi = tl.minimum(t_lo + split, seq)
 
@@ -167,8 +169,8 @@ def _xq_scores_kernel(
         for c0 in range(0, C_K, BC):
             o_c = c0 + tl.arange(0, BC)
             m_c = o_c < C_K
-            b_x = load_tile(p_kc, s_kct, p_ks, p_kz, s_kst, p_kt, s_ktt, o_t, o_c, m_q, m_f, m_c, sealed, t0, c0,
-                             BITS, GS, PER_CHANNEL, HAS_CODES, ALIGNED, RING)
+            b_x = load_tile(p_kc, s_kct, p_ks, p_kz, s_kst, p_kt, s_ktt, p_kb, o_t, o_c, m_q, m_f, m_c, sealed,
+                             t0, c0, BITS, GS, PER_CHANNEL, HAS_CODES, ALIGNED, RING, PAGE)
             p_m = MK + o_c[:, None] * s_mkc + o_n[None, :] * s_mkn
             m_m = m_c[:, None] & m_d[None, :]
             b_m1 = tl.load(p_m, mask=m_m, other=0.0)
@@ -199,8 +201,8 @@ def _xq_scores_kernel(
 
 @jit(do_not_specialize=["NS", "SPLIT", "NVC", "s_mlb", "s_mlh", "s_ab", "s_ah"])
 def _xq_pv_kernel(
-    VC, VS, VZ, VT, V_SEALED,  # V-latent stream
-    s_vcb, s_vct, s_vsb, s_vst, s_vtb, s_vtt,
+    VC, VS, VZ, VT, V_SEALED, VB,  # V-latent stream
+    s_vcb, s_vct, s_vsb, s_vst, s_vtb, s_vtt, s_vbb,
     SEQ,  # (B,) tokens per row
     SC, s_scb, s_sch,  # logits (B, H, S_bound)
     ML, s_mlb, s_mlh,  # per split max and sum (B, H, NS, 2)
@@ -208,7 +210,7 @@ def _xq_pv_kernel(
     C_V, NS, SPLIT, NVC,  # latent width, the split plan (row_span), latent chunks per split
     G: tl.constexpr, BG: tl.constexpr, BT: tl.constexpr, BCV: tl.constexpr,
     BITS: tl.constexpr, GS: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_CODES: tl.constexpr,
-    ALIGNED: tl.constexpr, RING: tl.constexpr, LOWP: tl.constexpr,
+    ALIGNED: tl.constexpr, RING: tl.constexpr, PAGE: tl.constexpr, LOWP: tl.constexpr,
 ):
     i_b, i_hk, i_x = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     i_s, i_v = i_x // NVC, i_x % NVC
@@ -225,6 +227,7 @@ def _xq_pv_kernel(
     o_c = i_v * BCV + tl.arange(0, BCV)
     m_c = o_c < C_V
     p_vc, p_vs, p_vz, p_vt = VC + i_b * s_vcb, VS + i_b * s_vsb, VZ + i_b * s_vsb, VT + i_b * s_vtb
+    p_vb = VB + i_b * s_vbb
     b_acc = tl.zeros([BG, BCV], tl.float32)
     for t0 in range(t_lo, t_hi, BT):
         o_t = t0 + tl.arange(0, BT).to(tl.int64)
@@ -232,9 +235,9 @@ def _xq_pv_kernel(
         b_s = tl.load(SC + i_b * s_scb + o_h[:, None] * s_sch + o_t[None, :],
                       mask=m_g[:, None] & m_t[None, :], other=float("-inf"))
         b_p = tl.exp2(b_s - b_m[:, None])
-        b_v = load_tile(p_vc, s_vct, p_vs, p_vz, s_vst, p_vt, s_vtt, o_t, o_c,
+        b_v = load_tile(p_vc, s_vct, p_vs, p_vz, s_vst, p_vt, s_vtt, p_vb, o_t, o_c,
                          m_t & (o_t < sealed), m_t & (o_t >= sealed), m_c, sealed, t0, i_v * BCV,
-                         BITS, GS, PER_CHANNEL, HAS_CODES, ALIGNED, RING)
+                         BITS, GS, PER_CHANNEL, HAS_CODES, ALIGNED, RING, PAGE)
         if LOWP:
             b_acc = tl.dot(b_p, b_v, b_acc, input_precision="tf32")
         else:
@@ -391,13 +394,13 @@ def xquant_attention(
 
     f32 = {"dtype": torch.float32, "device": device}
     logits = torch.empty(bsz, n_heads, s_max, **f32)
-    kc, ks, kz, kt, ksealed = k.args()
+    kc, ks, kz, kt, ksealed, kb = k.args()
     m_k_main, mk0 = (m_k[1:], m_k[0]) if k_ch0 is not None else (m_k, m_k)
     ch0 = k_ch0 if k_ch0 is not None else q
     with on_device(device):
         _xq_scores_kernel[(bsz, n_kv, n_splits)](
             q, q.stride(0), q.stride(1),
-            kc, ks, kz, kt, ksealed, *k.strides(),
+            kc, ks, kz, kt, ksealed, kb, *k.strides(),
             seq_lens,
             m_k_main, m_k_main.stride(0), m_k_main.stride(1),
             b_k if b_k is not None else q,
@@ -414,9 +417,9 @@ def xquant_attention(
         bcv = min(256 if INTERPRET else 128, max(16, next_pow2(c_v)))
         nvc = -(-c_v // bcv)
         acc = torch.empty(bsz, n_heads, n_splits, c_v, **f32)
-        vc, vs, vz, vt, vsealed = v.args()
+        vc, vs, vz, vt, vsealed, vb = v.args()
         _xq_pv_kernel[(bsz, n_kv, n_splits * nvc)](
-            vc, vs, vz, vt, vsealed, *v.strides(),
+            vc, vs, vz, vt, vsealed, vb, *v.strides(),
             seq_lens,
             logits, logits.stride(0), logits.stride(1),
             ml, ml.stride(0), ml.stride(1),

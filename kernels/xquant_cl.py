@@ -79,16 +79,16 @@ def _tail_sub_tile(p_ts, s_tst, o_t, o_c, m_f, m_c, sealed, RING: tl.constexpr):
 @jit(do_not_specialize=["NT"])
 def _cl_update_kernel(
     A, s_ab, s_at,  # accumulator (B, S, N), updated in place
-    DC, DS, DZ, DT, D_SEALED,  # delta stream (width C): codes, scale, zero, full-precision tail, sealed
-    s_dcb, s_dct, s_dsb, s_dst, s_dtb, s_dtt,
+    DC, DS, DZ, DT, D_SEALED, DB,  # delta stream (width C): codes, scale, zero, full-precision tail, sealed,
+    s_dcb, s_dct, s_dsb, s_dst, s_dtb, s_dtt, s_dbb,  # block table (PAGE), and their strides
     TS, s_tsb, s_tst,  # tail_sub, laid out like the tail, read only if HAS_TS
     SEQ,  # (B,) tokens per row
     U, s_un, s_uc,  # U_kv (N, C), read only if HAS_U
     N, C, NT,  # accumulator width, delta width, token slots per row
     BT: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
     BITS: tl.constexpr, GS: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_CODES: tl.constexpr,
-    ALIGNED: tl.constexpr, RING: tl.constexpr, HAS_U: tl.constexpr, SEED: tl.constexpr, LOWP: tl.constexpr,
-    HAS_TS: tl.constexpr,
+    ALIGNED: tl.constexpr, RING: tl.constexpr, PAGE: tl.constexpr, HAS_U: tl.constexpr, SEED: tl.constexpr,
+    LOWP: tl.constexpr, HAS_TS: tl.constexpr,
 ):
     i_b, i_t, i_n = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     seq = tl.load(SEQ + i_b).to(tl.int64)
@@ -97,6 +97,7 @@ def _cl_update_kernel(
     m_n = o_n < N
     p_dc, p_ds, p_dz, p_dt = DC + i_b * s_dcb, DS + i_b * s_dsb, DZ + i_b * s_dsb, DT + i_b * s_dtb
     p_ts = TS + i_b * s_tsb
+    p_db = DB + i_b * s_dbb
     for t0 in range(i_t * BT, seq, NT * BT):  # empty for slots past the row's length
         o_t = t0 + tl.arange(0, BT).to(tl.int64)
         m_t = o_t < seq
@@ -107,8 +108,8 @@ def _cl_update_kernel(
             for c0 in range(0, C, BC):
                 o_c = c0 + tl.arange(0, BC)
                 m_c = o_c < C
-                b_x = load_tile(p_dc, s_dct, p_ds, p_dz, s_dst, p_dt, s_dtt, o_t, o_c, m_q, m_f, m_c, sealed,
-                                 t0, c0, BITS, GS, PER_CHANNEL, HAS_CODES, ALIGNED, RING)
+                b_x = load_tile(p_dc, s_dct, p_ds, p_dz, s_dst, p_dt, s_dtt, p_db, o_t, o_c, m_q, m_f, m_c,
+                                 sealed, t0, c0, BITS, GS, PER_CHANNEL, HAS_CODES, ALIGNED, RING, PAGE)
                 if HAS_TS:
                     b_x = b_x - _tail_sub_tile(p_ts, s_tst, o_t, o_c, m_f, m_c, sealed, RING)
                 b_w = tl.load(U + o_n[None, :] * s_un + o_c[:, None] * s_uc, mask=m_c[:, None] & m_n[None, :],
@@ -118,8 +119,8 @@ def _cl_update_kernel(
                 else:
                     b_u = tl.dot(b_x, b_w.to(tl.float32), b_u, input_precision="ieee")
         else:
-            b_u = load_tile(p_dc, s_dct, p_ds, p_dz, s_dst, p_dt, s_dtt, o_t, o_n, m_q, m_f, m_n, sealed,
-                             t0, i_n * BN, BITS, GS, PER_CHANNEL, HAS_CODES, ALIGNED, RING)
+            b_u = load_tile(p_dc, s_dct, p_ds, p_dz, s_dst, p_dt, s_dtt, p_db, o_t, o_n, m_q, m_f, m_n, sealed,
+                             t0, i_n * BN, BITS, GS, PER_CHANNEL, HAS_CODES, ALIGNED, RING, PAGE)
             if HAS_TS:
                 b_u = b_u - _tail_sub_tile(p_ts, s_tst, o_t, o_n, m_f, m_n, sealed, RING)
         p_a = A + i_b * s_ab + o_t[:, None] * s_at + o_n[None, :]
@@ -166,7 +167,7 @@ def xquant_cl_update(
     bsz, s_acc, d = acc.shape
     device = check_device(op, acc=acc, seq_lens=seq_lens, u_kv=u_kv, tail_sub=tail_sub)
     delta.check(op, "delta", bsz, device)
-    if delta.codes is not None and delta.spec.axis != "token":
+    if delta.quantized and delta.spec.axis != "token":
         raise ValueError(f"{op}: deltas are quantized per token, got a {delta.spec.axis}-axis stream")
     if u_kv is None:
         if delta.c != d:

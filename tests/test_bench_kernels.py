@@ -60,6 +60,20 @@ def test_bench_kernels_checks_and_reports(tmp_path, capsys, shape, bits, lengths
     assert sum(line.startswith("|") for line in lines) == 2 + len(rows)  # header, rule, one line per row
 
 
+def test_bench_kernels_paged_providers(tmp_path):
+    """The paged providers read the same codes from shuffled pages: the same checks as their contiguous twins."""
+    bench = load_script()
+    out = tmp_path / "r.json"
+    assert bench.main([*mode_args(), "--providers", "xquant,xquant-paged,kivi-paged", "--lengths", "300",
+                       "--json", str(out)]) == 0
+    rows = {r["provider"]: r for r in json.loads(out.read_text())["rows"]}
+    assert sorted(rows) == ["kivi-paged-4bit", "xquant-4bit", "xquant-paged-4bit"]
+    assert rows["xquant-paged-4bit"]["check_rms_ratio"] == rows["xquant-4bit"]["check_rms_ratio"]
+    assert rows["kivi-paged-4bit"]["check_rms_ratio"] < TOL
+    with pytest.raises(SystemExit, match="unknown provider 'sdpa-paged'"):
+        bench.main([*mode_args(), "--providers", "sdpa-paged", "--lengths", "40"])
+
+
 def test_bench_kernels_refuses_to_time_a_wrong_kernel(monkeypatch):
     import xqcli.kernels.xquant_attention as xq
 

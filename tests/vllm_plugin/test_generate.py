@@ -24,6 +24,7 @@ PROMPTS = ("The capital of France is", topics["assert"][:1500], topics["while"][
 MAX_TOKENS = 16  # as in vllm_generate.py
 
 
+PROMPT_SETS = {"all": slice(None), "long": slice(1, None), "short": slice(0, 1)}
 MODELS = {"gqa": assets.smollm2_hf, "mha": assets.smollm2_mha_hf, "tp2": assets.smollm2_tp2_hf}
 
 
@@ -33,15 +34,24 @@ MODELS = {"gqa": assets.smollm2_hf, "mha": assets.smollm2_mha_hf, "tp2": assets.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
+# The fused kernels' decode path on the CPU: the Triton interpreter (slow: a few tokens), each decode row's output
+# compared with the torch path's, which is kept (`XQ_VLLM_FUSED=check`, xqcli/vllm_plugin/backend.py).
+FUSED_CHECK = {"XQ_VLLM_FUSED": "check", "TRITON_INTERPRET": "1"}
+FUSED_TOKENS = 6
+
+
 @cache
-def vllm_run(model: str, cache_kind: str, tp: int = 1, exact: bool = False) -> tuple[list[str], int]:
-    """(completions of PROMPTS in one batch, the cache capacity in tokens vLLM logged at startup: per rank)."""
+def vllm_run(model: str, cache_kind: str, tp: int = 1, exact: bool = False, fused_check: bool = False,
+             prompts: str = "all") -> tuple[list[str], int]:
+    """(completions of PROMPTS[PROMPT_SETS[prompts]] in one batch, the cache capacity in tokens vLLM logged at
+    startup: per rank)."""
     # vLLM's CPU workers refuse to share the one NUMA node of a small machine unless told which CPUs each binds.
     env = os.environ | ({"VLLM_CPU_OMP_THREADS_BIND": "|".join(map(str, range(tp)))} if tp > 1 else {})
-    env |= ONE_THREAD if exact else {}
+    env |= (ONE_THREAD if exact else {}) | (FUSED_CHECK if fused_check else {"XQ_VLLM_FUSED": "off"})
+    options = (["--exact"] if exact else []) + ([f"--max-tokens={FUSED_TOKENS}"] if fused_check else [])
     r = subprocess.run([sys.executable, str(HERE / "vllm_generate.py"), str(MODELS[model]()), cache_kind,
-                        json.dumps(PROMPTS), str(tp), *(["--exact"] if exact else [])],
-                       capture_output=True, text=True, timeout=900, check=False, env=env)
+                        json.dumps(PROMPTS[PROMPT_SETS[prompts]]), str(tp), *options],
+                       capture_output=True, text=True, timeout=1200, check=False, env=env)
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-4000:]
     texts = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("XQ-RESULT "))[10:])
@@ -72,7 +82,6 @@ def test_fp_equals_vllm(model: str, kind: str) -> None:
     assert vllm_run(model, kind)[0] == want
 
 
-PROMPT_SETS = {"all": slice(None), "long": slice(1, None)}
 
 
 # Not kivi-8 on MHA: its third prompt's 16th token is a near tie that vLLM's and xq's X break differently; nor the
@@ -101,6 +110,19 @@ def test_capacity_against_fp16_kv(kind: str, ratio: float) -> None:
     texts, tokens = vllm_run("gqa", kind)
     assert tokens >= ratio * fp16_kv_tokens
     assert texts[0].startswith(" Paris.")
+
+
+# The CUDA path's fused kernels reading pages through block tables, run on the CPU by the Triton interpreter: every
+# decode row of every layer agrees with the torch path within the kernel tests' tolerance (else the run fails). GQA:
+# the three prompts, whose long ones seal pages and stage unsealed ones; MHA (X, 576 wide, is ~10x slower to rebuild
+# under the interpreter): the short prompt.
+@pytest.mark.parametrize(("model", "kind", "prompts"), [
+    ("gqa", "xquant-4", "all"), ("gqa", "kivi-4", "all"), ("gqa", "xquant-cl-3", "all"), ("mha", "xquant-4", "short"),
+    ("mha", "xquant-cl-3", "short")])
+def test_fused_decode_agrees_with_torch_path(model: str, kind: str, prompts: str) -> None:
+    checked = vllm_run(model, kind, fused_check=True, prompts=prompts)[0]
+    full = vllm_run(model, kind, prompts=prompts)[0]  # the same batch: vLLM's GEMMs round by batch size
+    assert all(whole.startswith(part) and part for whole, part in zip(full, checked, strict=True))
 
 
 # Tensor parallelism (docs/vllm.md): SmolLM2 cut to 6/2 heads so that 2 ranks can split it; each rank caches its own

@@ -1,6 +1,6 @@
 """Run one vLLM engine and print its greedy completions as JSON (a script: vLLM spawns its engine process).
 
-usage: vllm_generate.py MODEL CACHE PROMPTS_JSON [TP] [--exact]
+usage: vllm_generate.py MODEL CACHE PROMPTS_JSON [TP] [--exact] [--max-tokens=N]
 CACHE: `vllm` for vLLM's own Llama, else an xq kind; --exact: the plugin's `xq_exact` mode.
 """
 
@@ -14,7 +14,8 @@ KV_CACHE_BYTES = 1 << 28  # the same cache memory for every run, so capacities c
 
 
 def main() -> None:
-    args = [a for a in sys.argv[1:] if a != "--exact"]
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    limit = [int(a.split("=")[1]) for a in sys.argv[1:] if a.startswith("--max-tokens=")]
     model, cache, prompts = args[0], args[1], json.loads(args[2])
     tp = int(args[3]) if len(args) > 3 else 1
     overrides = {"architectures": ["XqLlamaForCausalLM"], "xq_cache": cache}
@@ -23,7 +24,7 @@ def main() -> None:
     extra = {} if cache == "vllm" else {"hf_overrides": overrides}
     llm = LLM(model=model, dtype="float32", max_model_len=2048, enforce_eager=True, kv_cache_memory_bytes=KV_CACHE_BYTES,
               tensor_parallel_size=tp, **extra)
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=limit[0] if limit else MAX_TOKENS))
     print("XQ-RESULT " + json.dumps([o.outputs[0].text for o in outs]), flush=True)
 
 

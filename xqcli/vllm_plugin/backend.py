@@ -3,12 +3,22 @@ rebuilds K and V.
 
 vLLM's own allocator, scheduler and block tables run unchanged: a layer declares a page of `block_size` token
 rows `row_bytes` wide (`XQuantAttention.get_kv_cache_spec`), writes each new token's row at its slot, and on
-every forward gathers its requests' rows by block table, dequantizes them and rebuilds K and V in pure torch
-(docs/vllm.md). The backend and its metadata are thin: the work is in `XQuantAttention`, the layer.
+every forward attends over its requests' pages (docs/vllm.md):
+
+- decode rows (one new token) on CUDA: xq's fused Triton kernels read the codes and scales from the pages
+  through the block table (`xqcli.kernels.packed.PagedStream`) and rebuild K and V in registers, one launch
+  sequence for all of them (`XQ_VLLM_FUSED`: `auto`, the default, on CUDA; `on` also on the CPU through the
+  Triton interpreter, for tests; `check` as `on`, and the torch path runs too, gives the output and must agree
+  within `CHECK_TOLERANCE` or the forward fails; `off` never);
+- other rows (prompts, chunked prefill), on the CPU and with `off`: pure torch gathers the rows by block table,
+  dequantizes them, rebuilds K and V and runs SDPA.
+
+The backend and its metadata are thin: the work is in `XQuantAttention`, the layer.
 """
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,9 +36,29 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 
+from xqcli.kernels.packed import PagedStream
 from xqcli.vllm_plugin.pages import PageLayout
 
 BACKEND_NAME = "XQUANT"
+FUSED_ENV = "XQ_VLLM_FUSED"
+FUSED_MODES = ("auto", "on", "check", "off")
+XQ_CHECK_FAILED = "fused check failed"
+# (atol, rtol) of `check`, by the output's dtype: the kernel tests' table (tests/test_kernels_attention.py)
+CHECK_TOLERANCE = {torch.float32: (2e-4, 1e-4), torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 2e-2)}
+
+
+def fused_mode() -> str:
+    """`XQ_VLLM_FUSED`: `auto` (fused kernels for decode rows on CUDA), `on` (on the CPU too: the Triton interpreter,
+    TRITON_INTERPRET=1, slow, for tests), `check` (`on`, and each fused output compared with the torch path's,
+    which is kept) or `off` (pure torch everywhere)."""
+    mode = os.environ.get(FUSED_ENV, "auto")
+    if mode not in FUSED_MODES:
+        raise ValueError(f"{FUSED_ENV} must be one of {', '.join(FUSED_MODES)}, not {mode!r}")
+    return mode
+
+# Decode attention over pages for a batch of decode rows: (q (B, H, D), the layer's streams as PagedStreams,
+# seq_lens (B,), the rows' new tokens' positions in the batch, kernel backend) -> (B, H, D).
+FusedDecode = Callable[[torch.Tensor, list[PagedStream], torch.Tensor, list[int], str], torch.Tensor]
 
 
 @dataclass
@@ -159,15 +189,17 @@ class XQuantAttention(Attention):
     `key` and `value` passed to it are the streams to cache (xquant MHA: X twice; GQA: X·U_k and X·U_v; xquant-cl:
     a seed or delta in two halves, or twice; kivi: pre-RoPE K and V);
     `rebuild(values, positions, request, new)` turns a request's dequantized streams into RoPE'd K and V of shape
-    (n, kv_heads·head_dim) (`request`: its index in the batch, `new`: its new tokens' slice of the batch's).
+    (n, kv_heads·head_dim) (`request`: its index in the batch, `new`: its new tokens' slice of the batch's);
+    `fused_decode` (None: not available for this layer) attends for a batch of decode rows with the fused kernels.
     """
 
     def __init__(self, *, layout: PageLayout, layer: int, staging: StagingPool,
                  rebuild: Callable[[list[torch.Tensor], torch.Tensor, int, slice], tuple[torch.Tensor, torch.Tensor]],
-                 stream_values: Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]], **kwargs) -> None:
+                 stream_values: Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]],
+                 fused_decode: FusedDecode | None = None, **kwargs) -> None:
         super().__init__(attn_backend=XQuantBackend, **kwargs)
         self.layout, self.layer_index, self.staging = layout, layer, staging
-        self.rebuild, self.stream_values = rebuild, stream_values
+        self.rebuild, self.stream_values, self.fused_decode = rebuild, stream_values, fused_decode
 
     def get_kv_cache_spec(self, vllm_config) -> KVCacheSpec:
         block_size = vllm_config.cache_config.block_size
@@ -219,14 +251,52 @@ class XQuantAttention(Attention):
                 values[i] = torch.cat([values[i], tail.to(values[i].dtype)])
         return values
 
+    def fused_rows(self, query: torch.Tensor, md: XQuantMetadata) -> list[int]:
+        """The requests the fused kernels take: those with one new token, where the mode allows (`fused_mode`)."""
+        mode = fused_mode()
+        if self.fused_decode is None or mode == "off" or (mode == "auto" and not query.is_cuda):
+            return []
+        return [r for r in range(len(md.seq_lens)) if md.query_start_loc[r + 1] - md.query_start_loc[r] == 1]
+
+    def paged_streams(self, pages: torch.Tensor, md: XQuantMetadata, rows: list[int]) -> list[PagedStream]:
+        """The layer's streams of requests `rows` as the kernels read them: sealed tokens in the pages, a per-channel
+        stream's unsealed page from staging (its tail)."""
+        bs = self.layout.block_size
+        device = pages.device
+        lens = [md.seq_lens[r] for r in rows]
+        table = md.block_table[rows].to(device)
+        streams = []
+        for i, s in enumerate(self.layout.streams):
+            if s.axis == "channel":
+                sealed = [n // bs * bs for n in lens]
+                tail = torch.zeros(len(rows), bs, s.width, dtype=s.dtype, device=device)
+                for j, (r, n) in enumerate(zip(rows, lens)):
+                    if n % bs:
+                        tail[j, :n % bs] = self.staging.get((self.layer_index, i, int(md.block_table[r, n // bs])))[
+                            :n % bs]
+            else:
+                sealed, tail = lens, torch.zeros(len(rows), 0, s.width, dtype=s.dtype, device=device)
+            seal = torch.tensor(sealed, dtype=torch.int32, device=device)
+            streams.append(self.layout.paged_stream(i, pages, table, tail, seal))
+        return streams
+
     def attend(self, query: torch.Tensor, kv_cache: torch.Tensor, md: XQuantMetadata, output: torch.Tensor) -> None:
-        """Causal attention of each request's new queries over all its cached tokens, K and V rebuilt."""
+        """Causal attention of each request's new queries over all its cached tokens, K and V rebuilt: decode rows
+        by the fused kernels when `fused_rows` says so, the rest in pure torch."""
         pages = kv_cache[:, 0]
         bs = self.layout.block_size
         group = self.num_heads // self.num_kv_heads
+        fused = self.fused_rows(query, md)
+        mode = fused_mode()
+        if fused:
+            starts = [md.query_start_loc[r] for r in fused]
+            seq_lens = torch.tensor([md.seq_lens[r] for r in fused], dtype=torch.int32, device=query.device)
+            out = self.fused_decode(query[starts].contiguous(), self.paged_streams(pages, md, fused), seq_lens, starts,
+                                    "auto" if mode == "auto" else "triton")
+            output[starts] = out.to(output.dtype)
         for r, n in enumerate(md.seq_lens):
             q0, q1 = md.query_start_loc[r], md.query_start_loc[r + 1]
-            if q1 == q0:
+            if q1 == q0 or (r in fused and mode != "check"):
                 continue
             blocks = md.block_table[r, :-(-n // bs)]
             positions = torch.arange(n, device=query.device)
@@ -239,4 +309,16 @@ class XQuantAttention(Attention):
             # 4D, as xq's model calls it: 3D inputs miss torch's fused CPU kernel and round differently (~1e-7)
             out = F.scaled_dot_product_attention(q.to(k.dtype)[None], k[None], v[None], attn_mask=mask[None, None],
                                                  scale=self.impl.scale)[0]
-            output[q0:q1] = out.transpose(0, 1).to(output.dtype)
+            torch_out = out.transpose(0, 1).to(output.dtype)
+            if r in fused:  # `check`: the fused kernels' output against this one, which is kept
+                self.check_fused(output[q0:q1], torch_out, r, n)
+            output[q0:q1] = torch_out
+
+    def check_fused(self, fused: torch.Tensor, reference: torch.Tensor, request: int, n: int) -> None:
+        """Raise unless the fused kernels' output of one decode row agrees with the torch path's (`check` mode)."""
+        atol, rtol = CHECK_TOLERANCE[reference.dtype]
+        err = (fused.float() - reference.float()).abs()
+        if not bool((err <= atol + rtol * reference.float().abs()).all()):
+            raise RuntimeError(f"xq: {XQ_CHECK_FAILED} in layer {self.layer_index}, request {request} at {n} tokens: "
+                               f"the fused kernels differ from the torch path by up to {err.max().item():.3g} "
+                               f"(atol {atol}, rtol {rtol})")

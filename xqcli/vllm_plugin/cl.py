@@ -69,17 +69,39 @@ class ChainLayer:
 class Accumulator:
     """X̂ after the last seed/delta layer of the forward running now: per request (by its index in the batch) for
     all its tokens, and at the forward's new tokens in the batch's token order (what the next layer's deltas are
-    formed against). Layers replace it in place, one after another; the seed layer resets it."""
+    formed against). Layers replace it in place, one after another; the seed layer resets it.
+
+    Decode rows that the fused kernels take keep theirs in one dense buffer instead (`dense`, (B, S, d), a row per
+    new token at `dense_new` of the batch's), which `xqcli.kernels.xquant_cl.xquant_cl_update` updates in place."""
 
     def __init__(self) -> None:
         self.requests: dict[int, torch.Tensor] = {}
         self.new: torch.Tensor | None = None
+        self.dense: torch.Tensor | None = None
+        self.dense_new: list[int] = []
 
     def reset(self, hidden_states: torch.Tensor) -> None:
         """Start a forward whose new tokens are `hidden_states` (T, d). X̂ stays 0 where no layer adds to it (vLLM's
         profiling forwards run without attention metadata)."""
         self.requests = {}
         self.new = torch.zeros_like(hidden_states)
+        self.dense, self.dense_new = None, []
+
+    def dense_for(self, new: list[int], seq_lens: torch.Tensor, width: int, dtype: torch.dtype, seed: bool
+                  ) -> torch.Tensor:
+        """The dense X̂ buffer ((B, longest, width)) of the decode rows whose new tokens are at `new` of the batch's:
+        a fresh one at the seed layer, else the one the previous layers updated."""
+        if seed:
+            self.dense = torch.zeros(len(new), int(seq_lens.max()), width, dtype=dtype, device=seq_lens.device)
+            self.dense_new = list(new)
+        elif self.dense is None or self.dense_new != list(new):
+            raise RuntimeError("xq: an XQuant-CL delta layer's decode rows differ from its seed layer's")
+        return self.dense
+
+    def dense_done(self, seq_lens: torch.Tensor) -> None:
+        """After a layer updated `dense`: its rows' last tokens are the forward's new ones."""
+        rows = torch.arange(len(self.dense_new), device=seq_lens.device)
+        self.at_new_tokens()[self.dense_new] = self.dense[rows, seq_lens.long() - 1].to(self.new.dtype)
 
     def at_new_tokens(self) -> torch.Tensor:
         """X̂ at the forward's new tokens (T, d), in the batch's token order."""

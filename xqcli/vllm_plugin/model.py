@@ -12,7 +12,7 @@ streams of its own kv-head slice (docs/vllm.md). `"xq_exact": True` computes eve
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -26,6 +26,10 @@ from vllm.model_executor.models.utils import extract_layer_index
 from xqcli.bundle.format import is_bundle, open_bundle
 from xqcli.bundle.projections import LayerProjections, layer_projections
 from xqcli.cache.spec import CacheSpec
+from xqcli.kernels.kivi_attention import kivi_attention
+from xqcli.kernels.packed import PagedStream
+from xqcli.kernels.xquant_attention import xquant_attention
+from xqcli.kernels.xquant_cl import xquant_cl_attention, xquant_cl_update
 from xqcli.load import load
 from xqcli.vllm_plugin.backend import StagingPool, XQuantAttention
 from xqcli.vllm_plugin.cl import Accumulator, ChainLayer, layer_layout
@@ -76,10 +80,13 @@ class XqLlamaAttention(LlamaAttention):
                              "under half of X's width in kv heads, or 1 for MHA models")
         # XQuant-CL's seeds and deltas: X·U_kv with this rank's [W_k | W_v] basis under TP.
         layout, self.part = layer_layout(shared.spec, self.layer, self.kv_size, self.latent, torch.get_default_dtype())
+        rope = self.rotary_emb
+        fused = (layout.quantized and not shared.exact_wanted and rope.is_neox_style
+                 and rope.rotary_dim == self.head_dim)  # the kernels' RoPE: rotate-half over the whole head
         self.attn = XQuantAttention(
             layout=layout, layer=self.layer, staging=shared.staging, rebuild=self.rebuild, stream_values=self.stream_values,
-            num_heads=self.num_heads, head_size=self.head_dim, scale=self.scaling, num_kv_heads=self.num_kv_heads,
-            cache_config=vllm_config.cache_config, prefix=f"{prefix}.attn")
+            fused_decode=self.fused_decode if fused else None, num_heads=self.num_heads, head_size=self.head_dim,
+            scale=self.scaling, num_kv_heads=self.num_kv_heads, cache_config=vllm_config.cache_config, prefix=f"{prefix}.attn")
         self.accumulator = shared.accumulator
         self.chain: ChainLayer | None = None  # a seed or delta layer's, set with the weights
         self.factors: tuple[torch.Tensor, ...] = ()
@@ -154,6 +161,27 @@ class XqLlamaAttention(LlamaAttention):
         k, _ = self.rotary_emb(positions, k.contiguous(), None)
         return k, v
 
+    def fused_decode(self, q: torch.Tensor, streams: list[PagedStream], seq_lens: torch.Tensor, starts: list[int],
+                     backend: str) -> torch.Tensor:
+        """Attention of decode rows (q: (B, H, D), one new token each, at `starts` in the batch's tokens) over
+        their pages with xq's fused kernels: K and V rebuilt in registers as `rebuild` does densely. XQuant-CL
+        brings X̂ up to this layer in a dense buffer first (`Accumulator.dense`)."""
+        cos, sin = self.shared.rope_tables(self.rotary_emb, q.device)
+        b_k, b_v = self.kv_bias or (None, None)
+        run = {"scale": self.scaling, "max_seq_len": int(seq_lens.max()), "backend": backend}
+        if self.kivi:
+            return kivi_attention(q, streams[0], streams[1], cos, sin, seq_lens, **run)
+        f = self.factors
+        if self.chain is None:
+            k, v = streams if self.latent else (streams[0], streams[0])
+            m_k, m_v = (f[1], f[3]) if self.latent else (f[0], f[1])
+            return xquant_attention(q, k, v, m_k, m_v, cos, sin, seq_lens, b_k=b_k, b_v=b_v, **run)
+        acc = self.accumulator.dense_for(starts, seq_lens, self.hidden_size, f[0].dtype, self.chain.seed)
+        xquant_cl_update(acc, streams[0], seq_lens, u_kv=self.chain.u, seed=self.chain.seed,
+                         max_seq_len=run["max_seq_len"], backend=backend)
+        self.accumulator.dense_done(seq_lens)
+        return xquant_cl_attention(q, acc, f[0], f[1], cos, sin, seq_lens, b_k=b_k, b_v=b_v, **run)
+
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         """Under `xq_exact` xq's attention module of this layer gives q (and KIVI's K, V) and the output, request by
         request (`ExactNumerics`)."""
@@ -204,6 +232,15 @@ class _Shared:
     accumulator: Accumulator
     exact_wanted: bool = False
     exact: ExactNumerics | None = None
+    rope: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def rope_tables(self, rotary_emb, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 (positions, head_dim) cos and sin in HF's rotate-half layout, from vLLM's RoPE cache (scaling
+        included), as the fused kernels take them; one pair per device for all layers."""
+        if device not in self.rope:
+            cos, sin = rotary_emb.cos_sin_cache.float().to(device).chunk(2, dim=-1)
+            self.rope[device] = (torch.cat([cos, cos], -1).contiguous(), torch.cat([sin, sin], -1).contiguous())
+        return self.rope[device]
 
 
 _SHARED: dict[int, _Shared] = {}

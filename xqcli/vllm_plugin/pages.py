@@ -2,12 +2,12 @@
 
 vLLM hands an attention layer pages of `block_size` token rows, each `row_bytes` wide (uint8). A row holds,
 for every stream of the layer (xquant MHA: X; xquant GQA: the latents X·U_k and X·U_v, docs/design.md §3;
-kivi: pre-RoPE K and V):
+kivi: pre-RoPE K and V), its part in the layout the fused kernels read (`xqcli.kernels.packed.PageFormat`):
 
 - `token` stream (X, X·U_v, V): the token's packed codes, then its fp16 scales, then its fp16 zeros
   (`kernels/quant.py` layout, docs/design.md §2), written when the token is.
-- `channel` stream (X·U_k, K): the token's packed codes, then a `blob_bytes` slice of the page's per-channel
-  fp16 scales and zeros (one group per channel per page: the page is the group of g = block_size tokens).
+- `channel` stream (X·U_k, K): the token's packed codes, then the row's share of the page's per-channel fp16
+  scales, then of its zeros (one group per channel per page: the page is the group of g = block_size tokens).
   Both are written when the page fills (it is *sealed*); until then the tokens wait in full precision
   outside the page, as xq's window-0 cache keeps an unsealed block (docs/design.md §6).
 - `fp` stream (`xquant-fp`, `kivi-fp`): the raw values in the model dtype.
@@ -20,47 +20,31 @@ from dataclasses import dataclass
 import torch
 
 from xqcli.cache.spec import CacheSpec
-from xqcli.kernels.quant import QTensor, QuantSpec, dequantize_ref, packed_width, quantize_ref
-
-_FP16 = 2  # bytes of an fp16 scale or zero
-
-
-def _fresh(t: torch.Tensor) -> torch.Tensor:
-    """A copy with row-major strides and offset 0, so its bytes can be reinterpreted as fp16 or fp32."""
-    return t.clone(memory_format=torch.contiguous_format)
+from xqcli.kernels.packed import PagedStream, PageFormat
+from xqcli.kernels.quant import QTensor, QuantSpec, dequantize_ref, quantize_ref
 
 
 @dataclass(frozen=True)
 class StreamLayout:
-    """One stream's place in a token row."""
+    """One stream's place in a token row: its bytes from `offset`, in `fmt`'s layout (None: raw `dtype` values)."""
 
     width: int  # values per token (C)
     axis: str  # "token", "channel" or "fp"
-    quant: QuantSpec | None  # None for "fp"
+    fmt: PageFormat | None  # None for "fp"
     offset: int  # first byte in the row
     dtype: torch.dtype  # what decode returns (the model dtype)
 
     @property
-    def code_bytes(self) -> int:
-        return packed_width(self.width, self.quant.bits) if self.quant else self.width * self.dtype.itemsize
+    def quant(self) -> QuantSpec | None:
+        return self.fmt.spec if self.fmt else None
 
     @property
-    def groups(self) -> int:
-        """fp16 (scale, zero) pairs per token row (token axis) or per page (channel axis)."""
-        if self.axis == "token":
-            return -(-self.width // self.quant.group_size)
-        return self.width if self.axis == "channel" else 0
+    def row_bytes(self) -> int:
+        return self.fmt.row_bytes if self.fmt else self.width * self.dtype.itemsize
 
-    def blob_bytes(self, block_size: int) -> int:
-        """Bytes of the page's channel scales+zeros each row carries (the blob spread over the page's rows)."""
-        return -(-2 * _FP16 * self.groups // block_size)
-
-    def row_bytes(self, block_size: int) -> int:
-        if self.axis == "token":
-            return self.code_bytes + 2 * _FP16 * self.groups
-        if self.axis == "channel":
-            return self.code_bytes + self.blob_bytes(block_size)
-        return self.code_bytes
+    @property
+    def span(self) -> slice:
+        return slice(self.offset, self.offset + self.row_bytes)
 
 
 class PageLayout:
@@ -71,12 +55,10 @@ class PageLayout:
         self.streams: list[StreamLayout] = []
         offset = 0
         for width, axis, quant in streams:
-            if axis == "channel" and quant.group_size != block_size:
-                raise ValueError(f"a per-channel stream needs pages of its group size {quant.group_size} tokens, "
-                                 f"got block size {block_size}")
-            s = StreamLayout(width, axis, quant, offset, dtype)
+            s = StreamLayout(width, axis, None if quant is None else PageFormat(width, quant, block_size), offset,
+                             dtype)
             self.streams.append(s)
-            offset += s.row_bytes(block_size)
+            offset += s.row_bytes
         self.row_bytes = offset
 
     @classmethod
@@ -90,9 +72,13 @@ class PageLayout:
     def has_channel(self) -> bool:
         return any(s.axis == "channel" for s in self.streams)
 
+    @property
+    def quantized(self) -> bool:
+        return all(s.fmt is not None for s in self.streams)
+
     def token_spans(self) -> list[tuple[int, int]]:
         """Byte ranges of a row that `encode` fills (all but channel streams, which `seal` writes)."""
-        return [(s.offset, s.offset + s.row_bytes(self.block_size)) for s in self.streams if s.axis != "channel"]
+        return [(s.span.start, s.span.stop) for s in self.streams if s.axis != "channel"]
 
     def encode(self, values: list[torch.Tensor]) -> torch.Tensor:
         """(T, row_bytes) uint8 rows for T new tokens; channel streams' bytes stay zero until `seal`."""
@@ -101,49 +87,28 @@ class PageLayout:
             if s.axis == "channel":
                 continue
             if s.axis == "fp":
-                raw = x.to(s.dtype).contiguous().view(torch.uint8)
+                rows[:, s.span] = x.to(s.dtype).contiguous().view(torch.uint8)
             else:
-                q = quantize_ref(x, s.quant)
-                raw = torch.cat([q.packed, q.scale.view(torch.uint8), q.zero.view(torch.uint8)], dim=-1)
-            rows[:, s.offset:s.offset + raw.shape[-1]] = raw
+                rows[:, s.span] = s.fmt.encode_tokens(quantize_ref(x, s.quant))
         return rows
 
     def seal(self, page: torch.Tensor, values: list[torch.Tensor | None]) -> None:
         """Quantize a full page's channel streams (values: (block_size, C) per channel stream, None elsewhere)
-        and write their codes and scale blobs into `page` ((block_size, row_bytes) uint8, in place)."""
+        and write their codes and scales into `page` ((block_size, row_bytes) uint8, in place)."""
         for s, x in zip(self.streams, values):
-            if s.axis != "channel":
-                continue
-            q = quantize_ref(x, s.quant)  # scale, zero: (1, C)
-            page[:, s.offset:s.offset + s.code_bytes] = q.packed
-            blob = torch.cat([q.scale.view(torch.uint8), q.zero.view(torch.uint8)], dim=-1).reshape(-1)
-            spread = torch.zeros(self.block_size * s.blob_bytes(self.block_size), dtype=torch.uint8,
-                                 device=page.device)
-            spread[:blob.numel()] = blob
-            page[:, s.offset + s.code_bytes:s.offset + s.row_bytes(self.block_size)] = spread.view(self.block_size, -1)
+            if s.axis == "channel":
+                page[:, s.span] = s.fmt.encode_page(quantize_ref(x, s.quant))
 
     def stored(self, rows: torch.Tensor) -> list[QTensor | torch.Tensor]:
         """What (n, row_bytes) rows hold per stream: codes with their fp16 scales and zeros (`QTensor`; channel
         streams: the whole sealed pages among them), or raw values (`fp`)."""
-        n = rows.shape[0]
+        whole = rows.shape[0] // self.block_size * self.block_size
         out: list[QTensor | torch.Tensor] = []
         for s in self.streams:
-            codes = rows[:, s.offset:s.offset + s.code_bytes]
             if s.axis == "fp":
-                out.append(_fresh(codes).view(s.dtype))
-                continue
-            if s.axis == "token":
-                tail = _fresh(rows[:, s.offset + s.code_bytes:s.offset + s.row_bytes(self.block_size)])
-                scale, zero = tail.view(torch.float16).split(s.groups, dim=-1)
+                out.append(rows[:, s.span].clone(memory_format=torch.contiguous_format).view(s.dtype))
             else:
-                pages = n // self.block_size
-                blob = rows[:pages * self.block_size, s.offset + s.code_bytes:s.offset + s.row_bytes(self.block_size)]
-                blob = _fresh(blob.reshape(pages, self.block_size * s.blob_bytes(self.block_size))[:, :2 * _FP16 * s.groups])
-                blob = blob.view(torch.float16)
-                scale, zero = blob.split(s.groups, dim=-1)  # (pages, C): one group per channel per page
-                codes = codes[:pages * self.block_size]
-            out.append(QTensor(packed=codes.contiguous(), scale=scale.contiguous(), zero=zero.contiguous(),
-                               spec=s.quant, shape=torch.Size((codes.shape[0], s.width)), dtype=s.dtype))
+                out.append(s.fmt.decode(rows[:whole if s.axis == "channel" else None, s.span], s.dtype))
         return out
 
     def decode(self, rows: torch.Tensor) -> list[torch.Tensor]:
@@ -151,3 +116,12 @@ class PageLayout:
         == 0), the caller supplies the unsealed tail from its staging buffer."""
         return [x if isinstance(x, torch.Tensor) else dequantize_ref(x, s.dtype)
                 for s, x in zip(self.streams, self.stored(rows))]
+
+    def paged_stream(self, index: int, pages: torch.Tensor, block_table: torch.Tensor, tail: torch.Tensor,
+                     sealed: torch.Tensor) -> PagedStream:
+        """Stream `index` of a batch's pages ((num_blocks, block_size, row_bytes) uint8) as the fused kernels read
+        it: sealed tokens through `block_table`, the rest in `tail` (`xqcli.kernels.packed.PagedStream`)."""
+        s = self.streams[index]
+        if s.fmt is None:
+            raise ValueError("a raw (-fp) stream has no packed form for the fused kernels")
+        return PagedStream(pages=pages, block_table=block_table, offset=s.offset, fmt=s.fmt, tail=tail, sealed=sealed)
