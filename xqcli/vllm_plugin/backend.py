@@ -63,12 +63,15 @@ FusedDecode = Callable[[torch.Tensor, list[PagedStream], torch.Tensor, list[int]
 
 @dataclass
 class XQuantMetadata:
-    """What attention over pages needs: per-request query ranges, lengths and block tables (CPU copies)."""
+    """What attention over pages needs: per-request query ranges and lengths (CPU copies), block tables (on the
+    device, and a CPU copy for host-side lookups: staging keys, with one copy per forward instead of a sync per
+    layer and request)."""
 
     num_actual_tokens: int
     query_start_loc: list[int]
     seq_lens: list[int]
     block_table: torch.Tensor
+    block_table_cpu: torch.Tensor
     slot_mapping: torch.Tensor
 
 
@@ -82,7 +85,8 @@ class XQuantMetadataBuilder(AttentionMetadataBuilder[XQuantMetadata]):
         return XQuantMetadata(num_actual_tokens=m.num_actual_tokens,
                               query_start_loc=m.query_start_loc_cpu[:m.num_reqs + 1].tolist(),
                               seq_lens=m.seq_lens[:m.num_reqs].tolist(),
-                              block_table=m.block_table_tensor, slot_mapping=m.slot_mapping)
+                              block_table=m.block_table_tensor,
+                              block_table_cpu=m.block_table_tensor[:m.num_reqs].cpu(), slot_mapping=m.slot_mapping)
 
 
 class XQuantImpl(AttentionImpl):
@@ -240,14 +244,15 @@ class XQuantAttention(Attention):
                     self.staging.drop((self.layer_index, i, block))
                 self.layout.seal(pages[block], full)
 
-    def gather(self, pages: torch.Tensor, blocks: torch.Tensor, n: int) -> list[torch.Tensor]:
-        """Dequantized streams of one request's first n tokens (unsealed per-channel rows from staging)."""
+    def gather(self, pages: torch.Tensor, blocks: torch.Tensor, n: int, last_block: int) -> list[torch.Tensor]:
+        """Dequantized streams of one request's first n tokens in pages `blocks` (unsealed per-channel rows from
+        staging: `last_block`, the block id of token n − 1's page, is its key)."""
         bs = self.layout.block_size
         rows = pages[blocks].reshape(-1, self.layout.row_bytes)[:n]
         values = self.layout.decode(rows)
         for i, s in enumerate(self.layout.streams):
             if s.axis == "channel" and n % bs:
-                tail = self.staging.get((self.layer_index, i, int(blocks[n // bs])))[:n % bs]
+                tail = self.staging.get((self.layer_index, i, last_block))[:n % bs]
                 values[i] = torch.cat([values[i], tail.to(values[i].dtype)])
         return values
 
@@ -272,7 +277,7 @@ class XQuantAttention(Attention):
                 tail = torch.zeros(len(rows), bs, s.width, dtype=s.dtype, device=device)
                 for j, (r, n) in enumerate(zip(rows, lens)):
                     if n % bs:
-                        tail[j, :n % bs] = self.staging.get((self.layer_index, i, int(md.block_table[r, n // bs])))[
+                        tail[j, :n % bs] = self.staging.get((self.layer_index, i, int(md.block_table_cpu[r, n // bs])))[
                             :n % bs]
             else:
                 sealed, tail = lens, torch.zeros(len(rows), 0, s.width, dtype=s.dtype, device=device)
@@ -300,7 +305,8 @@ class XQuantAttention(Attention):
                 continue
             blocks = md.block_table[r, :-(-n // bs)]
             positions = torch.arange(n, device=query.device)
-            k, v = self.rebuild(self.gather(pages, blocks, n), positions, r, slice(q0, q1))
+            last_block = int(md.block_table_cpu[r, (n - 1) // bs])
+            k, v = self.rebuild(self.gather(pages, blocks, n, last_block), positions, r, slice(q0, q1))
             k = k.view(n, self.num_kv_heads, self.head_size).repeat_interleave(group, dim=1).transpose(0, 1)
             v = v.view(n, self.num_kv_heads, self.head_size).repeat_interleave(group, dim=1).transpose(0, 1)
             q = query[q0:q1].transpose(0, 1)  # (heads, q_len, head_dim)
