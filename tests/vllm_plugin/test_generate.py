@@ -82,8 +82,6 @@ def test_fp_equals_vllm(model: str, kind: str) -> None:
     assert vllm_run(model, kind)[0] == want
 
 
-
-
 # Not kivi-8 on MHA: its third prompt's 16th token is a near tie that vLLM's and xq's X break differently; nor the
 # short prompt with xquant-cl-8 on GQA: its 11th token is one (its base layers are at 4 bits) (docs/vllm.md, Measured).
 @pytest.mark.parametrize(("model", "kind", "prompts"), [

@@ -73,6 +73,28 @@ class XQuantMetadata:
     block_table: torch.Tensor
     block_table_cpu: torch.Tensor
     slot_mapping: torch.Tensor
+    decode: DecodeRows
+
+
+@dataclass
+class DecodeRows:
+    """The requests with one new token, what the fused kernels take (`XQuantAttention.fused_rows`), with what every
+    layer's call needs, built once per forward: their indices, their new tokens' positions in the batch, and on the
+    device their lengths, block tables and sealed counts of a per-channel stream (whole pages)."""
+
+    requests: list[int]
+    starts: list[int]
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    sealed_pages: torch.Tensor
+
+    @classmethod
+    def of(cls, query_start_loc: list[int], seq_lens: list[int], block_table: torch.Tensor, block_size: int
+           ) -> DecodeRows:
+        requests = [r for r in range(len(seq_lens)) if query_start_loc[r + 1] - query_start_loc[r] == 1]
+        lens = torch.tensor([seq_lens[r] for r in requests], dtype=torch.int32).to(block_table.device)
+        return cls(requests, [query_start_loc[r] for r in requests], lens, block_table[requests],
+                   lens // block_size * block_size)
 
 
 class XQuantMetadataBuilder(AttentionMetadataBuilder[XQuantMetadata]):
@@ -82,11 +104,11 @@ class XQuantMetadataBuilder(AttentionMetadataBuilder[XQuantMetadata]):
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> XQuantMetadata:
         m = common_attn_metadata
-        return XQuantMetadata(num_actual_tokens=m.num_actual_tokens,
-                              query_start_loc=m.query_start_loc_cpu[:m.num_reqs + 1].tolist(),
-                              seq_lens=m.seq_lens[:m.num_reqs].tolist(),
+        starts, lens = m.query_start_loc_cpu[:m.num_reqs + 1].tolist(), m.seq_lens[:m.num_reqs].tolist()
+        return XQuantMetadata(num_actual_tokens=m.num_actual_tokens, query_start_loc=starts, seq_lens=lens,
                               block_table=m.block_table_tensor,
-                              block_table_cpu=m.block_table_tensor[:m.num_reqs].cpu(), slot_mapping=m.slot_mapping)
+                              block_table_cpu=m.block_table_tensor[:m.num_reqs].cpu(), slot_mapping=m.slot_mapping,
+                              decode=DecodeRows.of(starts, lens, m.block_table_tensor, self.kv_cache_spec.block_size))
 
 
 class XQuantImpl(AttentionImpl):
@@ -204,6 +226,7 @@ class XQuantAttention(Attention):
         super().__init__(attn_backend=XQuantBackend, **kwargs)
         self.layout, self.layer_index, self.staging = layout, layer, staging
         self.rebuild, self.stream_values, self.fused_decode = rebuild, stream_values, fused_decode
+        self.mode = fused_mode()
 
     def get_kv_cache_spec(self, vllm_config) -> KVCacheSpec:
         block_size = vllm_config.cache_config.block_size
@@ -258,31 +281,28 @@ class XQuantAttention(Attention):
 
     def fused_rows(self, query: torch.Tensor, md: XQuantMetadata) -> list[int]:
         """The requests the fused kernels take: those with one new token, where the mode allows (`fused_mode`)."""
-        mode = fused_mode()
-        if self.fused_decode is None or mode == "off" or (mode == "auto" and not query.is_cuda):
+        if self.fused_decode is None or self.mode == "off" or (self.mode == "auto" and not query.is_cuda):
             return []
-        return [r for r in range(len(md.seq_lens)) if md.query_start_loc[r + 1] - md.query_start_loc[r] == 1]
+        return md.decode.requests
 
-    def paged_streams(self, pages: torch.Tensor, md: XQuantMetadata, rows: list[int]) -> list[PagedStream]:
-        """The layer's streams of requests `rows` as the kernels read them: sealed tokens in the pages, a per-channel
-        stream's unsealed page from staging (its tail)."""
-        bs = self.layout.block_size
-        device = pages.device
-        lens = [md.seq_lens[r] for r in rows]
-        table = md.block_table[rows].to(device)
+    def paged_streams(self, pages: torch.Tensor, md: XQuantMetadata) -> list[PagedStream]:
+        """The layer's streams of the decode rows as the kernels read them: sealed tokens in the pages, a
+        per-channel stream's unsealed page from staging (its tail)."""
+        bs, dec = self.layout.block_size, md.decode
         streams = []
         for i, s in enumerate(self.layout.streams):
             if s.axis == "channel":
-                sealed = [n // bs * bs for n in lens]
-                tail = torch.zeros(len(rows), bs, s.width, dtype=s.dtype, device=device)
-                for j, (r, n) in enumerate(zip(rows, lens)):
+                sealed = dec.sealed_pages
+                tail = torch.zeros(len(dec.requests), bs, s.width, dtype=s.dtype, device=pages.device)
+                for j, r in enumerate(dec.requests):
+                    n = md.seq_lens[r]
                     if n % bs:
-                        tail[j, :n % bs] = self.staging.get((self.layer_index, i, int(md.block_table_cpu[r, n // bs])))[
-                            :n % bs]
+                        key = (self.layer_index, i, int(md.block_table_cpu[r, n // bs]))
+                        tail[j, :n % bs] = self.staging.get(key)[:n % bs]
             else:
-                sealed, tail = lens, torch.zeros(len(rows), 0, s.width, dtype=s.dtype, device=device)
-            seal = torch.tensor(sealed, dtype=torch.int32, device=device)
-            streams.append(self.layout.paged_stream(i, pages, table, tail, seal))
+                sealed, tail = dec.seq_lens, torch.zeros(len(dec.requests), 0, s.width, dtype=s.dtype,
+                                                         device=pages.device)
+            streams.append(self.layout.paged_stream(i, pages, dec.block_table, tail, sealed))
         return streams
 
     def attend(self, query: torch.Tensor, kv_cache: torch.Tensor, md: XQuantMetadata, output: torch.Tensor) -> None:
@@ -291,17 +311,15 @@ class XQuantAttention(Attention):
         pages = kv_cache[:, 0]
         bs = self.layout.block_size
         group = self.num_heads // self.num_kv_heads
-        fused = self.fused_rows(query, md)
-        mode = fused_mode()
+        fused = set(self.fused_rows(query, md))
         if fused:
-            starts = [md.query_start_loc[r] for r in fused]
-            seq_lens = torch.tensor([md.seq_lens[r] for r in fused], dtype=torch.int32, device=query.device)
-            out = self.fused_decode(query[starts].contiguous(), self.paged_streams(pages, md, fused), seq_lens, starts,
-                                    "auto" if mode == "auto" else "triton")
+            starts = md.decode.starts
+            out = self.fused_decode(query[starts].contiguous(), self.paged_streams(pages, md), md.decode.seq_lens,
+                                    starts, "auto" if self.mode == "auto" else "triton")
             output[starts] = out.to(output.dtype)
         for r, n in enumerate(md.seq_lens):
             q0, q1 = md.query_start_loc[r], md.query_start_loc[r + 1]
-            if q1 == q0 or (r in fused and mode != "check"):
+            if q1 == q0 or (r in fused and self.mode != "check"):
                 continue
             blocks = md.block_table[r, :-(-n // bs)]
             positions = torch.arange(n, device=query.device)
