@@ -47,6 +47,8 @@ if TYPE_CHECKING:
     from xqcli.kernels.xquant_cl import (
         xquant_cl_attention,
         xquant_cl_attention_ref,
+        xquant_cl_project,
+        xquant_cl_project_ref,
         xquant_cl_update,
         xquant_cl_update_ref,
     )
@@ -60,7 +62,8 @@ _EXPORTS = {
     "xquant_attention": ("xquant_attention", "xquant_attention_ref"),
     "kivi_attention": ("kivi_attention", "kivi_attention_ref"),
     "kv_attention": ("kv_append_rope", "kv_append_rope_ref", "kv_attention", "kv_attention_ref"),
-    "xquant_cl": ("xquant_cl_attention", "xquant_cl_attention_ref", "xquant_cl_update", "xquant_cl_update_ref"),
+    "xquant_cl": ("xquant_cl_attention", "xquant_cl_attention_ref", "xquant_cl_project", "xquant_cl_project_ref",
+                  "xquant_cl_update", "xquant_cl_update_ref"),
     "rope_q": ("rope_q", "rope_q_ref"),
     "decode_ops": ("add_rms_norm", "add_rms_norm_ref", "rms_norm", "rms_norm_ref", "silu_mul", "silu_mul_ref"),
 }

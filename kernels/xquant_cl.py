@@ -18,6 +18,12 @@ The accumulator is a materialized buffer by design (the paper's transient accumu
 not: ``xquant_cl_attention`` runs the fused XQuant attention kernel in MHA form over it (M_k = W_kᵀ,
 M_v = W_vᵀ, K rebuilt per tile, V absorbed).
 
+GQA's closed loop is sensitive to rounding where a token is sealed (docs/design.md §4), so the decode step
+carries the X̂ of each row's sealed token in float64 beside the accumulator: ``xquant_cl_update`` extends it
+(``sealing``: the program whose tile holds that token adds its row's delta times U_kvᵀ in float64) and
+``xquant_cl_project`` projects it on the next layer's U_kv in float64, together with the ring tokens' float32
+projections the update kernel subtracts (``tail_sub``): one launch for both.
+
 The kernel ``_cl_update_kernel`` has a program per (row, token slot, BN accumulator channels): slot
 i handles the row's BT-token tiles i, i + NT, i + 2·NT, ... up to the row's length read on the
 device. Per tile it dequantizes BC delta channels at a time and, for GQA, ``tl.dot``s them with the
@@ -39,7 +45,8 @@ from xqcli.kernels._triton import INTERPRET, cdiv, check_device, jit, next_pow2,
 from xqcli.kernels.packed import PackedStream
 from xqcli.kernels.xquant_attention import xquant_attention, xquant_attention_ref
 
-__all__ = ["xquant_cl_attention", "xquant_cl_attention_ref", "xquant_cl_update", "xquant_cl_update_ref"]
+__all__ = ["xquant_cl_attention", "xquant_cl_attention_ref", "xquant_cl_project", "xquant_cl_project_ref",
+           "xquant_cl_update", "xquant_cl_update_ref"]
 
 def xquant_cl_update_ref(
     acc: Tensor,
@@ -49,8 +56,11 @@ def xquant_cl_update_ref(
     u_kv: Tensor | None = None,
     seed: bool = False,
     tail_sub: Tensor | None = None,
+    sealing: Tensor | None = None,
+    sealing_pos: Tensor | None = None,
 ) -> Tensor:
-    """Reference of ``xquant_cl_update`` (float32 math, one rounding to acc.dtype); updates acc in place."""
+    """Reference of ``xquant_cl_update`` (float32 math, one rounding to acc.dtype; ``sealing`` in float64);
+    updates acc (and sealing) in place."""
     if tail_sub is not None:
         delta = replace(delta, tail=delta.tail.float() - tail_sub.float())
     for b in range(acc.shape[0]):
@@ -58,6 +68,9 @@ def xquant_cl_update_ref(
         if n == 0:
             continue
         d = delta.values_ref(b, n)  # (n, C): dequantized deltas, then the tail's deltas
+        if sealing is not None and int(sealing_pos[b]) < n:
+            up = d[int(sealing_pos[b])].double() @ u_kv.double().T
+            sealing[b] = up if seed else sealing[b] + up
         if u_kv is not None:
             d = d @ u_kv.float().T
         acc[b, :n] = (d if seed else acc[b, :n].float() + d).to(acc.dtype)
@@ -84,11 +97,12 @@ def _cl_update_kernel(
     TS, s_tsb, s_tst,  # tail_sub, laid out like the tail, read only if HAS_TS
     SEQ,  # (B,) tokens per row
     U, s_un, s_uc,  # U_kv (N, C), read only if HAS_U
+    SEAL, s_seb, SEAL_POS,  # float64 X̂ (B, N) of the token each row seals, its position (B,): if HAS_SEAL
     N, C, NT,  # accumulator width, delta width, token slots per row
     BT: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
     BITS: tl.constexpr, GS: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_CODES: tl.constexpr,
     ALIGNED: tl.constexpr, RING: tl.constexpr, PAGE: tl.constexpr, HAS_U: tl.constexpr, SEED: tl.constexpr,
-    LOWP: tl.constexpr, HAS_TS: tl.constexpr,
+    LOWP: tl.constexpr, HAS_TS: tl.constexpr, HAS_SEAL: tl.constexpr,
 ):
     i_b, i_t, i_n = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     seq = tl.load(SEQ + i_b).to(tl.int64)
@@ -98,6 +112,9 @@ def _cl_update_kernel(
     p_dc, p_ds, p_dz, p_dt = DC + i_b * s_dcb, DS + i_b * s_dsb, DZ + i_b * s_dsb, DT + i_b * s_dtb
     p_ts = TS + i_b * s_tsb
     p_db = DB + i_b * s_dbb
+    pos = -1
+    if HAS_SEAL:
+        pos = tl.load(SEAL_POS + i_b).to(tl.int64)
     for t0 in range(i_t * BT, seq, NT * BT):  # empty for slots past the row's length
         o_t = t0 + tl.arange(0, BT).to(tl.int64)
         m_t = o_t < seq
@@ -105,6 +122,8 @@ def _cl_update_kernel(
         m_f = m_t & (o_t >= sealed)
         if HAS_U:
             b_u = tl.zeros([BT, BN], tl.float32)
+            mine = (pos >= t0) & (pos < t0 + BT) & (pos < seq)  # this tile holds the token being sealed
+            b_s = tl.zeros([BN], tl.float64)
             for c0 in range(0, C, BC):
                 o_c = c0 + tl.arange(0, BC)
                 m_c = o_c < C
@@ -118,6 +137,16 @@ def _cl_update_kernel(
                     b_u = tl.dot(b_x.to(b_w.dtype), b_w, b_u)
                 else:
                     b_u = tl.dot(b_x, b_w.to(tl.float32), b_u, input_precision="ieee")
+                if HAS_SEAL:
+                    if mine:  # its row of the tile (a sum of one value: exact), then a float64 product
+                        b_r = tl.sum(tl.where((o_t == pos)[:, None], b_x, 0.0), axis=0).to(tl.float64)
+                        b_s += tl.sum(b_r[:, None] * b_w.to(tl.float64), axis=0)
+            if HAS_SEAL:
+                if mine:
+                    p_s = SEAL + i_b * s_seb + o_n
+                    if not SEED:
+                        b_s += tl.load(p_s, mask=m_n, other=0.0)
+                    tl.store(p_s, b_s, mask=m_n)
         else:
             b_u = load_tile(p_dc, s_dct, p_ds, p_dz, s_dst, p_dt, s_dtt, p_db, o_t, o_n, m_q, m_f, m_n, sealed,
                              t0, i_n * BN, BITS, GS, PER_CHANNEL, HAS_CODES, ALIGNED, RING, PAGE)
@@ -140,6 +169,8 @@ def xquant_cl_update(
     u_kv: Tensor | None = None,
     seed: bool = False,
     tail_sub: Tensor | None = None,
+    sealing: Tensor | None = None,
+    sealing_pos: Tensor | None = None,
     max_seq_len: int | None = None,
     capacity: int | None = None,
     backend: str = "auto",
@@ -155,6 +186,11 @@ def xquant_cl_update(
         seed: start the chain: X̂ = Δ (·U_kvᵀ), ignoring the previous contents of acc.
         tail_sub: subtracted (in float32) from the tail's values as they are read, the same shape as
             ``delta.tail`` and laid out like it (unit last stride): the raw tail's projected accumulator.
+        sealing: (B, d) float64, with u_kv: the closed-loop chain of the token each row seals this step,
+            at ``sealing_pos`` (B,) int: if that token is among the row's seq_lens[b], sealing[b] becomes
+            Δ_i[pos]·U_kvᵀ (seed) or sealing[b] + Δ_i[pos]·U_kvᵀ, products and sums in float64, so the
+            next layer's delta of that token does not depend on a GEMM's summation order
+            (``xquant_cl_project``); other rows' sealing is left as is.
         max_seq_len: an upper bound of seq_lens known on the host (saves a device sync): eager steps.
         capacity: the allocated context instead (at most acc's S): a static launch, the same every
             step (capturable in a CUDA graph); see the module docstring.
@@ -181,8 +217,15 @@ def xquant_cl_update(
                          f"{tuple(delta.tail.shape)} with unit last stride, got {tail_sub.dtype} "
                          f"{tuple(tail_sub.shape)}")
     check_seq_lens(op, seq_lens, bsz)
+    if sealing is not None:
+        check_sealing(op, sealing, bsz, d)
+        if u_kv is None:
+            raise ValueError(f"{op}: sealing is the GQA chain through U_kv; it needs u_kv")
+        if sealing_pos is None or sealing_pos.shape != (bsz,) or sealing_pos.is_floating_point():
+            raise ValueError(f"{op}: sealing_pos must be an integer ({bsz},) tensor of positions")
     if not use_triton(op, backend, acc, u_kv, tail_sub):
-        return xquant_cl_update_ref(acc, delta, seq_lens, u_kv=u_kv, seed=seed, tail_sub=tail_sub)
+        return xquant_cl_update_ref(acc, delta, seq_lens, u_kv=u_kv, seed=seed, tail_sub=tail_sub, sealing=sealing,
+                                    sealing_pos=sealing_pos)
     s_max = resolve_len(op, seq_lens, max_seq_len, s_acc, capacity, holder="acc's buffers")
     if s_max == 0:
         return acc
@@ -201,14 +244,110 @@ def xquant_cl_update(
             ts, ts.stride(0), ts.stride(1),
             seq_lens,
             u, u.stride(0), u.stride(1),
+            *((sealing, sealing.stride(0), sealing_pos) if sealing is not None else (acc, 0, seq_lens)),
             d, delta.c, n_slots,
             BT=bt, BN=bn, BC=bc,
             HAS_U=u_kv is not None, SEED=seed,
-            LOWP=lowp, HAS_TS=ts is not acc,
+            LOWP=lowp, HAS_TS=ts is not acc, HAS_SEAL=sealing is not None,
             **delta.meta(bt, bc if u_kv is not None else bn),
             num_warps=8, num_stages=2,
         )
     return acc
+
+
+def check_sealing(op: str, sealing: Tensor, bsz: int, d: int) -> None:
+    """The sealed tokens' float64 chain: (B, d) float64 with unit last stride."""
+    if sealing.shape != (bsz, d) or sealing.dtype != torch.float64 or sealing.stride(-1) != 1:
+        raise ValueError(f"{op}: sealing must be a float64 ({bsz}, {d}) tensor with unit last stride, "
+                         f"got {sealing.dtype} {tuple(sealing.shape)}")
+
+
+def xquant_cl_project_ref(acc: Tensor, index: Tensor, sealing: Tensor, u_kv: Tensor) -> Tensor:
+    """Reference of ``xquant_cl_project``: a float32 product for the indexed tokens, a float64 one for the sealed
+    token's chain (rounded to float32, then to acc's dtype)."""
+    rows = acc.gather(1, index.long()[..., None].expand(-1, -1, acc.shape[-1]))
+    out = (rows.float() @ u_kv.float()).to(acc.dtype)
+    sealed = (sealing @ u_kv.double()).float().to(acc.dtype)
+    return torch.cat([sealed[:, None], out], dim=1)
+
+
+@jit
+def _cl_project_kernel(
+    A, s_ab, s_at,  # accumulator (B, S, D)
+    IDX, s_ib, s_ir,  # (B, R) token positions
+    SEAL, s_sb,  # (B, D) float64
+    U, s_ud, s_uc,  # (D, C)
+    OUT, s_ob, s_or,  # (B, 1 + R, C)
+    R, D, C,
+    BR: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr, LOWP: tl.constexpr,
+):
+    i_b, i_r, i_c = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    o_r = i_r * BR + tl.arange(0, BR)  # output rows: 0 is the sealed token's, 1 + j is index[b, j]'s
+    m_r = (o_r >= 1) & (o_r <= R)
+    o_t = tl.load(IDX + i_b * s_ib + (o_r - 1) * s_ir, mask=m_r, other=0).to(tl.int64)
+    o_c = i_c * BC + tl.arange(0, BC)
+    m_c = o_c < C
+    b_o = tl.zeros([BR, BC], tl.float32)
+    b_s = tl.zeros([BC], tl.float64)
+    for d0 in range(0, D, BD):
+        o_d = d0 + tl.arange(0, BD)
+        m_d = o_d < D
+        b_w = tl.load(U + o_d[:, None] * s_ud + o_c[None, :] * s_uc, mask=m_d[:, None] & m_c[None, :], other=0.0)
+        b_a = tl.load(A + i_b * s_ab + o_t[:, None] * s_at + o_d[None, :], mask=m_r[:, None] & m_d[None, :],
+                      other=0.0)
+        if LOWP:
+            b_o = tl.dot(b_a.to(b_w.dtype), b_w, b_o)
+        else:
+            b_o = tl.dot(b_a.to(tl.float32), b_w.to(tl.float32), b_o, input_precision="ieee")
+        if i_r == 0:
+            b_x = tl.load(SEAL + i_b * s_sb + o_d, mask=m_d, other=0.0)
+            b_s += tl.sum(b_x[:, None] * b_w.to(tl.float64), axis=0)
+    b_o = tl.where((o_r == 0)[:, None], b_s.to(tl.float32)[None, :], b_o)
+    tl.store(OUT + i_b * s_ob + o_r[:, None] * s_or + o_c[None, :], b_o.to(OUT.dtype.element_ty),
+             mask=(o_r <= R)[:, None] & m_c[None, :])
+
+
+def xquant_cl_project(acc: Tensor, index: Tensor, sealing: Tensor, u_kv: Tensor, *, backend: str = "auto"
+                      ) -> Tensor:
+    """(B, 1 + R, C): X̂_{i−1} of the tokens a GQA delta layer forms deltas for, projected on U_kv, in one launch.
+
+    Row 0 is ``sealing[b]·U_kv``, the token this step seals, from its float64 chain (products and sums in
+    float64, then rounded to float32 and acc's dtype): its closed-loop delta is quantized, and a float32 GEMM's
+    summation order (which differs between cuBLAS, MKL and ``tl.dot``) would move it across rounding
+    boundaries of its fp16 scales and zeros, a flip each later layer of the token carries on. Rows 1 + j are
+    ``acc[b, index[b, j]]·U_kv`` in float32 (the ring's waiting tokens: full precision, nothing rounded to a
+    code). acc (B, S, d) float; index (B, R) integer positions below S; sealing (B, d) float64; u_kv (d, C).
+    """
+    op = "xquant_cl_project"
+    if acc.dim() != 3 or acc.dtype not in FLOATS or acc.stride(-1) != 1:
+        raise ValueError(f"{op}: acc must be a float (B, S, d) tensor with unit last stride, "
+                         f"got {acc.dtype} {tuple(acc.shape)}")
+    bsz, _, d = acc.shape
+    check_device(op, acc=acc, index=index, sealing=sealing, u_kv=u_kv)
+    if index.dim() != 2 or index.shape[0] != bsz or index.is_floating_point():
+        raise ValueError(f"{op}: index must be an integer ({bsz}, R) tensor, got {index.dtype} {tuple(index.shape)}")
+    if u_kv.dim() != 2 or u_kv.shape[0] != d or u_kv.dtype not in FLOATS:
+        raise ValueError(f"{op}: u_kv must be a float (d={d}, C) matrix, got {u_kv.dtype} {tuple(u_kv.shape)}")
+    check_sealing(op, sealing, bsz, d)
+    if not use_triton(op, backend, acc, u_kv):
+        return xquant_cl_project_ref(acc, index, sealing, u_kv)
+    r, c = index.shape[1], u_kv.shape[1]
+    out = torch.empty(bsz, 1 + r, c, dtype=acc.dtype, device=acc.device)
+    lowp = not INTERPRET and acc.dtype in (torch.float16, torch.bfloat16) and u_kv.dtype == acc.dtype
+    br = min(next_pow2(1 + r), 128) if INTERPRET else 16
+    bd, bc = (128, 128) if INTERPRET else (64, 64)
+    with on_device(acc.device):
+        _cl_project_kernel[(bsz, cdiv(1 + r, br), cdiv(c, bc))](
+            acc, acc.stride(0), acc.stride(1),
+            index, index.stride(0), index.stride(1),
+            sealing, sealing.stride(0),
+            u_kv, u_kv.stride(0), u_kv.stride(1),
+            out, out.stride(0), out.stride(1),
+            r, d, c,
+            BR=br, BD=bd, BC=bc, LOWP=lowp,
+            num_warps=4,
+        )
+    return out
 
 
 def xquant_cl_attention_ref(

@@ -12,7 +12,9 @@ of tests/test_fused_decode.py (`MAX_ABS`, same greedy picks).
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +27,9 @@ from xqcli.engine.fused import DecodeWeights
 from xqcli.engine.step import DecodeStep, StepUnsupported
 from xqcli.load import make_cache
 from xqcli.readouts.trace import LaunchTracer, differences
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from graph_check import load_into, stored_differences  # noqa: E402
 
 pytestmark = needs_triton
 
@@ -40,12 +45,12 @@ INTERPRETED = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reas
 
 
 
-def build(shape: str, kind: str, batch: int, max_len: int, *, window: int = 4, group: int = 8):
+def build(shape: str, kind: str, batch: int, max_len: int, *, window: int = 4, group: int = 8, **spec_fields):
     """(model, cache, step) on CPU with a small window and group, so few steps cross every event."""
     model = small_model(shape, torch.float32)
     spec = CacheSpec.parse(kind)
     if spec.method != "kv":
-        spec = replace(spec, window=window, group_size=group)
+        spec = replace(spec, window=window, group_size=group, **spec_fields)
     artifacts = Artifacts()
     weights = DecodeWeights.build(model, spec, artifacts)
     cache = make_cache(model, spec, batch, max_len, artifacts=artifacts, kernels="off")
@@ -119,6 +124,36 @@ def test_step_logits_match_the_reference(shape, kind):
         assert err <= MAX_ABS, f"step {t}: {err:.3g}"
         assert got[rows].argmax(-1).tolist() == want[rows].argmax(-1).tolist(), f"step {t}"
     assert cache.lengths.tolist() == ref.host_lengths
+
+
+@INTERPRETED
+@pytest.mark.parametrize(("shape", "kind"), [("gqa-wide", "xquant-cl-3"), ("gqa-wide", "xquant-cl-3+rot"),
+                                             ("mha", "xquant-cl-3")])
+@torch.inference_mode()  # as graph_check runs: the lengths are inference tensors, loaded in place
+def test_cl_step_seals_the_references_codes(shape, kind):
+    """Item 5 for XQuant-CL, graph_check's synced protocol: each step starts from the reference's stored
+    data, and the tokens it seals get the reference's codes, fp16 scales and zeros bit for bit. Their
+    closed-loop deltas are formed against their own X̂ chain, which float32 products do not round alike on
+    the two paths: GQA keeps it in float64 (`xquant_cl_project` and the update kernel's `sealing`, the
+    reference's `XQuantCLCache.sealing`); MHA's is a float32 sum, no product. With the chain in float32
+    (commit 03e905d) both GQA cases fail: an fp16 scale or zero flips (at steps 4 and 0). Four rows, each
+    sealing a token every step; group 8 (many scales); base_layers 1: every layer after the first is a delta
+    layer."""
+    lens, steps = [3, 9, 3, 9], 12
+    model, cache, step = build(shape, kind, 4, 64, window=2, group=8, base_layers=1)
+    ref = make_cache(model, cache.spec, 4, 64, artifacts=Artifacts(), kernels="off")
+    gen = torch.Generator().manual_seed(0)
+    model(torch.randint(0, model.config.vocab_size, (4, max(lens)), generator=gen), ref, lens)
+    for t in range(steps):
+        load_into(cache, ref)
+        tok = torch.randint(0, model.config.vocab_size, (4,), generator=gen)
+        want = model(tok[:, None], ref)[:, -1]
+        step.tokens.copy_(tok)
+        step.n_new.fill_(1)
+        got = step()
+        flips = stored_differences(cache, ref)
+        assert flips["code_bytes_differ"] == flips["scales_zeros_differ"] == 0, f"step {t}: {flips}"
+        assert (got - want).abs().max().item() <= MAX_ABS, f"step {t}"
 
 
 def test_step_refuses_what_it_cannot_do():

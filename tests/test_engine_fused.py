@@ -29,9 +29,13 @@ DTYPES = [torch.float32, torch.bfloat16]
 
 
 def small_model(kind: str, dtype: torch.dtype) -> Transformer:
-    """"gqa": qwen2, d 72, 4 heads over 1 kv head of 18 (2·18 < 72: latents), biases; "mha": llama, d 200."""
+    """"gqa": qwen2, d 72, 4 heads over 1 kv head of 18 (2·18 < 72: latents), biases; "mha": llama, d 200;
+    "gqa-wide": llama, d 576 (SmolLM2's), 8 heads over 2 kv heads of 72: 288-wide latents, more than one of the
+    interpreted kernels' 128-channel blocks."""
     raw = {"gqa": {"model_type": "qwen2", "hidden_size": 72, "intermediate_size": 200,
                    "num_attention_heads": 4, "num_key_value_heads": 1},
+           "gqa-wide": {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1152,
+                        "num_attention_heads": 8, "num_key_value_heads": 2},
            "mha": {"model_type": "llama", "hidden_size": 200, "intermediate_size": 328,
                    "num_attention_heads": 4, "num_key_value_heads": 4}}[kind]
     cfg = ModelConfig.from_dict(raw | {"num_hidden_layers": 4, "vocab_size": 96, "rope_theta": 10000.0})

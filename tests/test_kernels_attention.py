@@ -32,6 +32,8 @@ from xqcli.kernels.xquant_attention import xquant_attention, xquant_attention_re
 from xqcli.kernels.xquant_cl import (
     xquant_cl_attention,
     xquant_cl_attention_ref,
+    xquant_cl_project,
+    xquant_cl_project_ref,
     xquant_cl_update,
     xquant_cl_update_ref,
 )
@@ -406,6 +408,66 @@ def test_xquant_cl_update(gqa, bits, group, seed, dtype, static, sub):
         torch.testing.assert_close(tri.cpu()[valid].float(), ref.cpu()[valid].float(), atol=1e-2, rtol=2**-7)
 
 
+@pytest.mark.parametrize("seed,dtype,static", [
+    pytest.param(False, torch.float32, False, id="fp32"),
+    pytest.param(True, torch.float32, True, id="static-seed-fp32"),
+    pytest.param(False, torch.bfloat16, True, id="static-bf16"),
+])
+def test_xquant_cl_update_sealing(seed, dtype, static):
+    """The sealed token's float64 chain (GQA): sealing[b] becomes (seed) or gains Δ[pos]·U_kvᵀ, products and sums
+    in float64, for a row whose pos lies below its length: row 1's at its last sealed token (codes), row 2's in
+    its tail (raw tail − tail_sub); row 0 (1 token) is left as is. The accumulator is the one without it."""
+    lens, d, s = ((1, 37, 400), 200, 510) if static else ((1, 37, 70), 192, 70)
+    acc0, delta, u, seq = build_cl_update(True, 3, 32, dtype, lens, d, s)
+    tail_sub = cl_tail_sub(delta, lens)
+    pos = torch.tensor([5, 30, lens[2] - 3], device=DEVICE)  # window 6: row 1 sealed 31, row 2's last 6 wait
+    assert int(delta.sealed[1]) == 31 and int(delta.sealed[2]) <= lens[2] - 3
+    sealing0 = torch.randn(3, d, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(DEVICE)
+    bound = {"capacity": s} if static else {}
+    ref_s, tri_s = sealing0.clone(), sealing0.clone()
+    ref = xquant_cl_update_ref(acc0.clone(), delta, seq, u_kv=u, seed=seed, tail_sub=tail_sub, sealing=ref_s,
+                               sealing_pos=pos)
+    tri = xquant_cl_update(acc0.clone(), delta, seq, u_kv=u, seed=seed, tail_sub=tail_sub, sealing=tri_s,
+                           sealing_pos=pos, backend="triton", **bound)
+    plain = xquant_cl_update(acc0.clone(), delta, seq, u_kv=u, seed=seed, tail_sub=tail_sub, backend="triton", **bound)
+    assert torch.equal(tri.cpu().view(torch.int16 if dtype != torch.float32 else torch.int32),
+                       plain.cpu().view(torch.int16 if dtype != torch.float32 else torch.int32))
+    assert torch.equal(tri_s[0], sealing0[0]) and torch.equal(ref_s[0], sealing0[0])
+    for b in (1, 2):  # the reference: this token's delta (dequantized code, or tail − tail_sub), float64 product
+        d_b = delta.values_ref(b, lens[b])[pos[b]] - (tail_sub[b, pos[b] - int(delta.sealed[b])].float()
+                                                     if pos[b] >= delta.sealed[b] else 0)
+        want = d_b.double() @ u.double().T + (0 if seed else sealing0[b])
+        torch.testing.assert_close(ref_s[b], want, rtol=1e-12, atol=1e-12)
+        assert not torch.equal(tri_s[b], sealing0[b])
+    torch.testing.assert_close(tri_s.cpu(), ref_s.cpu(), rtol=1e-12, atol=1e-12)  # float64: any summation order
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("r", [0, 1, 19])
+def test_xquant_cl_project(dtype, r):
+    """Rows 1 + j: the accumulator at index[b, j] projected on U_kv (float32 products, table tolerance); row 0:
+    the float64 chain's projection rounded once: bit-identical to the reference in float32, although the kernel
+    sums in another order than torch. Index as the decode step passes it (a transposed view), d and C not
+    multiples of 64, three rows."""
+    gen = torch.Generator().manual_seed(r)
+    bsz, s, d, c = 3, 37, 200, 72
+    acc = torch.randn(bsz, s, d, generator=gen).to(dtype).to(DEVICE)
+    index = torch.randint(0, s, (r, bsz), generator=gen).to(DEVICE).T
+    sealing = (torch.randn(bsz, d, generator=gen, dtype=torch.float64) * 3).to(DEVICE)
+    u = torch.linalg.qr(torch.randn(d, c, generator=gen))[0].to(dtype).to(DEVICE)
+    ref = xquant_cl_project_ref(acc, index, sealing, u)
+    tri = xquant_cl_project(acc, index, sealing, u, backend="triton")
+    assert tri.shape == ref.shape == (bsz, 1 + r, c) and tri.dtype == dtype
+    if dtype == torch.float32:
+        assert torch.equal(tri[:, 0].cpu(), ref[:, 0].cpu())
+        assert torch.equal(ref[:, 0], (sealing @ u.double()).float())
+    else:  # one bf16 ulp: the interpreter truncates float32 -> bf16 on stores, the reference rounds
+        torch.testing.assert_close(tri[:, 0].float().cpu(), ref[:, 0].float().cpu(), atol=0, rtol=2**-7)
+    if r:
+        rows = acc.gather(1, index[..., None].expand(-1, -1, d))
+        check_close("indexed rows", tri[:, 1:], (rows.double() @ u.double()).to(dtype))
+
+
 def build_cl_attention(dtype: torch.dtype, lens: tuple[int, ...], d: int, hd: int, s: int):
     gen = torch.Generator().manual_seed(7)
     n_kv, heads = 2, 4
@@ -493,6 +555,12 @@ def test_validation_messages():
         xquant_cl_update(torch.zeros(3, 100, 256, device=DEVICE), v, seq, u_kv=torch.zeros(192, 256, device=DEVICE))
     with pytest.raises(ValueError, match="tail_sub must be a float tensor shaped like delta's tail"):
         xquant_cl_update(torch.zeros(3, 100, 192, device=DEVICE), v, seq, tail_sub=v.tail[:, 1:])
+    sealing = torch.zeros(3, 192, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match="sealing is the GQA chain through U_kv; it needs u_kv"):
+        xquant_cl_update(torch.zeros(3, 100, 192, device=DEVICE), v, seq, sealing=sealing, sealing_pos=seq)
+    with pytest.raises(ValueError, match=r"sealing must be a float64 \(3, 192\) tensor"):
+        xquant_cl_project(torch.zeros(3, 100, 192, device=DEVICE), seq[:, None], sealing.float(),
+                          torch.zeros(192, 64, device=DEVICE))
 
 
 def test_plan_splits():

@@ -31,8 +31,8 @@ DRIVER = textwrap.dedent(r'''
     from triton.runtime.jit import JITFunction
 
     TARGET = GPUTarget("cuda", 90, 32)
-    PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.uint8: "*u8",
-           torch.int32: "*i32", torch.int64: "*i64"}
+    PTR = {torch.float64: "*fp64", torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
+           torch.uint8: "*u8", torch.int32: "*i32", torch.int64: "*i64"}
     results = []
 
     def compile_launch(fn, args, kwargs):
@@ -101,6 +101,11 @@ DRIVER = textwrap.dedent(r'''
         d = stream(torch.randn(2, 256, 256).to(dt), 200, "token", 2)
         cl.xquant_cl_update(torch.randn(2, 256, 512).to(dt), d, seq, u_kv=torch.randn(512, 256).to(dt),
                             max_seq_len=250, backend="triton")
+        sealing = torch.randn(2, 512, dtype=torch.float64)  # GQA-CL decode: the sealed token's float64 chain
+        cl.xquant_cl_update(torch.randn(2, 256, 512).to(dt), d, seq, u_kv=torch.randn(512, 256).to(dt),
+                            sealing=sealing, sealing_pos=seq - 1, capacity=256, backend="triton")
+        cl.xquant_cl_project(torch.randn(2, 256, 512).to(dt), torch.randint(0, 250, (16, 2)).T, sealing,
+                             torch.randn(512, 256).to(dt), backend="triton")
         ones = torch.ones(2, dtype=torch.long)
         for axis, bits in (("token", 4), ("channel", 2)):  # the decode step's quantize-and-append, T = 1
             spec = QuantSpec(bits, 32, axis)
@@ -133,6 +138,7 @@ def test_all_kernels_compile_for_sm90(tmp_path):
     names = {r["kernel"] for r in results}
     assert names == {"_quant_token_kernel", "_quant_channel_kernel", "_xq_scores_kernel", "_xq_pv_kernel",
                      "_xq_reduce_kernel", "_kivi_split_kernel", "merge_splits_kernel", "_cl_update_kernel",
+                     "_cl_project_kernel",
                      "_kv_append_kernel", "_kv_split_kernel", "_append_kernel", "_rope_q_kernel",
                      "_add_rms_norm_kernel", "_silu_mul_kernel"}
     too_big = [r for r in results if r["shared"] > 227 * 1024]

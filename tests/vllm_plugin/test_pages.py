@@ -131,11 +131,16 @@ def test_cl_pages_hold_xq_cl_codes_and_scales(request: pytest.FixtureRequest, mo
             new = x[0, n:n + t] + 0.1 * x[j + 1, n:n + t]
             ref.update_and_fetch(i, new[None])
             lay, part = layouts[i]
-            link = ChainLayer(seed=part == "seed", u=ref.projections()[i].kv.u if latent else None)
+            link = ChainLayer(seed=part == "seed", u=ref.projections()[i].kv.u if latent else None,
+                              sealing=latent and bits != "fp")
             if link.seed:
-                acc.reset(new)
-            rows[i] = torch.cat([rows[i], lay.encode([link.stream(new, acc.at_new_tokens())])])
-            acc.add(0, slice(0, t), link.up(lay.decode(rows[i])[0]), link.seed)
+                acc.reset(new, link.sealing)
+            prev = acc.next_layer() if link.sealing and not link.seed else acc.at_new_tokens()
+            rows[i] = torch.cat([rows[i], lay.encode([link.stream(new, prev)])])
+            stored = lay.decode(rows[i])[0]
+            acc.add(0, slice(0, t), link.up(stored), link.seed)
+            if link.sealing:  # as XqLlamaAttention.rebuild: the new tokens' float64 chain
+                acc.seal(slice(0, t), link.up64(stored[n:n + t]), link.seed)
         ref.end()
         n += t
     for i in chain:

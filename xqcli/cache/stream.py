@@ -30,7 +30,7 @@ from xqcli.cache.base import CacheBytes, ModelCache, ModelParts, state_tensor, t
 from xqcli.cache.spec import CacheSpec
 from xqcli.errors import InputError
 from xqcli.kernels.packed import PackedStream
-from xqcli.kernels.quant import QuantSpec, fake_quantize
+from xqcli.kernels.quant import QTensor, QuantSpec, dequantize_ref, fake_quantize
 from xqcli.kernels.stream_append import (
     StreamBuffers,
     allocate_stream,
@@ -139,6 +139,13 @@ class Stream:
         blocks = n if self.spec.axis == "token" else -(-n // self.spec.group_size)
         return StreamBuffers(self.codes[rows, :n], self.scale[rows, :blocks], self.zero[rows, :blocks],
                              self.tail[rows])
+
+    def sealed_values(self, lo: int, hi: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, hi − lo, C) float32: the dequantized codes at positions [lo, hi) of every row (token axis;
+        `rows`: only those), meaningful where a row has sealed them (zero codes elsewhere)."""
+        codes, scale, zero = (t[:, lo:hi] if rows is None else t[rows, lo:hi] for t in self.buffers[:3])
+        q = QTensor(codes, scale, zero, self.spec, torch.Size((codes.shape[0], hi - lo, self.width)), torch.float32)
+        return dequantize_ref(q, torch.float32)
 
     def waiting(self, b: int, length: int) -> torch.Tensor:
         """Row b's unsealed tokens (raw, as appended) in token order, for a row of `length` tokens."""

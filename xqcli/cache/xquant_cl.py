@@ -13,6 +13,10 @@ X̂ = deq(...)·U_kvᵀ; the current token's own K/V come from X̂ like every ot
 The full-precision window holds X (GQA: X·U_kv); a token's delta is formed when it is sealed, against
 the accumulator of that moment, so encoder and decoder always see the same X̂_{i−1} (no drift). A window
 token's X̂ is X̂_{i−1} + (X_i·U_kv − X̂_{i−1}·U_kv)·U_kvᵀ, whose K/V are exact.
+
+GQA, ours (docs/design.md §4): the tokens a step seals carry their own X̂ chain in float64 (`sealing`, from
+their codes and the stored U_kv), and their subtrahend X̂_{i−1}·U_kv is rounded once from it, so a float32
+GEMM's summation order (MKL here, cuBLAS or the decode step's kernels elsewhere) cannot flip their codes.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ class XQuantCLCache(XQuantCache):
         self.acc: torch.Tensor | None = None  # X̂_{i-1} for every token of the step's rows: (k, S, d)
         self._acc_buf: torch.Tensor | None = None  # the fused path's accumulator, (B, max_len, d), kept
         self._acc_bytes = 0
+        self.sealing: torch.Tensor | None = None  # GQA: float64 X̂_{i−1} of the tokens this step seals (k, n, d)
         self.streams = []
         for i in range(cfg.num_hidden_layers):
             bits = spec.layer_bits(i)
@@ -95,9 +100,18 @@ class XQuantCLCache(XQuantCache):
         # The stream holds X·U_kv (GQA) or X (MHA); what layer i quantizes, (X_i − X̂_{i−1})·U_kv, is
         # formed when tokens are sealed, against the accumulator of that moment: only the tokens this
         # step seals need X̂_{i−1} brought into the stream's space.
-        lo, hi = dl.stream.storing_span(self.host_lengths, self.n_new_host)
-        sub = None if dl.seed or hi <= lo else self.by_row(dl.prev_down, self.acc[:, lo:hi])
-        self.append(dl.stream, down(x), sub, lo)
+        st = dl.stream
+        lo, hi = st.storing_span(self.host_lengths, self.n_new_host)
+        if dl.u is None or st.spec is None:  # MHA, -fp: float32 sums round alike on every path
+            sub = None if dl.seed or hi <= lo else self.by_row(dl.prev_down, self.acc[:, lo:hi])
+            self.append(st, down(x), sub, lo)
+            return dl
+        u64 = dl.u.double()  # the stored basis, exactly; transient (a float64 copy per model would be 2x U)
+        sub = None if dl.seed or hi <= lo else (self.sealing @ u64).to(self.dtype)
+        self.append(st, down(x), sub, lo)
+        if hi > lo:  # X̂_i of the tokens just sealed, from their own codes
+            d = st.sealed_values(lo, hi, self._row_index).double() @ u64.T
+            self.sealing = d if dl.seed else self.sealing + d
         return dl
 
     def acc_buffer(self) -> torch.Tensor:
@@ -170,7 +184,7 @@ class XQuantCLCache(XQuantCache):
 
     def end(self) -> None:
         super().end()
-        self.acc = None  # transient: rebuilt from the base layer at every step
+        self.acc = self.sealing = None  # transient: rebuilt from the base layer at every step
 
     def nbytes(self) -> CacheBytes:
         return super().nbytes() + CacheBytes(workspace=self._acc_bytes)

@@ -15,10 +15,12 @@ code depends on the lengths: no branch, no scalar argument, no allocation size. 
 nothing; `kv` and `+ch0` write one slot past its length, or its last slot when it is full).
 
 XQuant-CL seed/delta layers update the persistent accumulator (B, max_len, d) in place. A delta layer
-gathers X̂_{i−1} at the token the append seals (its closed-loop delta, `stream_append`'s ``sub``) and at
-the tokens in the ring after the step (slot order), projects them once (GQA: ·U_kv), and hands the ring's
-part to the update kernel as ``tail_sub``: it subtracts it from the raw ring as it reads the waiting
-tokens' deltas (no separate subtract launch).
+needs X̂_{i−1} at the token the append seals (its closed-loop delta, `stream_append`'s ``sub``) and at
+the tokens in the ring after the step (slot order), projected (GQA: ·U_kv), and hands the ring's part to
+the update kernel as ``tail_sub``: it subtracts it from the raw ring as it reads the waiting tokens'
+deltas (no separate subtract launch). MHA gathers them from the accumulator. GQA projects them in one
+`xquant_cl_project` launch, the sealed token's from its float64 chain `sealing` (B, d), which the update
+kernel extends layer by layer as the reference path does (docs/design.md §4), so both store the same codes.
 
 Refused (`StepUnsupported`, the engine then decodes eagerly on the reference path): the paper protocol
 (`quantize_partial`), unquantized streams other than `+ch0`'s channel, and a sliding window shorter
@@ -34,8 +36,7 @@ a GPU adds the logits' float cast outside the layers):
     kivi-4          12                                               7
     xquant-4        13 (GQA latents; MHA X: 12), +rot 13             7
     xquant-4+ch0    14                                               8
-    xquant-cl-3     base layers as xquant; seed 13, delta layers     8
-                    15 (GQA) / 14 (MHA)
+    xquant-cl-3     base layers as xquant; seed 13, delta layers 14  8
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ from xqcli.kernels.packed import PackedStream
 from xqcli.kernels.rope_q import rope_q
 from xqcli.kernels.stream_append import ring_view, sealed_count, stream_append
 from xqcli.kernels.xquant_attention import xquant_attention
-from xqcli.kernels.xquant_cl import xquant_cl_update
+from xqcli.kernels.xquant_cl import xquant_cl_project, xquant_cl_update
 
 __all__ = ["DecodeStep", "StepUnsupported"]
 
@@ -95,6 +96,9 @@ class DecodeStep:
                              else None)
         self.zeros = torch.zeros(self.b, dtype=torch.int32, device=dev)  # sealed counts of dense streams
         self.cl_table = _cl_table(cache, n) if isinstance(cache, XQuantCLCache) else None
+        self.sealing = None  # GQA XQuant-CL: float64 X̂ of the token each row seals (`xquant_cl_project`)
+        if isinstance(cache, XQuantCLCache) and cache.latent:
+            self.sealing = torch.zeros(self.b, cfg.hidden_size, dtype=torch.float64, device=dev)
         if isinstance(cache, XQuantCLCache):
             cache._acc_bytes = max(cache._acc_bytes, cache.acc_buffer().numel() * cache.acc_buffer().element_size())
         self.layer_weights = [_rebuild_weights(cache, i) for i in range(cfg.num_hidden_layers)]
@@ -169,19 +173,18 @@ class DecodeStep:
         dl = self.layer_weights[layer]
         acc = cache.acc_buffer()
         new = parts["x"]
-        tail_sub = None
+        cl, tail_sub = rows["cl"], None
         if dl.seed:
             packed = self.append_view(dl.stream, new, rows)
         else:
-            cl = rows["cl"]
-            idx = cl.T[..., None].expand(-1, -1, acc.shape[-1])
-            down = acc.gather(1, idx)  # X̂_{i−1} at the sealed token, then at the ring's tokens
-            if dl.u is not None:
-                down = down @ dl.u
+            if dl.u is None:  # MHA: X̂_{i−1} at the sealed token, then at the ring's tokens
+                down = acc.gather(1, cl.T[..., None].expand(-1, -1, acc.shape[-1]))
+            else:  # GQA: the same projected on U_kv, the sealed token's from its float64 chain
+                down = xquant_cl_project(acc, cl[1:].T, self.sealing, dl.u, backend=be)
             packed = self.append_view(dl.stream, new, rows, sub=down[:, :1], sub_start=cl[0])
             tail_sub = down[:, 1:]  # the update kernel forms the ring's deltas as it reads them
-        xquant_cl_update(acc, packed, seq, u_kv=dl.u, seed=dl.seed, tail_sub=tail_sub, capacity=self.cap,
-                         backend=be)
+        xquant_cl_update(acc, packed, seq, u_kv=dl.u, seed=dl.seed, tail_sub=tail_sub, sealing=self.sealing,
+                         sealing_pos=cl[0], capacity=self.cap, backend=be)
         dense = PackedStream.dense(acc, self.zeros)
         return xquant_attention(q, dense, dense, dl.w_k.T, dl.w_v.T, self.cos, self.sin, seq, b_k=dl.b_k,
                                 b_v=dl.b_v, capacity=self.cap, backend=be)

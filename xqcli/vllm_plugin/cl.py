@@ -9,7 +9,8 @@ vLLM gives an attention layer its own pages only, so the chain is carried from l
 `Accumulator` (one per engine, reset by the seed layer at every forward): after layer i it holds X̂_i of every
 token of every request in the batch. The cached tokens' X̂ is thus rebuilt from the pages of layers
 base_layers−1..i at every forward, as xq's reference rebuilds it every step; the new tokens' X̂_{i−1}, which layer
-i's deltas are formed against, is the same forward's previous layer's.
+i's deltas are formed against, is the same forward's previous layer's. On GQA with quantized pages that X̂ of the
+new tokens (the ones being sealed, at window 0) is carried in float64 beside it, as xq does (docs/design.md §4).
 """
 
 from __future__ import annotations
@@ -52,18 +53,26 @@ class ChainLayer:
 
     seed: bool
     u: torch.Tensor | None
+    sealing: bool = False  # GQA, quantized: the new tokens' X̂ chain in float64 (`Accumulator.sealed`)
 
     def stream(self, x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-        """What the page stores for new tokens of X (T, d) whose X̂_{i−1} is `prev` (T, d; the seed ignores it):
-        X·U_kv − X̂_{i−1}·U_kv, as xq's stream subtracts the accumulator's projection when it quantizes."""
+        """What the page stores for new tokens of X (T, d) whose X̂_{i−1} is `prev` (T, d; float64 under `sealing`;
+        the seed ignores it): X·U_kv − X̂_{i−1}·U_kv, as xq's stream subtracts the accumulator's projection when it
+        quantizes (under `sealing` a float64 product rounded once, as xq's `XQuantCLCache.sealing`)."""
         down = x if self.u is None else x @ self.u
         if self.seed:
             return down
+        if self.sealing:
+            return down - (prev @ self.u.double()).to(down.dtype)
         return down - (prev if self.u is None else prev @ self.u)
 
     def up(self, stored: torch.Tensor) -> torch.Tensor:
         """Dequantized stream values (n, width) back in X's space: what they add to X̂."""
         return stored if self.u is None else stored @ self.u.T
+
+    def up64(self, stored: torch.Tensor) -> torch.Tensor:
+        """`up` in float64 (`sealing`): what the new tokens' stored values add to their float64 X̂."""
+        return stored.double() @ self.u.double().T
 
 
 class Accumulator:
@@ -79,13 +88,33 @@ class Accumulator:
         self.new: torch.Tensor | None = None
         self.dense: torch.Tensor | None = None
         self.dense_new: list[int] = []
+        # `ChainLayer.sealing`: float64 X̂ at the new tokens, (T, d): `sealed` the previous layer's (what this layer's
+        # deltas are formed against), `sealed_next` this layer's. Both attention paths of a row (the fused kernels and
+        # torch, which `XQ_VLLM_FUSED=check` runs both) write the same value into `sealed_next`.
+        self.sealed: torch.Tensor | None = None
+        self.sealed_next: torch.Tensor | None = None
 
-    def reset(self, hidden_states: torch.Tensor) -> None:
+    def reset(self, hidden_states: torch.Tensor, sealing: bool = False) -> None:
         """Start a forward whose new tokens are `hidden_states` (T, d). X̂ stays 0 where no layer adds to it (vLLM's
         profiling forwards run without attention metadata)."""
         self.requests = {}
         self.new = torch.zeros_like(hidden_states)
         self.dense, self.dense_new = None, []
+        self.sealed = None
+        self.sealed_next = torch.zeros_like(hidden_states, dtype=torch.float64) if sealing else None
+
+    def next_layer(self) -> torch.Tensor:
+        """At a delta layer (`ChainLayer.sealing`): the previous layer's float64 X̂ at the new tokens becomes the one
+        this layer's deltas are formed against; returns it."""
+        if self.sealed_next is None:
+            raise RuntimeError("xq: an XQuant-CL delta layer ran before its seed layer in this forward")
+        self.sealed, self.sealed_next = self.sealed_next, torch.empty_like(self.sealed_next)
+        return self.sealed
+
+    def seal(self, new: slice | list[int], up: torch.Tensor, seed: bool) -> None:
+        """This layer's float64 X̂ at the new tokens `new`: `up` (`ChainLayer.up64` of their stored values) alone at
+        the seed, else added to the previous layer's."""
+        self.sealed_next[new] = up if seed else self.sealed[new] + up
 
     def dense_for(self, new: list[int], seq_lens: torch.Tensor, width: int, dtype: torch.dtype, seed: bool
                   ) -> torch.Tensor:

@@ -125,7 +125,8 @@ class XqLlamaAttention(LlamaAttention):
         if self.part == "plain":
             self.factors = tuple(cast(t) for t in (p.k.u, p.k.m, p.v.u, p.v.m))
             return
-        self.chain = ChainLayer(seed=self.part == "seed", u=cast(p.kv.u) if self.latent else None)
+        self.chain = ChainLayer(seed=self.part == "seed", u=cast(p.kv.u) if self.latent else None,
+                                sealing=self.latent and self.attn.layout.quantized)
         self.factors = (w_k, w_v)
 
     @property
@@ -150,6 +151,9 @@ class XqLlamaAttention(LlamaAttention):
             b_k, b_v = self.kv_bias or (None, None)
             if self.chain is not None:  # X̂_i = X̂_{i−1} + this layer's dequantized deltas (the seed: alone)
                 x = self.accumulator.add(request, new, self.chain.up(values[0]), self.chain.seed)
+                if self.chain.sealing:  # the new tokens' chain in float64, from their stored values
+                    stored = values[0][values[0].shape[0] - (new.stop - new.start):]
+                    self.accumulator.seal(new, self.chain.up64(stored), self.chain.seed)
                 k, v = F.linear(x, f[0], b_k), F.linear(x, f[1], b_v)  # as xq's XQuantCLCache
             else:
                 k, v = (values[0] @ f[1], values[1] @ f[3]) if self.latent else (values[0] @ f[0], values[0] @ f[1])
@@ -177,8 +181,14 @@ class XqLlamaAttention(LlamaAttention):
             m_k, m_v = (f[1], f[3]) if self.latent else (f[0], f[1])
             return xquant_attention(q, k, v, m_k, m_v, cos, sin, seq_lens, b_k=b_k, b_v=b_v, **run)
         acc = self.accumulator.dense_for(starts, seq_lens, self.hidden_size, f[0].dtype, self.chain.seed)
-        xquant_cl_update(acc, streams[0], seq_lens, u_kv=self.chain.u, seed=self.chain.seed,
-                         max_seq_len=run["max_seq_len"], backend=backend)
+        sealing = None  # the new tokens' float64 chain, extended by the update kernel
+        if self.chain.sealing:
+            sealing = (torch.zeros(len(starts), self.hidden_size, dtype=torch.float64, device=q.device)
+                       if self.chain.seed else self.accumulator.sealed[starts].contiguous())
+        xquant_cl_update(acc, streams[0], seq_lens, u_kv=self.chain.u, seed=self.chain.seed, sealing=sealing,
+                         sealing_pos=seq_lens - 1, max_seq_len=run["max_seq_len"], backend=backend)
+        if sealing is not None:
+            self.accumulator.seal(starts, sealing, seed=True)  # already the sum
         self.accumulator.dense_done(seq_lens)
         return xquant_cl_attention(q, acc, f[0], f[1], cos, sin, seq_lens, b_k=b_k, b_v=b_v, **run)
 
@@ -201,8 +211,10 @@ class XqLlamaAttention(LlamaAttention):
             key, value = k, v
         elif self.chain is not None:  # deltas against X̂_{i−1} of the new tokens, from this forward's previous layer
             if self.chain.seed:
-                self.accumulator.reset(hidden_states)
-            s = rows(self.chain.stream, hidden_states, self.accumulator.at_new_tokens())
+                self.accumulator.reset(hidden_states, self.chain.sealing)
+            prev = self.accumulator.next_layer() if self.chain.sealing and not self.chain.seed else (
+                self.accumulator.at_new_tokens())
+            s = rows(self.chain.stream, hidden_states, prev)
             key, value = (s[:, :self.kv_size].contiguous(), s[:, self.kv_size:].contiguous()) if self.latent else (s, s)
         elif self.latent:
             key = rows(lambda x: x @ self.factors[0], hidden_states)
