@@ -106,13 +106,22 @@ class XQuantCLCache(XQuantCache):
             sub = None if dl.seed or hi <= lo else self.by_row(dl.prev_down, self.acc[:, lo:hi])
             self.append(st, down(x), sub, lo)
             return dl
-        u64 = dl.u.double()  # the stored basis, exactly; transient (a float64 copy per model would be 2x U)
+        u64 = self.sealing_basis(layer, dl.u)
         sub = None if dl.seed or hi <= lo else (self.sealing @ u64).to(self.dtype)
         self.append(st, down(x), sub, lo)
         if hi > lo:  # X̂_i of the tokens just sealed, from their own codes
             d = st.sealed_values(lo, hi, self._row_index).double() @ u64.T
             self.sealing = d if dl.seed else self.sealing + d
         return dl
+
+    def sealing_basis(self, layer: int, u: torch.Tensor) -> torch.Tensor:
+        """U_kv (as stored, in the model dtype) in float64 for the sealing chain. Kept per layer on CPUs, which
+        decode on this path every step (48 MB for SmolLM2's 28 chain layers); converted per call elsewhere, where
+        this path runs only for prefill and the copies would hold GPU memory (about 2 GB for Llama-3.1-8B)."""
+        if self.device.type != "cpu":
+            return u.double()
+        key = ("ukv-sealing", layer, self.spec.rotate, self.dtype)
+        return self.artifacts.folded(key, torch.float64, self.device, lambda: u.double())
 
     def acc_buffer(self) -> torch.Tensor:
         """The fused paths' accumulator (B, max_len, d), allocated once and kept (a captured step points at it)."""
