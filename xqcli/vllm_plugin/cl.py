@@ -108,7 +108,8 @@ class Accumulator:
         this layer's deltas are formed against; returns it."""
         if self.sealed_next is None:
             raise RuntimeError("xq: an XQuant-CL delta layer ran before its seed layer in this forward")
-        self.sealed, self.sealed_next = self.sealed_next, torch.empty_like(self.sealed_next)
+        spare = self.sealed if self.sealed is not None else torch.empty_like(self.sealed_next)
+        self.sealed, self.sealed_next = self.sealed_next, spare  # two buffers per forward, swapped layer by layer
         return self.sealed
 
     def seal(self, new: slice | list[int], up: torch.Tensor, seed: bool) -> None:

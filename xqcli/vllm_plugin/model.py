@@ -188,7 +188,7 @@ class XqLlamaAttention(LlamaAttention):
         xquant_cl_update(acc, streams[0], seq_lens, u_kv=self.chain.u, seed=self.chain.seed, sealing=sealing,
                          sealing_pos=seq_lens - 1, max_seq_len=run["max_seq_len"], backend=backend)
         if sealing is not None:
-            self.accumulator.seal(starts, sealing, seed=True)  # already the sum
+            self.accumulator.sealed_next[starts] = sealing  # the kernel's sum: what `seal` writes on the torch path
         self.accumulator.dense_done(seq_lens)
         return xquant_cl_attention(q, acc, f[0], f[1], cos, sin, seq_lens, b_k=b_k, b_v=b_v, **run)
 
